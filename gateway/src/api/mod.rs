@@ -1,0 +1,136 @@
+//! HTTP surface: the router, the API-key guard of `/v1`, JSON errors, and the health endpoints.
+
+mod presence;
+mod tokens;
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::json;
+use shared::ErrorCode;
+
+use crate::{app::App, auth, backend::BackendError, conn};
+
+/// An error answer: `{"error": {"code", "message"}}` with an HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        tracing::warn!(error = %e, "backend call failed");
+        match e {
+            BackendError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "backend unavailable",
+            ),
+            BackendError::Internal(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "backend error",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Turns axum's own body rejections into contract errors.
+pub type ApiJson<T> = Result<Json<T>, ApiError>;
+
+pub fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> ApiJson<T> {
+    body.map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/tokens", post(tokens::create))
+        .route("/presence/query", post(presence::query))
+        .route("/presence/{user}", get(presence::one))
+        .route("/online", get(presence::online))
+        .route("/stats", get(presence::stats))
+        .route("/nodes", get(presence::nodes))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
+    Router::new()
+        .route("/ws", get(conn::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .with_state(app)
+}
+
+async fn require_api_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let presented = auth::bearer(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    if auth::api_key_matches(app.api_key.as_deref(), presented) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing or wrong API key",
+        )
+        .into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "no such endpoint",
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.ready.load(Ordering::Acquire) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,231 @@
+//! Wiring: builds the backend, the shards and the shared state every request handler and session
+//! sees, and starts the node's long-lived tasks. The only place that spawns them.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use shared::Platform;
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::Authenticator,
+    backend::{Backend, BackendEvent, BackendSettings, MemoryBackend},
+    clock::now_ms,
+    config::{BackendChoice, Config},
+    hooks::ChangeHooks,
+    metrics as m, registry,
+    shard::{ShardCmd, ShardSettings, Shards},
+};
+
+/// Backend events waiting to be routed to shards.
+const EVENT_QUEUE: usize = 65_536;
+/// Commands a shard's mailbox holds before senders wait.
+const SHARD_MAILBOX: usize = 16_384;
+
+/// What every handler and session shares.
+pub struct App {
+    pub config: Config,
+    pub node_id: Arc<str>,
+    pub ws_url: String,
+    pub started_at: u64,
+    pub backend: Arc<dyn Backend>,
+    pub shards: Shards,
+    pub auth: Authenticator,
+    pub api_key: Option<String>,
+    pub allowed_origins: Vec<String>,
+    pub metrics: Option<PrometheusHandle>,
+    /// False until started and again once draining: `/readyz` answers 503.
+    pub ready: AtomicBool,
+    next_conn_id: AtomicU64,
+    connections: AtomicI64,
+    by_platform: [AtomicI64; 9],
+    /// Every session task, so shutdown can wait for them to close.
+    pub sessions: TaskTracker,
+    /// Cancelled at shutdown: sessions close with 1001.
+    pub closing: CancellationToken,
+}
+
+impl App {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Counts a connection in or out of the node's gauges.
+    pub fn count_connection(&self, platform: Platform, delta: i64) {
+        let total = self.connections.fetch_add(delta, Ordering::Relaxed) + delta;
+        metrics::gauge!(m::CONNECTIONS).set(total as f64);
+        if let Some(slot) = self.by_platform.get(platform as usize) {
+            let n = slot.fetch_add(delta, Ordering::Relaxed) + delta;
+            metrics::gauge!(m::CONNECTIONS_BY_PLATFORM, "platform" => platform.to_string())
+                .set(n as f64);
+        }
+    }
+}
+
+/// The running node's tasks, for shutdown.
+pub struct Running {
+    pub app: Arc<App>,
+    background: TaskTracker,
+    shards_tracker: TaskTracker,
+    stop_shards: CancellationToken,
+    stop_background: CancellationToken,
+}
+
+/// Builds the node. `bound` is the address the listener got.
+pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running> {
+    let node_id: Arc<str> = config.node_id().into();
+    let settings = BackendSettings {
+        presence_ttl: config.ttl(),
+        node_ttl: config.ttl(),
+    };
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let backend: Arc<dyn Backend> = match config.backend() {
+        BackendChoice::Embedded => Arc::new(MemoryBackend::new(settings, events_tx)),
+        BackendChoice::Redis(_) | BackendChoice::RedisCluster(_) => {
+            anyhow::bail!("the Redis backend is not built into this version")
+        }
+    };
+
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    let hooks = match &config.webhook_secret {
+        Some(secret) => ChangeHooks::with_webhooks(
+            config.webhook_urls(),
+            secret.clone(),
+            stop_background.clone(),
+            &background,
+        ),
+        None => ChangeHooks::metrics_only(),
+    };
+
+    let shards_tracker = TaskTracker::new();
+    let stop_shards = CancellationToken::new();
+    let shards = Shards::spawn(
+        config.shard_count(),
+        ShardSettings {
+            node: node_id.clone(),
+            batch_max: config.batch_max,
+            batch_interval: config.batch_interval(),
+            renew_interval: config.renew_interval(),
+            idle_away: config.idle_away(),
+            max_conns_per_user: config.max_conns_per_user,
+            mailbox: SHARD_MAILBOX,
+        },
+        backend.clone(),
+        hooks.clone(),
+        &shards_tracker,
+        stop_shards.clone(),
+    );
+
+    let app = Arc::new(App {
+        ws_url: config.ws_url(bound),
+        node_id,
+        started_at: now_ms(),
+        auth: Authenticator::new(config.jwt_secret.as_deref(), backend.clone()),
+        api_key: config.effective_api_key(),
+        allowed_origins: config.allowed_origins(),
+        backend,
+        shards: shards.clone(),
+        metrics: m::install(),
+        ready: AtomicBool::new(false),
+        next_conn_id: AtomicU64::new(1),
+        connections: AtomicI64::new(0),
+        by_platform: Default::default(),
+        sessions: TaskTracker::new(),
+        closing: CancellationToken::new(),
+        config,
+    });
+
+    background.spawn(route_events(events_rx, shards, stop_background.clone()));
+    background.spawn(registry::run(app.clone(), hooks, stop_background.clone()));
+    if let Some(handle) = app.metrics.clone() {
+        let stop = stop_background.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
+    }
+    app.ready.store(true, Ordering::Release);
+    Ok(Running {
+        app,
+        background,
+        shards_tracker,
+        stop_shards,
+        stop_background,
+    })
+}
+
+/// Sends each backend event to the shard that owns its user.
+async fn route_events(
+    mut events: mpsc::Receiver<BackendEvent>,
+    shards: Shards,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => match e { Some(e) => e, None => break },
+            _ = stop.cancelled() => break,
+        };
+        match event {
+            BackendEvent::Presence(record) => {
+                let user = record.user.clone();
+                shards.send(&user, ShardCmd::Presence(record)).await;
+            }
+            BackendEvent::Resync => {
+                for index in 0..shards.count() {
+                    shards.send_to(index, ShardCmd::Resync).await;
+                }
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Drains the node: not ready, sessions closed with 1001, every batch flushed, registry left;
+    /// all within `grace`.
+    pub async fn shutdown(self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        let app = self.app;
+        app.ready.store(false, Ordering::Release);
+        app.closing.cancel();
+        app.sessions.close();
+        if tokio::time::timeout_at(deadline, app.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions still open at the end of the grace period");
+        }
+        self.stop_shards.cancel();
+        self.shards_tracker.close();
+        if tokio::time::timeout_at(deadline, self.shards_tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shards still flushing at the end of the grace period");
+        }
+        if let Err(e) = app.backend.leave_node(&app.node_id).await {
+            tracing::warn!(error = %e, "could not leave the node registry");
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout_at(deadline, self.background.wait()).await;
+        tracing::info!(node = %app.node_id, "node stopped");
+    }
+}

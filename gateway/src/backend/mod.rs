@@ -1,0 +1,177 @@
+//! The backend: where presence, tokens and the node registry live, and how events reach every node.
+//! Two implementations: [`MemoryBackend`] (embedded, one node, nothing to install) and
+//! `RedisBackend` (many nodes on Redis or Redis Cluster). One is picked in `app.rs` by config.
+
+pub mod memory;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use shared::Platform;
+use tokio::sync::mpsc;
+
+pub use memory::MemoryBackend;
+
+use crate::presence::{ChosenStatus, NodeEntry, PresenceRecord};
+
+/// What the backend tells the node, in the order it happened per user.
+#[derive(Debug, Clone)]
+pub enum BackendEvent {
+    /// A watched user's presence changed (visibly: status, platforms or text).
+    Presence(PresenceRecord),
+    /// The backend lost, or may have lost, what this node wrote (Redis came back after an outage,
+    /// possibly empty): every shard must rewrite its local presence at once.
+    Resync,
+}
+
+/// Where a backend sends its events. The node routes them to the shard owning each user.
+pub type EventSink = mpsc::Sender<BackendEvent>;
+
+/// One user's change in one shard's batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceWrite {
+    pub user: String,
+    /// This node's entry for the user after the batch; `None` removes it (no local connection left).
+    pub entry: Option<NodeEntry>,
+    /// A new chosen status, when the user set one in this batch.
+    pub status: Option<ChosenStatus>,
+}
+
+/// What an opaque token stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    pub user: String,
+    pub platform: Platform,
+    /// Ms since the epoch.
+    pub expires_at: u64,
+}
+
+/// A node as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub ws_url: String,
+    pub connections: u64,
+    pub started_at: u64,
+    pub last_heartbeat: u64,
+}
+
+/// One record change, with what came before it where a transition matters (webhooks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// Platform mask before the change: 0 means the user had no connection anywhere.
+    pub before_platforms: u16,
+    pub record: PresenceRecord,
+}
+
+impl Changed {
+    /// `Some(true)` when the user just connected somewhere, `Some(false)` when their last
+    /// connection anywhere went away.
+    pub fn transition(&self) -> Option<bool> {
+        match (self.before_platforms != 0, self.record.platforms != 0) {
+            (false, true) => Some(true),
+            (true, false) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Online users overall and per platform (users with a connection on that platform).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub online_users: u64,
+    pub by_platform: BTreeMap<Platform, u64>,
+}
+
+/// Why a backend call failed. Callers keep their work and retry: nothing here is fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("backend error: {0}")]
+    Internal(String),
+}
+
+/// Settings every backend needs.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    /// Expiry of a node's presence entries; the node renews them every third of it.
+    pub presence_ttl: Duration,
+    /// Expiry of a node's registry entry without heartbeats; after it, the node counts as dead.
+    pub node_ttl: Duration,
+}
+
+/// The contract both backends keep, tested by one suite run against each.
+///
+/// - Presence is kept per (user, node) entry, and every entry expires `presence_ttl` after it was
+///   last written or renewed, so a crashed node's users stop counting by themselves.
+/// - A user's record changes only when their visible presence does (status, platform set, text);
+///   each change gets a version above every earlier one of that user, even after data loss.
+/// - Every record change is published exactly once, to every node that watches the user, in version
+///   order per user. A node receives events only for users it watches.
+/// - Token, registry and query calls may fail with [`BackendError`]; writes that fail changed nothing
+///   the caller relies on, and the caller retries them.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// `embedded` or `redis`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Writes one shard's batch of this node's entries and status changes, and publishes the
+    /// resulting record changes. Returns the changed records (for webhooks and metrics).
+    async fn write_presence(
+        &self,
+        node: &str,
+        writes: Vec<PresenceWrite>,
+    ) -> Result<Vec<Changed>, BackendError>;
+
+    /// Renews this node's entries, re-creating those that are missing (the backend lost them), and
+    /// publishes whatever that changed.
+    async fn renew_presence(
+        &self,
+        node: &str,
+        entries: Vec<(String, NodeEntry)>,
+    ) -> Result<Vec<Changed>, BackendError>;
+
+    /// Current records, in the order asked; unknown users come back offline with version 0.
+    async fn presence(&self, users: &[String]) -> Result<Vec<PresenceRecord>, BackendError>;
+
+    /// Visibly online users in id order, after `after`, at most `limit`, optionally only those on
+    /// `platform`. Returns the page and the cursor of the next one (`None` at the end).
+    async fn online_users(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        platform: Option<Platform>,
+    ) -> Result<(Vec<String>, Option<String>), BackendError>;
+
+    /// Visibly online users overall and per platform.
+    async fn counts(&self) -> Result<Counts, BackendError>;
+
+    /// Starts delivering these users' presence events to this node. Never blocks: the backend
+    /// queues the subscription work.
+    fn watch(&self, users: Vec<String>);
+
+    /// Stops delivering these users' presence events to this node.
+    fn unwatch(&self, users: Vec<String>);
+
+    /// Stores an opaque token until its `expires_at`.
+    async fn put_token(&self, token: &str, claims: &TokenClaims) -> Result<(), BackendError>;
+
+    /// The claims of a live token.
+    async fn get_token(&self, token: &str) -> Result<Option<TokenClaims>, BackendError>;
+
+    /// Announces or refreshes this node in the registry.
+    async fn announce_node(&self, info: &NodeInfo) -> Result<(), BackendError>;
+
+    /// Removes this node from the registry (graceful shutdown).
+    async fn leave_node(&self, node: &str) -> Result<(), BackendError>;
+
+    /// Every live node.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError>;
+
+    /// Finds nodes that stopped heartbeating, removes their presence entries and publishes the
+    /// resulting changes. Exactly one caller across all nodes reaps a given dead node; the records
+    /// it changed are returned to that caller only (for webhooks).
+    async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError>;
+}

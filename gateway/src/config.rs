@@ -1,0 +1,427 @@
+//! Every setting of a gateway node, read from flags and `PRESENCE_*` environment variables (one name
+//! for each), then validated as a whole. The only module that reads the environment.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The raw settings, exactly as given. Call [`Config::validate`] before use.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "presence-gateway",
+    version,
+    about = "Horizontally sharded presence gateway"
+)]
+pub struct Config {
+    /// HTTP and WebSocket address (`/ws`, `/v1`, `/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "PRESENCE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Key for `/v1`. Without one `/v1` answers 401, except with `--dev`, where the key is `dev`.
+    #[arg(long, env = "PRESENCE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// HS256 secret for client JWTs (claims `sub`, `platform`, `exp`); JWTs are refused without one.
+    #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// `redis://host:port/db` of a single Redis; unset (and no cluster) means the embedded backend.
+    #[arg(long, env = "PRESENCE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Comma-separated `host:port` seeds of a Redis Cluster (instead of `--redis-url`).
+    #[arg(long, env = "PRESENCE_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
+
+    /// Prefix of every Redis key and channel, so two deployments can share a Redis.
+    #[arg(long, env = "PRESENCE_KEY_PREFIX", default_value = "presence")]
+    pub key_prefix: String,
+
+    /// This node's id (default: the host name, else random).
+    #[arg(long, env = "PRESENCE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// The WebSocket URL this node advertises (default: derived from the listen address).
+    #[arg(long, env = "PRESENCE_WS_URL")]
+    pub ws_url: Option<String>,
+
+    /// Shard workers per node (default: twice the cores).
+    #[arg(long, env = "PRESENCE_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Changes that make a shard flush at once.
+    #[arg(long, env = "PRESENCE_BATCH_MAX", default_value_t = 100)]
+    pub batch_max: usize,
+
+    /// Longest wait, from a shard's first pending change, before it flushes.
+    #[arg(long, env = "PRESENCE_BATCH_INTERVAL_MS", default_value_t = 1000)]
+    pub batch_interval_ms: u64,
+
+    /// Presence entry expiry; each node renews its entries every third of it.
+    #[arg(long, env = "PRESENCE_TTL_SECS", default_value_t = 60)]
+    pub ttl_secs: u64,
+
+    /// Server ping interval; a connection silent for two intervals is closed with 4010.
+    #[arg(long, env = "PRESENCE_HEARTBEAT_MS", default_value_t = 25_000)]
+    pub heartbeat_ms: u64,
+
+    /// Inactivity on every connection of a user before they show as away.
+    #[arg(long, env = "PRESENCE_IDLE_AWAY_SECS", default_value_t = 600)]
+    pub idle_away_secs: u64,
+
+    /// Largest frame accepted, in bytes; larger ones close the socket with 4008.
+    #[arg(long, env = "PRESENCE_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+
+    /// Frames a connection's outbound queue holds before the connection counts as a slow consumer
+    /// and is closed with 4008.
+    #[arg(long, env = "PRESENCE_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// Connections one user may hold on one node; more are closed with 4009.
+    #[arg(long, env = "PRESENCE_MAX_CONNS_PER_USER", default_value_t = 32)]
+    pub max_conns_per_user: usize,
+
+    /// Frames a connection may send per second (sustained; bursts of the same size pass).
+    #[arg(long, env = "PRESENCE_RATE_LIMIT", default_value_t = 200)]
+    pub rate_limit: u32,
+
+    /// Lifetime of opaque tokens from `POST /v1/tokens` when the request names none.
+    #[arg(long, env = "PRESENCE_TOKEN_TTL_SECS", default_value_t = 86_400)]
+    pub token_ttl_secs: u64,
+
+    /// Comma-separated allowed `Origin` values for `/ws`; unset allows any origin.
+    #[arg(long, env = "PRESENCE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+
+    /// Comma-separated webhook targets for `user.online` / `user.offline`.
+    #[arg(long, env = "PRESENCE_WEBHOOK_URLS")]
+    pub webhook_urls: Option<String>,
+
+    /// HMAC-SHA256 key for webhook signatures.
+    #[arg(long, env = "PRESENCE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Longest drain on SIGTERM/SIGINT.
+    #[arg(long, env = "PRESENCE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "PRESENCE_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log line format.
+    #[arg(long, env = "PRESENCE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Laptop mode: API key `dev`, and a printed example of how to get a token and connect.
+    #[arg(long, env = "PRESENCE_DEV", default_value_t = false)]
+    pub dev: bool,
+}
+
+/// Where presence lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendChoice {
+    Embedded,
+    Redis(String),
+    RedisCluster(Vec<String>),
+}
+
+impl Config {
+    /// The defaults, as if started with no flags and an empty environment.
+    pub fn defaults() -> Self {
+        match Config::try_parse_from_env(["presence-gateway"], |_| None) {
+            Ok(config) => config,
+            // Every field has a default, so an empty command line always parses.
+            Err(e) => unreachable!("defaults do not parse: {e}"),
+        }
+    }
+
+    /// Parses flags, reading environment variables through `lookup` instead of the process
+    /// environment, so tests never touch the real one.
+    pub fn try_parse_from_env<I, T>(
+        args: I,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut command = <Config as clap::CommandFactory>::command();
+        // Replace each argument's env lookup by one through `lookup`: clap reads the process
+        // environment only, so variables found by `lookup` are turned into flags.
+        let mut argv: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut extra: Vec<std::ffi::OsString> = Vec::new();
+        for arg in command.get_arguments() {
+            if let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) {
+                if let Some(value) = env.to_str().and_then(&lookup) {
+                    if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+                        if value == "1" || value.eq_ignore_ascii_case("true") {
+                            extra.push(format!("--{long}").into());
+                        }
+                    } else {
+                        extra.push(format!("--{long}={value}").into());
+                    }
+                }
+            }
+        }
+        command = command
+            .mut_args(|arg| arg.env(None::<&str>))
+            .args_override_self(true);
+        // Variables go first so that flags on the command line win over them.
+        let program = if argv.is_empty() {
+            "presence-gateway".into()
+        } else {
+            argv.remove(0)
+        };
+        let argv: Vec<std::ffi::OsString> =
+            std::iter::once(program).chain(extra).chain(argv).collect();
+        let matches = command.try_get_matches_from(argv)?;
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    /// Checks every setting and reports all problems at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.redis_url.is_some() && self.redis_cluster.is_some() {
+            problems.push("set PRESENCE_REDIS_URL or PRESENCE_REDIS_CLUSTER, not both".into());
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                problems.push(format!(
+                    "PRESENCE_REDIS_URL must start with redis://, got {url:?}"
+                ));
+            }
+        }
+        if let Some(seeds) = &self.redis_cluster {
+            if self.cluster_seeds(seeds).is_empty() {
+                problems.push("PRESENCE_REDIS_CLUSTER names no host:port seed".into());
+            }
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
+            problems.push("PRESENCE_KEY_PREFIX must be non-empty, without braces or spaces".into());
+        }
+        if let Some(id) = &self.node_id {
+            if !shared::ids::is_valid_id(id) {
+                problems.push("PRESENCE_NODE_ID must be 1 to 128 bytes of [A-Za-z0-9_.:@-]".into());
+            }
+        }
+        if self.shards == Some(0) || self.shards.is_some_and(|s| s > 1024) {
+            problems.push("PRESENCE_SHARDS must be 1 to 1024".into());
+        }
+        if self.batch_max == 0 {
+            problems.push("PRESENCE_BATCH_MAX must be at least 1".into());
+        }
+        if self.batch_interval_ms == 0 {
+            problems.push("PRESENCE_BATCH_INTERVAL_MS must be at least 1".into());
+        }
+        if self.ttl_secs < 3 {
+            problems.push("PRESENCE_TTL_SECS must be at least 3 (renewal runs every third)".into());
+        }
+        if self.heartbeat_ms < 100 {
+            problems.push("PRESENCE_HEARTBEAT_MS must be at least 100".into());
+        }
+        if self.idle_away_secs == 0 {
+            problems.push("PRESENCE_IDLE_AWAY_SECS must be at least 1".into());
+        }
+        if self.max_frame_bytes < 256 {
+            problems.push("PRESENCE_MAX_FRAME_BYTES must be at least 256".into());
+        }
+        if self.outbound_queue < 8 {
+            problems.push("PRESENCE_OUTBOUND_QUEUE must be at least 8".into());
+        }
+        if self.max_conns_per_user == 0 {
+            problems.push("PRESENCE_MAX_CONNS_PER_USER must be at least 1".into());
+        }
+        if self.rate_limit == 0 {
+            problems.push("PRESENCE_RATE_LIMIT must be at least 1".into());
+        }
+        if self.token_ttl_secs == 0 {
+            problems.push("PRESENCE_TOKEN_TTL_SECS must be at least 1".into());
+        }
+        if !self.webhook_urls().is_empty() && self.webhook_secret.is_none() {
+            problems.push("PRESENCE_WEBHOOK_URLS needs PRESENCE_WEBHOOK_SECRET".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            problems.push(format!("PRESENCE_LOG is not a valid filter: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn backend(&self) -> BackendChoice {
+        match (&self.redis_url, &self.redis_cluster) {
+            (Some(url), _) => BackendChoice::Redis(url.clone()),
+            (None, Some(seeds)) => BackendChoice::RedisCluster(self.cluster_seeds(seeds)),
+            (None, None) => BackendChoice::Embedded,
+        }
+    }
+
+    fn cluster_seeds(&self, seeds: &str) -> Vec<String> {
+        seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// The API key in force: the configured one, or `dev` in dev mode.
+    pub fn effective_api_key(&self) -> Option<String> {
+        self.api_key
+            .clone()
+            .or_else(|| self.dev.then(|| "dev".to_string()))
+    }
+
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        if shared::ids::is_valid_id(&host) {
+            // Several nodes on one host (tests, benchmarks) need distinct ids: add the port.
+            format!("{host}-{}", self.listen.port())
+        } else {
+            format!("node-{:016x}", rand::random::<u64>())
+        }
+    }
+
+    /// The advertised WebSocket URL for a node bound to `bound`.
+    pub fn ws_url(&self, bound: SocketAddr) -> String {
+        if let Some(url) = &self.ws_url {
+            return url.clone();
+        }
+        let host = if bound.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            bound.ip().to_string()
+        };
+        format!("ws://{host}:{}/ws", bound.port())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            2 * std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+    }
+
+    pub fn batch_interval(&self) -> Duration {
+        Duration::from_millis(self.batch_interval_ms)
+    }
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs)
+    }
+    pub fn renew_interval(&self) -> Duration {
+        Duration::from_millis(self.ttl_secs * 1000 / 3)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn idle_away(&self) -> Duration {
+        Duration::from_secs(self.idle_away_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn allowed_origins(&self) -> Vec<String> {
+        split_list(self.allowed_origins.as_deref())
+    }
+    pub fn webhook_urls(&self) -> Vec<String> {
+        split_list(self.webhook_urls.as_deref())
+    }
+}
+
+fn split_list(list: Option<&str>) -> Vec<String> {
+    list.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Config {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let argv = std::iter::once("presence-gateway").chain(args.iter().copied());
+        Config::try_parse_from_env(argv, |k| env.get(k).cloned()).expect("parses")
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = parse(&[], &[]);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.batch_max, 100);
+        assert_eq!(c.batch_interval_ms, 1000);
+        assert_eq!(c.ttl_secs, 60);
+        assert_eq!(c.heartbeat_ms, 25_000);
+        assert_eq!(c.idle_away_secs, 600);
+        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.key_prefix, "presence");
+        assert_eq!(c.backend(), BackendChoice::Embedded);
+        assert_eq!(c.effective_api_key(), None);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn environment_and_flags_share_names() {
+        let c = parse(
+            &["--batch-max", "7"],
+            &[("PRESENCE_TTL_SECS", "9"), ("PRESENCE_DEV", "1")],
+        );
+        assert_eq!(c.batch_max, 7);
+        assert_eq!(c.ttl_secs, 9);
+        assert!(c.dev);
+        assert_eq!(c.effective_api_key().as_deref(), Some("dev"));
+    }
+
+    #[test]
+    fn flags_win_over_environment() {
+        let c = parse(&["--batch-max", "7"], &[("PRESENCE_BATCH_MAX", "9")]);
+        assert_eq!(c.batch_max, 7);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let c = parse(
+            &[
+                "--batch-max=0",
+                "--ttl-secs=1",
+                "--redis-url=http://x",
+                "--redis-cluster=a:1",
+            ],
+            &[],
+        );
+        let problems = c.validate().expect_err("invalid");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn cluster_seeds_are_split() {
+        let c = parse(&["--redis-cluster", "127.0.0.1:7000, 127.0.0.1:7001"], &[]);
+        assert_eq!(
+            c.backend(),
+            BackendChoice::RedisCluster(vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()])
+        );
+    }
+}

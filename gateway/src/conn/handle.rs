@@ -1,0 +1,141 @@
+//! What other tasks hold of a connection: who it is, a way to queue frames for it, and a way to
+//! close it. Pushing never waits: a full queue makes the connection a slow consumer, closed with 4008.
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU16, AtomicU64, Ordering},
+};
+
+use bytes::Bytes;
+use shared::{Encoding, Platform, ServerFrame};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    frame::{EncodedFrame, encode_one},
+    metrics as m,
+};
+
+pub type ConnId = u64;
+
+/// Close codes of the contract.
+pub mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const POLICY: u16 = 4008;
+    pub const TOO_MANY_CONNECTIONS: u16 = 4009;
+    pub const HEARTBEAT_TIMEOUT: u16 = 4010;
+}
+
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub user: String,
+    pub platform: Platform,
+    pub encoding: Encoding,
+    pub peer: SocketAddr,
+    pub user_agent: Option<String>,
+    pub connected_at: u64,
+    /// Ms since the epoch of the last frame other than `ping`; the shard reads it for auto-away.
+    pub last_activity: AtomicU64,
+    /// Ms since the epoch of the last thing heard from the client (any frame, pong included); the
+    /// writer closes the socket with 4010 when it is two heartbeats old.
+    pub last_heard: AtomicU64,
+    /// Last measured WebSocket ping round trip, in ms.
+    pub rtt_ms: AtomicU64,
+    /// Frames on their way to the socket's writer; bounded so one slow client costs bounded memory.
+    outbound: mpsc::Sender<Bytes>,
+    /// Tells the session to close the socket with `close_code`.
+    closer: CancellationToken,
+    /// The first close code asked for wins.
+    close_code: AtomicU16,
+}
+
+impl ConnHandle {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: ConnId,
+        user: String,
+        platform: Platform,
+        encoding: Encoding,
+        peer: SocketAddr,
+        user_agent: Option<String>,
+        now: u64,
+        outbound: mpsc::Sender<Bytes>,
+    ) -> Self {
+        ConnHandle {
+            id,
+            user,
+            platform,
+            encoding,
+            peer,
+            user_agent,
+            connected_at: now,
+            last_activity: AtomicU64::new(now),
+            last_heard: AtomicU64::new(now),
+            rtt_ms: AtomicU64::new(0),
+            outbound,
+            closer: CancellationToken::new(),
+            close_code: AtomicU16::new(0),
+        }
+    }
+
+    /// Queues a shared frame. False when the connection is closing or was just found too slow.
+    pub fn push(&self, frame: &EncodedFrame) -> bool {
+        match frame.bytes(self.encoding) {
+            Some(bytes) => self.push_bytes(bytes),
+            None => false,
+        }
+    }
+
+    /// Queues a frame for this connection only.
+    pub fn push_frame(&self, frame: &ServerFrame) -> bool {
+        match encode_one(self.encoding, frame) {
+            Some(bytes) => self.push_bytes(bytes),
+            None => false,
+        }
+    }
+
+    pub fn push_bytes(&self, bytes: Bytes) -> bool {
+        match self.outbound.try_send(bytes) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.close(close_code::POLICY) {
+                    metrics::counter!(m::SLOW_CONSUMER_CLOSES).increment(1);
+                    tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `code`. True if this call decided the code.
+    pub fn close(&self, code: u16) -> bool {
+        let first = self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        self.closer.cancel();
+        first
+    }
+
+    pub fn close_requested(&self) -> &CancellationToken {
+        &self.closer
+    }
+
+    pub fn requested_close_code(&self) -> Option<u16> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
+    pub fn last_activity(&self) -> u64 {
+        self.last_activity.load(Ordering::Relaxed)
+    }
+
+    /// Records activity; returns the previous time.
+    pub fn touch(&self, now: u64) -> u64 {
+        self.last_activity.swap(now, Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,125 @@
+//! WebSocket connections: the upgrade (authentication, encoding, limits), the session that reads
+//! and writes one socket, and the handling of client requests.
+
+pub mod handle;
+mod requests;
+mod session;
+
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+
+use axum::{
+    extract::{ConnectInfo, Query, State, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use shared::{Encoding, ErrorCode};
+
+use crate::{
+    api::ApiError,
+    app::App,
+    auth::{AuthError, bearer},
+    metrics as m,
+};
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+    format: Option<String>,
+}
+
+/// `GET /ws`: authenticates before upgrading, so a bad token is a plain 401.
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !app.ready.load(Ordering::Acquire) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "node is draining",
+        )
+        .into_response();
+    }
+    if !app.allowed_origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if let Some(origin) = origin {
+            if !app.allowed_origins.iter().any(|o| o == origin) {
+                metrics::counter!(m::CONNECTS, "result" => "forbidden_origin").increment(1);
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    "origin not allowed",
+                )
+                .into_response();
+            }
+        }
+    }
+    let ws = ws.protocols([
+        shared::codec::SUBPROTOCOL_MSGPACK,
+        shared::codec::SUBPROTOCOL_JSON,
+    ]);
+    let encoding = match (
+        ws.selected_protocol().and_then(|p| p.to_str().ok()),
+        params.format.as_deref(),
+    ) {
+        (Some(p), _) => Encoding::from_subprotocol(p).unwrap_or_default(),
+        (None, Some(f)) => match Encoding::from_format(f) {
+            Some(e) => e,
+            None => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "format must be msgpack or json",
+                )
+                .into_response();
+            }
+        },
+        (None, None) => Encoding::MsgPack,
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = params.token.as_deref().or_else(|| bearer(authorization));
+    let identity = match app.auth.authenticate(token).await {
+        Ok(identity) => identity,
+        Err(AuthError::Unavailable) => {
+            metrics::counter!(m::CONNECTS, "result" => "unavailable").increment(1);
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "token store unavailable",
+            )
+            .into_response();
+        }
+        Err(e) => {
+            metrics::counter!(m::CONNECTS, "result" => "unauthorized").increment(1);
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                e.to_string(),
+            )
+            .into_response();
+        }
+    };
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(256).collect());
+    let max = app.config.max_frame_bytes;
+    // Small buffers keep an idle connection to a few KiB; frames above twice the limit are cut off
+    // by the protocol layer, frames between the limit and twice it get a `too_large` error.
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(max * 2)
+        .max_frame_size(max * 2)
+        .on_upgrade(move |socket| {
+            let sessions = app.sessions.clone();
+            sessions.track_future(session::run(
+                app, socket, identity, encoding, peer, user_agent,
+            ))
+        })
+}

@@ -1,0 +1,281 @@
+//! Client requests of one connection: decoding, validation, rate limiting, and the answer to each.
+//! Shard commands are sent from here; backend reads run in tasks of their own (at most
+//! `MAX_IN_FLIGHT` per connection) so the session keeps reading.
+
+use std::{collections::HashSet, sync::Arc, time::Instant};
+
+use shared::{ClientFrame, ErrorCode, ServerFrame, Status, ids};
+use tokio::sync::Semaphore;
+
+use super::handle::ConnHandle;
+use crate::{app::App, metrics as m, presence::ChosenStatus, shard::ShardCmd};
+
+/// Most users one request may name, and one connection may watch in all.
+pub const MAX_USERS: usize = 1000;
+/// Backend requests of one connection running at once.
+const MAX_IN_FLIGHT: usize = 16;
+
+pub struct Requests {
+    app: Arc<App>,
+    conn: Arc<ConnHandle>,
+    /// Users this connection watches, so they can be unwatched when it closes.
+    subscribed: HashSet<String>,
+    in_flight: Arc<Semaphore>,
+    bucket: TokenBucket,
+}
+
+impl Requests {
+    pub fn new(app: Arc<App>, conn: Arc<ConnHandle>) -> Self {
+        let rate = app.config.rate_limit;
+        Requests {
+            app,
+            conn,
+            subscribed: HashSet::new(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            bucket: TokenBucket::new(rate),
+        }
+    }
+
+    pub fn reply_error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        let label = match code {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        };
+        metrics::counter!(m::CLIENT_ERRORS, "code" => label).increment(1);
+        self.conn.push_frame(&ServerFrame::error(id, code, message));
+    }
+
+    fn reply(&self, frame: ServerFrame) {
+        self.conn.push_frame(&frame);
+    }
+
+    pub async fn handle(&mut self, payload: &[u8], now: u64) {
+        if !self.bucket.take() {
+            let id = self
+                .conn
+                .encoding
+                .decode_client(payload)
+                .ok()
+                .and_then(|f| f.id());
+            self.reply_error(
+                id,
+                ErrorCode::RateLimited,
+                "over the per-connection frame rate",
+            );
+            return;
+        }
+        let frame = match self.conn.encoding.decode_client(payload) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.reply_error(e.id, ErrorCode::BadRequest, e.message);
+                return;
+            }
+        };
+        metrics::counter!(m::FRAMES_IN, "type" => frame.kind()).increment(1);
+        if !matches!(frame, ClientFrame::Ping { .. }) {
+            self.note_activity(now).await;
+        }
+        let id = frame.id();
+        if let Err((code, message)) = self.dispatch(frame).await {
+            self.reply_error(id, code, message);
+        }
+    }
+
+    /// Activity brings an auto-away user back: the shard hears of it only when this connection
+    /// had been idle long enough to count.
+    async fn note_activity(&self, now: u64) {
+        let before = self.conn.touch(now);
+        let idle_ms = self.app.config.idle_away_secs * 1000;
+        if now.saturating_sub(before) >= idle_ms {
+            let user = self.conn.user.clone();
+            self.app
+                .shards
+                .send(&user, ShardCmd::Active { user: user.clone() })
+                .await;
+        }
+    }
+
+    async fn dispatch(&mut self, frame: ClientFrame) -> Result<(), (ErrorCode, String)> {
+        match frame {
+            ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }),
+            ClientFrame::SetStatus { id, status, text } => {
+                if status == Status::Offline {
+                    return Err(bad("status must be online, away, busy or invisible"));
+                }
+                if text
+                    .as_ref()
+                    .is_some_and(|t| t.len() > ids::MAX_STATUS_TEXT_BYTES)
+                {
+                    return Err(bad(format!(
+                        "text must be at most {} bytes",
+                        ids::MAX_STATUS_TEXT_BYTES
+                    )));
+                }
+                let user = self.conn.user.clone();
+                let cmd = ShardCmd::SetStatus {
+                    user: user.clone(),
+                    status: ChosenStatus { status, text },
+                };
+                if !self.app.shards.send(&user, cmd).await {
+                    return Err(unavailable());
+                }
+                self.reply(ServerFrame::Ok { id });
+            }
+            ClientFrame::Subscribe { id, users } => {
+                let users = checked_users(users)?;
+                let new: Vec<String> = users
+                    .iter()
+                    .filter(|u| !self.subscribed.contains(*u))
+                    .cloned()
+                    .collect();
+                if self.subscribed.len() + new.len() > MAX_USERS {
+                    return Err(bad(format!(
+                        "a connection may subscribe to at most {MAX_USERS} users"
+                    )));
+                }
+                self.subscribed.extend(new.iter().cloned());
+                for (shard, users) in self.app.shards.partition(new) {
+                    let cmd = ShardCmd::Watch {
+                        users,
+                        conn: self.conn.clone(),
+                    };
+                    self.app.shards.send_to(shard, cmd).await;
+                }
+                self.query(id, users)?;
+            }
+            ClientFrame::Unsubscribe { id, users } => {
+                let users = checked_users(users)?;
+                let gone: Vec<String> = users
+                    .into_iter()
+                    .filter(|u| self.subscribed.remove(u))
+                    .collect();
+                self.unwatch(gone).await;
+                self.reply(ServerFrame::Ok { id });
+            }
+            ClientFrame::Query { id, users } => {
+                let users = checked_users(users)?;
+                self.query(id, users)?;
+            }
+            ClientFrame::Join { .. }
+            | ClientFrame::Leave { .. }
+            | ClientFrame::GroupOnline { .. }
+            | ClientFrame::Send { .. }
+            | ClientFrame::AckOffline { .. }
+            | ClientFrame::Sync { .. }
+            | ClientFrame::Read { .. }
+            | ClientFrame::Unread { .. } => {
+                return Err((
+                    ErrorCode::Unavailable,
+                    "messaging is not enabled on this node".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers `presence_list` for `users`, as this connection's user may see them.
+    fn query(&self, id: Option<u64>, users: Vec<String>) -> Result<(), (ErrorCode, String)> {
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            (
+                ErrorCode::RateLimited,
+                "too many requests in flight".to_string(),
+            )
+        })?;
+        let backend = self.app.backend.clone();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let frame = match backend.presence(&users).await {
+                Ok(records) => ServerFrame::PresenceList {
+                    id,
+                    items: records
+                        .iter()
+                        .map(|r| r.view_for(Some(&conn.user)))
+                        .collect(),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence query failed");
+                    ServerFrame::error(id, ErrorCode::Unavailable, "presence store unavailable")
+                }
+            };
+            conn.push_frame(&frame);
+        });
+        Ok(())
+    }
+
+    async fn unwatch(&self, users: Vec<String>) {
+        for (shard, users) in self.app.shards.partition(users) {
+            let cmd = ShardCmd::Unwatch {
+                users,
+                conn: self.conn.id,
+            };
+            self.app.shards.send_to(shard, cmd).await;
+        }
+    }
+
+    /// Drops every watch of this connection (it is closing).
+    pub async fn release(&mut self) {
+        let all: Vec<String> = self.subscribed.drain().collect();
+        self.unwatch(all).await;
+    }
+}
+
+fn bad(message: impl Into<String>) -> (ErrorCode, String) {
+    (ErrorCode::BadRequest, message.into())
+}
+
+fn unavailable() -> (ErrorCode, String) {
+    (ErrorCode::Unavailable, "node is stopping".into())
+}
+
+/// Validates a request's user list: at most [`MAX_USERS`], every id valid; duplicates dropped.
+fn checked_users(users: Vec<String>) -> Result<Vec<String>, (ErrorCode, String)> {
+    if users.len() > MAX_USERS {
+        return Err(bad(format!("at most {MAX_USERS} users per request")));
+    }
+    let mut seen = HashSet::with_capacity(users.len());
+    let mut out = Vec::with_capacity(users.len());
+    for user in users {
+        ids::check_id("user", &user).map_err(bad)?;
+        if seen.insert(user.clone()) {
+            out.push(user);
+        }
+    }
+    Ok(out)
+}
+
+/// Frames per second a connection may send: `rate` sustained, bursts of up to `rate`.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        TokenBucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

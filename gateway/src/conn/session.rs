@@ -1,0 +1,286 @@
+//! One WebSocket session: registers the connection with its user's shard, then reads client frames
+//! in this task while a writer task drains the outbound queue, sends heartbeats and closes the
+//! socket with the code asked for. The session never awaits Redis: backend work for a request runs
+//! in a task of its own and answers through the outbound queue.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
+use shared::{Encoding, ErrorCode, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    handle::{ConnHandle, close_code},
+    requests::Requests,
+};
+use crate::{
+    app::App, auth::Identity, clock::now_ms, frame::encode_one, metrics as m, shard::ShardCmd,
+};
+
+pub async fn run(
+    app: Arc<App>,
+    socket: WebSocket,
+    identity: Identity,
+    encoding: Encoding,
+    peer: SocketAddr,
+    user_agent: Option<String>,
+) {
+    let (out_tx, out_rx) = mpsc::channel(app.config.outbound_queue);
+    let now = now_ms();
+    let conn = Arc::new(ConnHandle::new(
+        app.next_conn_id(),
+        identity.user.clone(),
+        identity.platform,
+        encoding,
+        peer,
+        user_agent,
+        now,
+        out_tx,
+    ));
+    let (sink, stream) = socket.split();
+
+    let welcome = ServerFrame::Welcome {
+        conn_id: format!("{}-{}", app.node_id, conn.id),
+        user: conn.user.clone(),
+        platform: conn.platform,
+        node: app.node_id.to_string(),
+        heartbeat_ms: app.config.heartbeat_ms,
+        server_time: now,
+    };
+    let accepted = match encode_one(encoding, &welcome) {
+        Some(welcome) => register(&app, &conn, welcome).await,
+        None => None,
+    };
+    let writer = tokio::spawn(write_loop(
+        sink,
+        out_rx,
+        conn.clone(),
+        app.config.heartbeat(),
+    ));
+    match accepted {
+        Some(true) => {}
+        Some(false) => {
+            metrics::counter!(m::CONNECTS, "result" => "too_many").increment(1);
+            conn.close(close_code::TOO_MANY_CONNECTIONS);
+            let _ = writer.await;
+            return;
+        }
+        None => {
+            conn.close(close_code::GOING_AWAY);
+            let _ = writer.await;
+            return;
+        }
+    }
+    metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
+    app.count_connection(conn.platform, 1);
+    tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
+
+    let mut requests = Requests::new(app.clone(), conn.clone());
+    read_loop(&app, stream, &conn, &mut requests).await;
+
+    // Whatever ended the session, the shard hears of it, and watches are dropped.
+    requests.release().await;
+    app.shards
+        .send(
+            &conn.user,
+            ShardCmd::Disconnect {
+                user: conn.user.clone(),
+                conn: conn.id,
+            },
+        )
+        .await;
+    app.count_connection(conn.platform, -1);
+    let reason = match conn.requested_close_code() {
+        Some(close_code::GOING_AWAY) => "going_away",
+        Some(close_code::POLICY) => "policy",
+        Some(close_code::HEARTBEAT_TIMEOUT) => "heartbeat_timeout",
+        Some(_) => "server",
+        None => "client",
+    };
+    metrics::counter!(m::DISCONNECTS, "reason" => reason).increment(1);
+    conn.close(1000);
+    let _ = writer.await;
+    tracing::debug!(conn = conn.id, user = %conn.user, reason, "disconnected");
+}
+
+/// Registers the connection with its shard; `None` when the node is stopping.
+async fn register(app: &App, conn: &Arc<ConnHandle>, welcome: Bytes) -> Option<bool> {
+    let (reply, answer) = oneshot::channel();
+    let cmd = ShardCmd::Connect {
+        conn: conn.clone(),
+        welcome,
+        reply,
+    };
+    if !app.shards.send(&conn.user, cmd).await {
+        return None;
+    }
+    answer.await.ok()
+}
+
+async fn read_loop(
+    app: &App,
+    mut stream: SplitStream<WebSocket>,
+    conn: &Arc<ConnHandle>,
+    requests: &mut Requests,
+) {
+    let max = app.config.max_frame_bytes;
+    loop {
+        let message = tokio::select! {
+            m = stream.next() => m,
+            _ = conn.close_requested().cancelled() => return,
+            _ = app.closing.cancelled() => {
+                conn.close(close_code::GOING_AWAY);
+                return;
+            }
+        };
+        let message = match message {
+            None => return,
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                // Oversized frames end here (the protocol layer refuses them); so do broken sockets.
+                if is_capacity_error(&e) {
+                    conn.close(close_code::POLICY);
+                }
+                tracing::debug!(conn = conn.id, error = %e, "read failed");
+                return;
+            }
+        };
+        let now = now_ms();
+        conn.last_heard
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let payload = match (message, conn.encoding) {
+            (Message::Binary(bytes), Encoding::MsgPack) => bytes,
+            (Message::Text(text), Encoding::Json) => Bytes::from(text),
+            (Message::Binary(_), Encoding::Json) | (Message::Text(_), Encoding::MsgPack) => {
+                requests.reply_error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "frames must be binary MessagePack for presence.v1.msgpack, text JSON for presence.v1.json",
+                );
+                continue;
+            }
+            (Message::Pong(payload), _) => {
+                note_rtt(conn, &payload, now);
+                continue;
+            }
+            (Message::Ping(_), _) => continue,
+            (Message::Close(_), _) => return,
+        };
+        if payload.len() > max {
+            requests.reply_error(
+                None,
+                ErrorCode::TooLarge,
+                format!(
+                    "frame of {} bytes is over the {max}-byte limit",
+                    payload.len()
+                ),
+            );
+            continue;
+        }
+        requests.handle(&payload, now).await;
+    }
+}
+
+fn is_capacity_error(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity")
+}
+
+fn note_rtt(conn: &ConnHandle, payload: &[u8], now: u64) {
+    if let Ok(sent) = <[u8; 8]>::try_from(payload) {
+        let rtt = now.saturating_sub(u64::from_be_bytes(sent));
+        conn.rtt_ms.store(rtt, std::sync::atomic::Ordering::Relaxed);
+        metrics::histogram!(m::HEARTBEAT_RTT_SECONDS).record(rtt as f64 / 1000.0);
+    }
+}
+
+/// Drains the outbound queue into the socket, pings every `heartbeat`, and closes the socket with
+/// the requested code once the connection is asked to close (or the client is silent for two
+/// heartbeats: 4010).
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut out: mpsc::Receiver<Bytes>,
+    conn: Arc<ConnHandle>,
+    heartbeat: Duration,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let closer = conn.close_requested().clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = closer.cancelled() => break,
+            frame = out.recv() => {
+                let Some(frame) = frame else { break };
+                let message = to_message(conn.encoding, frame);
+                let sent = tokio::select! {
+                    r = sink.send(message) => r.is_ok(),
+                    _ = closer.cancelled() => false,
+                };
+                if !sent {
+                    conn.close(1000);
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                let now = now_ms();
+                let heard = conn.last_heard.load(std::sync::atomic::Ordering::Relaxed);
+                if now.saturating_sub(heard) > 2 * heartbeat.as_millis() as u64 {
+                    conn.close(close_code::HEARTBEAT_TIMEOUT);
+                    break;
+                }
+                let ping = Message::Ping(Bytes::copy_from_slice(&now.to_be_bytes()));
+                if sink.send(ping).await.is_err() {
+                    conn.close(1000);
+                    break;
+                }
+            }
+        }
+    }
+    // Frames queued before the close was asked for still go out (e.g. an error explaining it),
+    // within a short bound.
+    let code = conn.requested_close_code().unwrap_or(1000);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(frame) = out.try_recv() {
+            if sink.feed(to_message(conn.encoding, frame)).await.is_err() {
+                return;
+            }
+        }
+        let reason = close_reason(code);
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            })))
+            .await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close_code::GOING_AWAY => "node going away",
+        close_code::UNAUTHORIZED => "unauthorized",
+        close_code::POLICY => "policy violation",
+        close_code::TOO_MANY_CONNECTIONS => "too many connections for this user",
+        close_code::HEARTBEAT_TIMEOUT => "heartbeat timeout",
+        _ => "",
+    }
+}
+
+fn to_message(encoding: Encoding, frame: Bytes) -> Message {
+    match encoding {
+        Encoding::MsgPack => Message::Binary(frame),
+        Encoding::Json => match Utf8Bytes::try_from(frame) {
+            Ok(text) => Message::Text(text),
+            // serde_json writes UTF-8 only; keep the bytes rather than lose the frame.
+            Err(e) => Message::Binary(Bytes::from(e.to_string())),
+        },
+    }
+}

@@ -1,0 +1,46 @@
+//! A server frame encoded at most once per encoding, however many connections it goes to.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use shared::{Encoding, ServerFrame};
+
+/// A frame shared by every connection it is sent to. Fan-out to N connections costs one encode per
+/// encoding in use, not N.
+pub struct EncodedFrame {
+    frame: ServerFrame,
+    cache: [OnceLock<Option<Bytes>>; 2],
+}
+
+impl EncodedFrame {
+    pub fn new(frame: ServerFrame) -> Arc<Self> {
+        Arc::new(EncodedFrame {
+            frame,
+            cache: [OnceLock::new(), OnceLock::new()],
+        })
+    }
+
+    /// The frame's bytes in `encoding`; `None` if it cannot be encoded (logged once).
+    pub fn bytes(&self, encoding: Encoding) -> Option<Bytes> {
+        self.cache[encoding.index()]
+            .get_or_init(|| match encoding.encode(&self.frame) {
+                Ok(bytes) => Some(Bytes::from(bytes)),
+                Err(e) => {
+                    tracing::error!(error = %e, ?encoding, "cannot encode a server frame");
+                    None
+                }
+            })
+            .clone()
+    }
+}
+
+/// Encodes one frame for one connection.
+pub fn encode_one(encoding: Encoding, frame: &ServerFrame) -> Option<Bytes> {
+    match encoding.encode(frame) {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(e) => {
+            tracing::error!(error = %e, ?encoding, "cannot encode a server frame");
+            None
+        }
+    }
+}

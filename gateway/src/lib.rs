@@ -1,0 +1,66 @@
+//! The presence gateway as a library: [`serve`] runs one node on a bound listener until a shutdown
+//! signal, and is what both `main` and the tests call.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod backend;
+pub mod clock;
+pub mod config;
+pub mod conn;
+pub mod frame;
+pub mod hooks;
+pub mod metrics;
+pub mod presence;
+pub mod registry;
+pub mod shard;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Runs a node on `listener` until `shutdown` is cancelled, then drains it within the grace period.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if let Err(problems) = config.validate() {
+        anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "));
+    }
+    let bound = listener.local_addr().context("listener has no address")?;
+    let grace = config.shutdown_grace();
+    let running = app::build(config, bound).await?;
+    let app = running.app.clone();
+    tracing::info!(
+        node = %app.node_id,
+        addr = %bound,
+        ws_url = %app.ws_url,
+        backend = app.backend.kind(),
+        shards = app.shards.count(),
+        "listening"
+    );
+    let router = api::router(app.clone());
+    let stop_accepting = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop_accepting.cancelled_owned())
+        .await
+    });
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: draining connections");
+    running.shutdown(grace).await;
+    match tokio::time::timeout(std::time::Duration::from_secs(1), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+        _ => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Every metric name in one place, their help texts, and the Prometheus recorder behind `/metrics`.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "presence_connections";
+pub const CONNECTIONS_BY_PLATFORM: &str = "presence_connections_by_platform";
+pub const CONNECTS: &str = "presence_connects_total";
+pub const DISCONNECTS: &str = "presence_disconnects_total";
+pub const ONLINE_USERS: &str = "presence_online_users";
+pub const STATUS_CHANGES: &str = "presence_status_changes_total";
+pub const TRANSITIONS: &str = "presence_transitions_total";
+pub const BATCH_SIZE: &str = "presence_batch_size";
+pub const FLUSH_SECONDS: &str = "presence_flush_seconds";
+pub const FLUSHES: &str = "presence_flushes_total";
+pub const PRESENCE_WRITES: &str = "presence_writes_total";
+pub const BACKEND_ROUND_TRIPS: &str = "presence_backend_round_trips_total";
+pub const BACKEND_ERRORS: &str = "presence_backend_errors_total";
+pub const BACKEND_UP: &str = "presence_backend_up";
+pub const SHARD_QUEUE_DEPTH: &str = "presence_shard_queue_depth";
+pub const SHARD_USERS: &str = "presence_shard_users";
+pub const RENEWALS: &str = "presence_renewals_total";
+pub const PRESENCE_EVENTS_DELIVERED: &str = "presence_events_delivered_total";
+pub const PUBSUB_MESSAGES: &str = "presence_pubsub_messages_total";
+pub const FRAMES_IN: &str = "presence_frames_in_total";
+pub const CLIENT_ERRORS: &str = "presence_client_errors_total";
+pub const SLOW_CONSUMER_CLOSES: &str = "presence_slow_consumer_closes_total";
+pub const WEBHOOKS: &str = "presence_webhooks_total";
+pub const REAPED_USERS: &str = "presence_reaped_users_total";
+pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
+    describe_gauge!(
+        CONNECTIONS_BY_PLATFORM,
+        "Open connections on this node by platform."
+    );
+    describe_counter!(CONNECTS, "WebSocket connection attempts by result.");
+    describe_counter!(DISCONNECTS, "Closed connections by reason.");
+    describe_gauge!(
+        ONLINE_USERS,
+        "Visibly online users across all nodes, as the backend counts them."
+    );
+    describe_counter!(
+        STATUS_CHANGES,
+        "Presence record changes (status, platforms or text) written by this node."
+    );
+    describe_counter!(
+        TRANSITIONS,
+        "Users whose first connection anywhere opened (online) or last one closed (offline)."
+    );
+    describe_histogram!(BATCH_SIZE, "Users written per shard flush.");
+    describe_histogram!(
+        FLUSH_SECONDS,
+        "Time to write one shard batch to the backend."
+    );
+    describe_counter!(FLUSHES, "Shard batch flushes by result.");
+    describe_counter!(
+        PRESENCE_WRITES,
+        "Per-user presence changes flushed to the backend."
+    );
+    describe_counter!(
+        BACKEND_ROUND_TRIPS,
+        "Round trips to Redis by operation (a pipeline counts once)."
+    );
+    describe_counter!(BACKEND_ERRORS, "Failed backend calls by operation.");
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while the backend answers, 0 during an outage."
+    );
+    describe_gauge!(
+        SHARD_QUEUE_DEPTH,
+        "Commands waiting in a shard worker's mailbox."
+    );
+    describe_gauge!(SHARD_USERS, "Users a shard worker holds state for.");
+    describe_counter!(RENEWALS, "Presence entries renewed, by result.");
+    describe_counter!(
+        PRESENCE_EVENTS_DELIVERED,
+        "Presence events queued to local watchers."
+    );
+    describe_counter!(PUBSUB_MESSAGES, "Pub/sub messages by direction.");
+    describe_counter!(FRAMES_IN, "Client frames received, by type.");
+    describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code.");
+    describe_counter!(
+        SLOW_CONSUMER_CLOSES,
+        "Connections closed because their outbound queue overflowed."
+    );
+    describe_counter!(WEBHOOKS, "Webhook deliveries by result.");
+    describe_counter!(
+        REAPED_USERS,
+        "Users whose presence this node reaped from dead nodes."
+    );
+    describe_histogram!(HEARTBEAT_RTT_SECONDS, "WebSocket ping round-trip time.");
+}
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle; `None` if another recorder was
+/// installed first (then `/metrics` answers empty).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let sizes = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), sizes));
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(e) => {
+                    tracing::error!(error = %e, "bad metric buckets");
+                    return None;
+                }
+            };
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                return None;
+            }
+            describe();
+            Some(handle)
+        })
+        .clone()
+}

@@ -1,0 +1,139 @@
+//! Shard workers: each owns the local state of the users hashed onto it (their connections here,
+//! who here watches them, what this node last wrote for them) and batches their presence changes
+//! to the backend. Everyone else holds a [`Shards`] handle and sends commands.
+
+mod worker;
+
+use std::{sync::Arc, time::Duration};
+
+use shared::shard::shard_of;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    backend::Backend,
+    conn::handle::{ConnHandle, ConnId},
+    hooks::ChangeHooks,
+    presence::{ChosenStatus, PresenceRecord},
+};
+
+/// Commands a shard worker understands; every trigger of per-user state change is one of these.
+pub enum ShardCmd {
+    /// A connection of one of this shard's users opened. Answers false when the user already has
+    /// `max_conns_per_user` connections here. Otherwise the shard queues `welcome` to it before
+    /// anything else can be.
+    Connect {
+        conn: Arc<ConnHandle>,
+        welcome: bytes::Bytes,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A connection closed; always sent, whatever ended it.
+    Disconnect { user: String, conn: ConnId },
+    /// A connection that had been idle for `idle_away` saw activity again.
+    Active { user: String },
+    /// The user chose a status.
+    SetStatus { user: String, status: ChosenStatus },
+    /// `conn` wants `users`' presence events (all of them on this shard).
+    Watch {
+        users: Vec<String>,
+        conn: Arc<ConnHandle>,
+    },
+    /// `conn` no longer wants `users`' presence events.
+    Unwatch { users: Vec<String>, conn: ConnId },
+    /// A presence change from the backend (this node's or another's).
+    Presence(PresenceRecord),
+    /// The backend may have lost this node's entries: rewrite them all now.
+    Resync,
+}
+
+/// Tunables of a shard worker.
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
+    pub node: Arc<str>,
+    pub batch_max: usize,
+    pub batch_interval: Duration,
+    pub renew_interval: Duration,
+    pub idle_away: Duration,
+    pub max_conns_per_user: usize,
+    pub mailbox: usize,
+}
+
+/// A cloneable handle on every shard of the node.
+#[derive(Clone)]
+pub struct Shards {
+    senders: Arc<[mpsc::Sender<ShardCmd>]>,
+}
+
+impl Shards {
+    /// Starts `count` workers on `tracker`. They stop, after a last flush, once `stop` is
+    /// cancelled and their mailboxes are drained.
+    pub fn spawn(
+        count: usize,
+        settings: ShardSettings,
+        backend: Arc<dyn Backend>,
+        hooks: ChangeHooks,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Shards {
+        let senders: Vec<_> = (0..count)
+            .map(|index| {
+                let (tx, rx) = mpsc::channel(settings.mailbox);
+                let worker = worker::Worker::new(
+                    index,
+                    settings.clone(),
+                    backend.clone(),
+                    hooks.clone(),
+                    rx,
+                );
+                tracker.spawn(worker.run(stop.clone()));
+                tx
+            })
+            .collect();
+        Shards {
+            senders: senders.into(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// The shard that owns `key`.
+    pub fn index_of(&self, key: &str) -> usize {
+        shard_of(key, self.senders.len())
+    }
+
+    /// Sends to the shard owning `key`, waiting for room. False only once the shard has stopped.
+    pub async fn send(&self, key: &str, cmd: ShardCmd) -> bool {
+        self.send_to(self.index_of(key), cmd).await
+    }
+
+    pub async fn send_to(&self, index: usize, cmd: ShardCmd) -> bool {
+        match self.senders.get(index) {
+            Some(tx) => tx.send(cmd).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Commands waiting in each shard's mailbox.
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.senders
+            .iter()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .collect()
+    }
+
+    /// Groups `users` by owning shard.
+    pub fn partition(&self, users: Vec<String>) -> Vec<(usize, Vec<String>)> {
+        let mut parts: Vec<Vec<String>> = vec![Vec::new(); self.senders.len()];
+        for user in users {
+            let index = self.index_of(&user);
+            parts[index].push(user);
+        }
+        parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, users)| !users.is_empty())
+            .collect()
+    }
+}

@@ -1,0 +1,113 @@
+//! The two encodings of the wire contract: MessagePack maps with string keys (the default) and JSON.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::protocol::{ClientFrame, ServerFrame};
+
+/// WebSocket subprotocol that selects MessagePack.
+pub const SUBPROTOCOL_MSGPACK: &str = "presence.v1.msgpack";
+/// WebSocket subprotocol that selects JSON.
+pub const SUBPROTOCOL_JSON: &str = "presence.v1.json";
+
+/// How a connection's frames are encoded. MessagePack frames travel as binary WebSocket messages,
+/// JSON frames as text messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Encoding {
+    #[default]
+    MsgPack,
+    Json,
+}
+
+impl Encoding {
+    pub const ALL: [Encoding; 2] = [Encoding::MsgPack, Encoding::Json];
+
+    /// The encoding a WebSocket subprotocol names, if it names one.
+    pub fn from_subprotocol(name: &str) -> Option<Self> {
+        match name.trim() {
+            SUBPROTOCOL_MSGPACK => Some(Encoding::MsgPack),
+            SUBPROTOCOL_JSON => Some(Encoding::Json),
+            _ => None,
+        }
+    }
+
+    /// The encoding a `?format=` query value names, if it names one.
+    pub fn from_format(name: &str) -> Option<Self> {
+        match name {
+            "msgpack" => Some(Encoding::MsgPack),
+            "json" => Some(Encoding::Json),
+            _ => None,
+        }
+    }
+
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::MsgPack => SUBPROTOCOL_MSGPACK,
+            Encoding::Json => SUBPROTOCOL_JSON,
+        }
+    }
+
+    /// Position in [`Encoding::ALL`], for per-encoding caches.
+    pub fn index(self) -> usize {
+        match self {
+            Encoding::MsgPack => 0,
+            Encoding::Json => 1,
+        }
+    }
+
+    /// Encodes any frame (or frame part) in this encoding.
+    pub fn encode<T: Serialize>(self, value: &T) -> Result<Vec<u8>, FrameError> {
+        match self {
+            Encoding::MsgPack => rmp_serde::to_vec_named(value).map_err(|e| FrameError {
+                id: None,
+                message: format!("cannot encode MessagePack: {e}"),
+            }),
+            Encoding::Json => serde_json::to_vec(value).map_err(|e| FrameError {
+                id: None,
+                message: format!("cannot encode JSON: {e}"),
+            }),
+        }
+    }
+
+    /// Decodes a client frame. On failure the error still carries the frame's `id` when one could be
+    /// read, so the `error` reply can name the request it answers.
+    pub fn decode_client(self, bytes: &[u8]) -> Result<ClientFrame, FrameError> {
+        self.decode(bytes)
+    }
+
+    /// Decodes a server frame (for clients and the load tool).
+    pub fn decode_server(self, bytes: &[u8]) -> Result<ServerFrame, FrameError> {
+        self.decode(bytes)
+    }
+
+    fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, FrameError> {
+        let result = match self {
+            Encoding::MsgPack => rmp_serde::from_slice::<T>(bytes).map_err(|e| e.to_string()),
+            Encoding::Json => serde_json::from_slice::<T>(bytes).map_err(|e| e.to_string()),
+        };
+        result.map_err(|message| FrameError {
+            id: self.peek_id(bytes),
+            message: format!("malformed frame: {message}"),
+        })
+    }
+
+    /// Reads just the `id` of a frame that failed to decode as a whole.
+    fn peek_id(self, bytes: &[u8]) -> Option<u64> {
+        #[derive(serde::Deserialize)]
+        struct IdOnly {
+            id: Option<u64>,
+        }
+        match self {
+            Encoding::MsgPack => rmp_serde::from_slice::<IdOnly>(bytes).ok()?.id,
+            Encoding::Json => serde_json::from_slice::<IdOnly>(bytes).ok()?.id,
+        }
+    }
+}
+
+/// A frame that could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FrameError {
+    /// The request id, when the frame was readable enough to have one.
+    pub id: Option<u64>,
+    pub message: String,
+}
