@@ -17,7 +17,8 @@ pub enum LogFormat {
 #[command(
     name = "presence-gateway",
     version,
-    about = "Horizontally sharded presence gateway"
+    about = "Horizontally sharded presence gateway",
+    args_override_self = true
 )]
 pub struct Config {
     /// HTTP and WebSocket address (`/ws`, `/v1`, `/healthz`, `/readyz`, `/metrics`).
@@ -280,6 +281,7 @@ impl Config {
     pub fn effective_api_key(&self) -> Option<String> {
         self.api_key
             .clone()
+            .filter(|k| !k.is_empty())
             .or_else(|| self.dev.then(|| "dev".to_string()))
     }
 

@@ -1,0 +1,375 @@
+//! Starts what the tests need as real processes: gateway nodes (the built binary) and redis-server
+//! instances or a local Redis Cluster on free ports. Every process is a child of the test and is
+//! killed and waited for when its handle drops.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+pub const API_KEY: &str = "test-key";
+pub const JWT_SECRET: &str = "test-jwt-secret";
+
+/// Which backend a node runs on.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Embedded,
+    Redis(String),
+    Cluster(Vec<String>),
+}
+
+/// A gateway node: the real binary, on an ephemeral port.
+pub struct Node {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub id: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct NodeBuilder {
+    args: Vec<String>,
+    id: String,
+}
+
+impl NodeBuilder {
+    pub fn new(backend: &Backend) -> Self {
+        let id = format!("node-{:08x}", rand::random::<u32>());
+        let mut args: Vec<String> = [
+            "--listen=127.0.0.1:0",
+            "--log-format=json",
+            "--log=info,gateway=debug",
+            "--batch-interval-ms=50",
+            "--shards=3",
+            "--shutdown-grace-secs=5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("--api-key={API_KEY}"));
+        args.push(format!("--jwt-secret={JWT_SECRET}"));
+        args.push(format!("--node-id={id}"));
+        match backend {
+            Backend::Embedded => {}
+            Backend::Redis(url) => args.push(format!("--redis-url={url}")),
+            Backend::Cluster(seeds) => args.push(format!("--redis-cluster={}", seeds.join(","))),
+        }
+        NodeBuilder { args, id }
+    }
+
+    /// Adds or overrides a flag (`--name=value`; later flags win).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn start(self) -> Node {
+        let binary = env!("CARGO_BIN_EXE_presence-gateway");
+        let mut child = Command::new(binary)
+            .args(&self.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start presence-gateway");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.contains("\"listening\"") {
+                        let _ = tx.send(line.clone());
+                    }
+                    logs.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gateway did not start; its output:\n{}",
+                    logs.lock().expect("log lock").join("\n")
+                );
+            }
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        let addr = parsed["fields"]["addr"]
+            .as_str()
+            .expect("addr field")
+            .parse()
+            .expect("socket address");
+        Node {
+            child: Some(child),
+            addr,
+            id: self.id,
+            logs,
+        }
+    }
+}
+
+impl Node {
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("log lock").join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: the node dies without a word.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the node to drain and exit; returns its exit success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        signal(child.id(), "-TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The value of one metric line (summed over label sets), from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        metric_sum(&text, name)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sums every sample of `name` in a Prometheus text page.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+}
+
+/// A free TCP port on 127.0.0.1 below 55535 (cluster bus ports are port + 10000).
+pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + (rand::random::<u16>() % 35_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+/// A redis-server of our own, on a free port, keeping nothing on disk.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    cluster: bool,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port(), false)
+    }
+
+    fn start_on(port: u16, cluster: bool) -> Redis {
+        let dir =
+            std::env::temp_dir().join(format!("presence-redis-{port}-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(dir.join("nodes.conf"))
+                .args(["--cluster-node-timeout", "2000"]);
+        }
+        let child = cmd
+            .spawn()
+            .expect("start redis-server (is the redis-server package installed?)");
+        let redis = Redis {
+            child: Some(child),
+            port,
+            dir,
+            cluster,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on {} did not start", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a redis-cli command against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the server (SIGKILL): everything in it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a fresh, empty server on the same port.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let fresh = Redis::start_on(self.port, self.cluster);
+        *self = fresh;
+    }
+
+    /// Calls of `command` in `INFO commandstats` (e.g. `evalsha`).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A local Redis Cluster of three masters.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3).map(|_| Redis::start_on(free_port(), true)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    pub fn command_calls(&self, command: &str) -> u64 {
+        self.nodes.iter().map(|n| n.command_calls(command)).sum()
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real gateway processes, real redis-server processes, real WebSocket clients.
+
+mod client;
+mod harness;
+
+/// Connections: authentication, encodings, limits, bad input and close codes.
+mod connect;
+/// Presence behaviour, one suite run against the embedded and the Redis backend.
+mod presence;
+/// The REST API of the app backend.
+mod rest;

@@ -1,0 +1,367 @@
+//! Presence behaviour every backend must show, written once and run against each backend through
+//! `behaviour_suite!`.
+
+use std::time::Duration;
+
+use shared::{ClientFrame, ServerFrame, Status};
+
+use crate::{
+    client::{Client, Rest},
+    harness::{Backend, NodeBuilder, Redis},
+};
+
+/// A node on the backend under test, and what it needs.
+pub struct Setup {
+    pub backend: Backend,
+    _redis: Option<Redis>,
+}
+
+impl Setup {
+    pub fn new(kind: &str) -> Setup {
+        match kind {
+            "embedded" => Setup {
+                backend: Backend::Embedded,
+                _redis: None,
+            },
+            _ => {
+                let redis = Redis::start();
+                Setup {
+                    backend: Backend::Redis(redis.url()),
+                    _redis: Some(redis),
+                }
+            }
+        }
+    }
+
+    pub fn node(&self) -> NodeBuilder {
+        NodeBuilder::new(&self.backend)
+    }
+}
+
+macro_rules! behaviour_suite {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Setup::new("embedded")).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Setup::new("redis")).await
+                }
+            )*
+        }
+    };
+}
+
+behaviour_suite!(
+    platforms_aggregate_and_versions_grow,
+    invisible_looks_offline_to_others,
+    busy_with_text_reaches_subscribers,
+    idle_connections_turn_away_and_activity_brings_back,
+    flaps_inside_one_batch_are_silent,
+    second_tab_on_same_platform_changes_nothing,
+    unsubscribe_stops_events,
+    query_answers_known_and_unknown_users,
+    rest_sees_what_others_see,
+    graceful_shutdown_closes_with_going_away,
+);
+
+async fn platforms_aggregate_and_versions_grow(setup: Setup) {
+    let node = setup.node().start();
+    let mut bob = Client::connect(&node, "bob", 2).await;
+    let initial = bob.subscribe(&["alice"]).await;
+    assert_eq!(initial[0].status, Status::Offline);
+
+    let alice_ios = Client::connect(&node, "alice", 1).await;
+    let alice_web = Client::connect_json(&node, "alice", 5).await;
+    let mut versions = vec![initial[0].version];
+    let both = loop {
+        let p = bob.presence_of("alice").await;
+        versions.push(p.version);
+        if p.platforms == vec![1, 5] {
+            break p;
+        }
+    };
+    assert_eq!(both.status, Status::Online);
+    assert_eq!(both.last_seen, None);
+
+    alice_ios.close().await;
+    let web_only = bob.presence_of("alice").await;
+    versions.push(web_only.version);
+    assert_eq!(
+        (web_only.status, web_only.platforms.clone()),
+        (Status::Online, vec![5])
+    );
+
+    alice_web.close().await;
+    let offline = bob.presence_of("alice").await;
+    versions.push(offline.version);
+    assert_eq!(offline.status, Status::Offline);
+    assert!(offline.platforms.is_empty());
+    assert!(offline.last_seen.is_some(), "offline carries last_seen");
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions grow: {versions:?}"
+    );
+}
+
+async fn invisible_looks_offline_to_others(setup: Setup) {
+    let node = setup.node().start();
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    bob.subscribe(&["alice"]).await;
+    alice.subscribe(&["alice"]).await;
+    assert_eq!(bob.presence_of("alice").await.status, Status::Online);
+    assert_eq!(alice.presence_of("alice").await.status, Status::Online);
+
+    alice.set_status(Status::Invisible, None).await;
+    let seen_by_bob = bob.presence_of("alice").await;
+    assert_eq!(seen_by_bob.status, Status::Offline);
+    assert!(seen_by_bob.platforms.is_empty());
+    assert!(seen_by_bob.last_seen.is_some());
+    let seen_by_self = alice.presence_of("alice").await;
+    assert_eq!(seen_by_self.status, Status::Invisible);
+    assert_eq!(seen_by_self.platforms, vec![1]);
+
+    let queried = bob
+        .request(|id| ClientFrame::Query {
+            id,
+            users: vec!["alice".into()],
+        })
+        .await;
+    match queried {
+        ServerFrame::PresenceList { items, .. } => assert_eq!(items[0].status, Status::Offline),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        Rest::new(&node).presence("alice").await["status"],
+        "offline"
+    );
+
+    alice.set_status(Status::Online, None).await;
+    assert_eq!(bob.presence_of("alice").await.status, Status::Online);
+}
+
+async fn busy_with_text_reaches_subscribers(setup: Setup) {
+    let node = setup.node().start();
+    let mut alice = Client::connect(&node, "alice", 3).await;
+    let mut bob = Client::connect_json(&node, "bob", 5).await;
+    bob.subscribe(&["alice"]).await;
+    bob.presence_of("alice").await;
+    alice.set_status(Status::Busy, Some("in a meeting")).await;
+    let p = bob.presence_of("alice").await;
+    assert_eq!(p.status, Status::Busy);
+    assert_eq!(p.text.as_deref(), Some("in a meeting"));
+
+    let long = "x".repeat(129);
+    let reply = alice
+        .request(|id| ClientFrame::SetStatus {
+            id,
+            status: Status::Away,
+            text: Some(long),
+        })
+        .await;
+    assert!(
+        matches!(
+            reply,
+            ServerFrame::Error {
+                code: shared::ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    let reply = alice
+        .request(|id| ClientFrame::SetStatus {
+            id,
+            status: Status::Offline,
+            text: None,
+        })
+        .await;
+    assert!(
+        matches!(
+            reply,
+            ServerFrame::Error {
+                code: shared::ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+}
+
+async fn idle_connections_turn_away_and_activity_brings_back(setup: Setup) {
+    let node = setup.node().arg("--idle-away-secs=1").start();
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    bob.subscribe(&["alice"]).await;
+    let mut p = bob.presence_of("alice").await;
+    // Bob's own requests do not count as alice's activity; alice stays silent.
+    while p.status == Status::Online {
+        p = bob.presence_of("alice").await;
+    }
+    assert_eq!(p.status, Status::Away);
+    alice
+        .request(|id| ClientFrame::Query {
+            id,
+            users: vec!["bob".into()],
+        })
+        .await;
+    assert_eq!(bob.presence_of("alice").await.status, Status::Online);
+}
+
+async fn flaps_inside_one_batch_are_silent(setup: Setup) {
+    let node = setup.node().arg("--batch-interval-ms=1500").start();
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    bob.subscribe(&["alice"]).await;
+    let writes_before = node.metric("presence_writes_total").await;
+    let alice = Client::connect(&node, "alice", 1).await;
+    alice.close().await;
+    bob.expect_silence(Duration::from_millis(3500)).await;
+    let writes_after = node.metric("presence_writes_total").await;
+    // Bob's own connect may be flushed in this window; alice's flap must not be.
+    assert!(
+        writes_after - writes_before <= 1.0,
+        "{writes_before} -> {writes_after}"
+    );
+}
+
+async fn second_tab_on_same_platform_changes_nothing(setup: Setup) {
+    let node = setup.node().start();
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    bob.subscribe(&["alice"]).await;
+    let _tab1 = Client::connect(&node, "alice", 5).await;
+    assert_eq!(bob.presence_of("alice").await.platforms, vec![5]);
+    let tab2 = Client::connect(&node, "alice", 5).await;
+    tab2.close().await;
+    bob.expect_silence(Duration::from_millis(600)).await;
+}
+
+async fn unsubscribe_stops_events(setup: Setup) {
+    let node = setup.node().start();
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    bob.subscribe(&["alice"]).await;
+    let alice = Client::connect(&node, "alice", 1).await;
+    bob.presence_of("alice").await;
+    let reply = bob
+        .request(|id| ClientFrame::Unsubscribe {
+            id,
+            users: vec!["alice".into()],
+        })
+        .await;
+    assert!(matches!(reply, ServerFrame::Ok { .. }));
+    alice.close().await;
+    bob.expect_silence(Duration::from_millis(600)).await;
+}
+
+async fn query_answers_known_and_unknown_users(setup: Setup) {
+    let node = setup.node().start();
+    let _alice = Client::connect(&node, "alice", 7).await;
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    let rest = Rest::new(&node);
+    rest.wait_presence("alice", |p| p["status"] == "online")
+        .await;
+    let reply = bob
+        .request(|id| ClientFrame::Query {
+            id,
+            users: vec!["alice".into(), "nobody".into()],
+        })
+        .await;
+    let ServerFrame::PresenceList { items, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(items.len(), 2);
+    assert_eq!(
+        (items[0].status, items[0].platforms.clone()),
+        (Status::Online, vec![7])
+    );
+    assert_eq!((items[1].status, items[1].version), (Status::Offline, 0));
+
+    let too_many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    let reply = bob
+        .request(|id| ClientFrame::Query {
+            id,
+            users: too_many,
+        })
+        .await;
+    assert!(matches!(
+        reply,
+        ServerFrame::Error {
+            code: shared::ErrorCode::BadRequest,
+            ..
+        }
+    ));
+    let reply = bob
+        .request(|id| ClientFrame::Subscribe {
+            id,
+            users: vec!["bad id".into()],
+        })
+        .await;
+    assert!(matches!(
+        reply,
+        ServerFrame::Error {
+            code: shared::ErrorCode::BadRequest,
+            ..
+        }
+    ));
+}
+
+async fn rest_sees_what_others_see(setup: Setup) {
+    let node = setup.node().start();
+    let rest = Rest::new(&node);
+    let _a1 = Client::connect(&node, "u1", 1).await;
+    let _a2 = Client::connect(&node, "u2", 2).await;
+    let _a3 = Client::connect(&node, "u3", 2).await;
+    let mut hidden = Client::connect(&node, "u4", 2).await;
+    hidden.set_status(Status::Invisible, None).await;
+    for user in ["u1", "u2", "u3"] {
+        rest.wait_presence(user, |p| p["status"] == "online").await;
+    }
+    rest.wait_presence("u4", |p| p["status"] == "offline").await;
+
+    let (status, body) = rest
+        .post(
+            "/presence/query",
+            serde_json::json!({"users": ["u1", "u4", "zz"]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let statuses: Vec<&str> = body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, vec!["online", "offline", "offline"]);
+
+    let (_, page) = rest.get("/online?limit=2").await;
+    assert_eq!(page["users"], serde_json::json!(["u1", "u2"]));
+    let cursor = page["next_cursor"].as_str().expect("cursor");
+    let (_, page) = rest.get(&format!("/online?limit=2&cursor={cursor}")).await;
+    assert_eq!(page["users"], serde_json::json!(["u3"]));
+    assert!(page["next_cursor"].is_null());
+    let (_, page) = rest.get("/online?platform=2").await;
+    assert_eq!(page["users"], serde_json::json!(["u2", "u3"]));
+
+    let (_, stats) = rest.get("/stats").await;
+    assert_eq!(stats["online_users"], 3);
+    assert_eq!(stats["connections"], 4);
+    assert_eq!(stats["by_platform"]["2"], 2);
+    assert_eq!(stats["nodes"], 1);
+}
+
+async fn graceful_shutdown_closes_with_going_away(setup: Setup) {
+    let mut node = setup.node().start();
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    let pid = node.pid();
+    assert!(pid > 0);
+    let waiter = tokio::task::spawn_blocking(move || node.terminate());
+    assert_eq!(alice.closed().await, crate::client::Closed::Code(1001));
+    assert!(waiter.await.expect("join"), "node exits cleanly");
+}
