@@ -1,6 +1,6 @@
 //! The two encodings of the wire contract: MessagePack maps with string keys (the default) and JSON.
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::protocol::{ClientFrame, ServerFrame};
 
@@ -80,14 +80,27 @@ impl Encoding {
     }
 
     fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, FrameError> {
-        let result = match self {
-            Encoding::MsgPack => rmp_serde::from_slice::<T>(bytes).map_err(|e| e.to_string()),
-            Encoding::Json => serde_json::from_slice::<T>(bytes).map_err(|e| e.to_string()),
+        let result = if !self.is_one_map(bytes) {
+            Err("a frame must be one JSON object or one MessagePack map".to_string())
+        } else {
+            match self {
+                Encoding::MsgPack => decode_msgpack_exact(bytes),
+                Encoding::Json => serde_json::from_slice::<T>(bytes).map_err(|e| e.to_string()),
+            }
         };
         result.map_err(|message| FrameError {
             id: self.peek_id(bytes),
             message: format!("malformed frame: {message}"),
         })
+    }
+
+    /// Serde would also read a frame written as an array (fields by position); the contract has
+    /// maps only, so anything else is refused before decoding.
+    fn is_one_map(self, bytes: &[u8]) -> bool {
+        match self {
+            Encoding::MsgPack => matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)),
+            Encoding::Json => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
+        }
     }
 
     /// Reads just the `id` of a frame that failed to decode as a whole.
@@ -96,11 +109,28 @@ impl Encoding {
         struct IdOnly {
             id: Option<u64>,
         }
+        if !self.is_one_map(bytes) {
+            return None;
+        }
         match self {
             Encoding::MsgPack => rmp_serde::from_slice::<IdOnly>(bytes).ok()?.id,
             Encoding::Json => serde_json::from_slice::<IdOnly>(bytes).ok()?.id,
         }
     }
+}
+
+/// Decodes one MessagePack value that must fill `bytes` exactly: trailing bytes are an error, as
+/// they are for JSON.
+fn decode_msgpack_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let value = {
+        let mut de = rmp_serde::Deserializer::new(&mut cursor);
+        T::deserialize(&mut de).map_err(|e| e.to_string())?
+    };
+    if cursor.position() as usize != bytes.len() {
+        return Err("trailing bytes after the MessagePack map".to_string());
+    }
+    Ok(value)
 }
 
 /// A frame that could not be encoded or decoded.

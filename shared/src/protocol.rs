@@ -35,12 +35,45 @@ impl Status {
 }
 
 /// Where a message goes: `{"user": id}`, `{"group": id}` or `{"all": true}` (app backend only).
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+/// Anything else (both a user and a group, `{"all": false}`, unknown keys) is refused on decode.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq, Hash)]
 #[serde(untagged)]
 pub enum Destination {
     User { user: String },
     Group { group: String },
     All { all: bool },
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            user: Option<String>,
+            group: Option<String>,
+            all: Option<bool>,
+        }
+        match Raw::deserialize(d)? {
+            Raw {
+                user: Some(user),
+                group: None,
+                all: None,
+            } => Ok(Destination::User { user }),
+            Raw {
+                user: None,
+                group: Some(group),
+                all: None,
+            } => Ok(Destination::Group { group }),
+            Raw {
+                user: None,
+                group: None,
+                all: Some(true),
+            } => Ok(Destination::All { all: true }),
+            _ => Err(serde::de::Error::custom(
+                "`to` must be exactly one of {\"user\": id}, {\"group\": id} or {\"all\": true}",
+            )),
+        }
+    }
 }
 
 /// Machine-readable error codes of `error` frames and REST errors.
