@@ -17,7 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Authenticator,
-    backend::{Backend, BackendEvent, BackendSettings, MemoryBackend},
+    backend::{Backend, BackendEvent, BackendSettings, MemoryBackend, RedisBackend, RedisTarget},
     clock::now_ms,
     config::{BackendChoice, Config},
     hooks::ChangeHooks,
@@ -91,15 +91,29 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         node_ttl: config.ttl(),
     };
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let backend: Arc<dyn Backend> = match config.backend() {
-        BackendChoice::Embedded => Arc::new(MemoryBackend::new(settings, events_tx)),
-        BackendChoice::Redis(_) | BackendChoice::RedisCluster(_) => {
-            anyhow::bail!("the Redis backend is not built into this version")
-        }
-    };
-
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
+    let redis_target = match config.backend() {
+        BackendChoice::Embedded => None,
+        BackendChoice::Redis(url) => Some(RedisTarget::Single(url)),
+        BackendChoice::RedisCluster(seeds) => Some(RedisTarget::Cluster(seeds)),
+    };
+    let backend: Arc<dyn Backend> = match redis_target {
+        None => Arc::new(MemoryBackend::new(settings, events_tx)),
+        Some(target) => Arc::new(
+            RedisBackend::connect(
+                target,
+                &config.key_prefix,
+                &node_id,
+                settings,
+                events_tx,
+                &background,
+                stop_background.clone(),
+            )
+            .await?,
+        ),
+    };
+
     let hooks = match &config.webhook_secret {
         Some(secret) => ChangeHooks::with_webhooks(
             config.webhook_urls(),

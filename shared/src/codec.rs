@@ -1,6 +1,6 @@
 //! The two encodings of the wire contract: MessagePack maps with string keys (the default) and JSON.
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 
 use crate::protocol::{ClientFrame, ServerFrame};
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::{
     Backend, BackendError, BackendEvent, BackendSettings, Changed, Counts, EventSink, NodeInfo,
-    PresenceWrite, TokenClaims,
+    PresenceWrite, Renewal, TokenClaims,
 };
 use crate::{
     clock::now_ms,
@@ -157,13 +157,14 @@ impl Backend for MemoryBackend {
     async fn renew_presence(
         &self,
         node: &str,
-        entries: Vec<(String, NodeEntry)>,
+        entries: Vec<Renewal>,
     ) -> Result<Vec<Changed>, BackendError> {
         let writes = entries
             .into_iter()
-            .map(|(user, entry)| PresenceWrite {
-                user,
-                entry: Some(entry),
+            .map(|r| PresenceWrite {
+                user: r.user,
+                entry: Some(r.entry),
+                before: Some(r.entry),
                 status: None,
             })
             .collect();

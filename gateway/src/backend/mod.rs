@@ -3,6 +3,7 @@
 //! `RedisBackend` (many nodes on Redis or Redis Cluster). One is picked in `app.rs` by config.
 
 pub mod memory;
+pub mod redis;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -12,6 +13,7 @@ use shared::Platform;
 use tokio::sync::mpsc;
 
 pub use memory::MemoryBackend;
+pub use redis::{RedisBackend, RedisTarget};
 
 use crate::presence::{ChosenStatus, NodeEntry, PresenceRecord};
 
@@ -34,8 +36,21 @@ pub struct PresenceWrite {
     pub user: String,
     /// This node's entry for the user after the batch; `None` removes it (no local connection left).
     pub entry: Option<NodeEntry>,
+    /// The entry the backend held from this node before (as last acknowledged), so indexes can be
+    /// updated without reading it back.
+    pub before: Option<NodeEntry>,
     /// A new chosen status, when the user set one in this batch.
     pub status: Option<ChosenStatus>,
+}
+
+/// One user's entry to renew.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Renewal {
+    pub user: String,
+    pub entry: NodeEntry,
+    /// The status last chosen through this node, restored only if the backend lost the user's
+    /// record (so an invisible user stays invisible after Redis comes back empty).
+    pub chosen: Option<ChosenStatus>,
 }
 
 /// What an opaque token stands for.
@@ -130,7 +145,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn renew_presence(
         &self,
         node: &str,
-        entries: Vec<(String, NodeEntry)>,
+        entries: Vec<Renewal>,
     ) -> Result<Vec<Changed>, BackendError>;
 
     /// Current records, in the order asked; unknown users come back offline with version 0.

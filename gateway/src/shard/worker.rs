@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ShardCmd, ShardSettings};
 use crate::{
-    backend::{Backend, BackendError, Changed, PresenceWrite},
+    backend::{Backend, BackendError, Changed, PresenceWrite, Renewal},
     clock::now_ms,
     conn::handle::ConnHandle,
     frame::EncodedFrame,
@@ -57,6 +57,9 @@ struct UserSlot {
     idle: bool,
     /// A status set since the last flush.
     pending_status: Option<ChosenStatus>,
+    /// The status last chosen through this node and written, kept to restore it if the backend
+    /// loses the user's record.
+    chosen_here: Option<ChosenStatus>,
     /// Part of the backend job in flight.
     in_flight: bool,
     /// Highest event version passed to watchers: later events with lower versions are stale.
@@ -82,6 +85,7 @@ impl UserSlot {
     }
 
     fn is_forgettable(&self) -> bool {
+        // `chosen_here` is only worth keeping while the user is connected here.
         self.conns.is_empty()
             && self.watchers.is_empty()
             && self.flushed.is_none()
@@ -92,7 +96,7 @@ impl UserSlot {
 
 enum Job {
     Flush(Vec<PresenceWrite>),
-    Renew(Vec<(String, NodeEntry)>),
+    Renew(Vec<Renewal>),
 }
 
 struct JobDone {
@@ -349,6 +353,7 @@ impl Worker {
             writes.push(PresenceWrite {
                 user,
                 entry,
+                before: slot.flushed,
                 status,
             });
         }
@@ -361,10 +366,16 @@ impl Worker {
 
     fn start_renew(&mut self) {
         self.renew_due = false;
-        let entries: Vec<(String, NodeEntry)> = self
+        let entries: Vec<Renewal> = self
             .users
             .iter()
-            .filter_map(|(u, s)| s.flushed.map(|e| (u.clone(), e)))
+            .filter_map(|(u, s)| {
+                s.flushed.map(|entry| Renewal {
+                    user: u.clone(),
+                    entry,
+                    chosen: s.chosen_here.clone(),
+                })
+            })
             .collect();
         if entries.is_empty() {
             return;
@@ -401,6 +412,9 @@ impl Worker {
                     if let Some(slot) = self.users.get_mut(&write.user) {
                         slot.flushed = write.entry;
                         slot.in_flight = false;
+                        if write.status.is_some() {
+                            slot.chosen_here = write.status.clone();
+                        }
                     }
                     self.forget_if_done(&write.user);
                 }

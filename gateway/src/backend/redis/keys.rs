@@ -95,7 +95,13 @@ mod tests {
     #[test]
     fn registry_keys_share_the_prefix_tag() {
         let k = Keys::new("p");
-        for key in [k.nodes(), k.heartbeats(), k.node_users("n1"), k.node_platform("n1", 3), k.invisible()] {
+        for key in [
+            k.nodes(),
+            k.heartbeats(),
+            k.node_users("n1"),
+            k.node_platform("n1", 3),
+            k.invisible(),
+        ] {
             assert!(key.starts_with("{p}:"), "{key}");
         }
     }

@@ -1,0 +1,302 @@
+//! One client connection: binds a loopback source address, connects, upgrades with a minted JWT
+//! and small buffers, waits for `welcome`, then sends and receives frames without ever panicking
+//! on what the server sends.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use shared::{ClientFrame, Encoding, ServerFrame};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::{
+    WebSocketStream, client_async_with_config,
+    tungstenite::{
+        self, Message,
+        client::IntoClientRequest,
+        http::{HeaderValue, header::SEC_WEBSOCKET_PROTOCOL},
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
+    },
+};
+
+use crate::{
+    cli::CommonArgs,
+    target::{Target, parse_source_ips, source_for},
+    token::Minter,
+};
+
+/// Largest message the tool accepts from the server.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// Small buffers, so one process can hold many sockets (tungstenite's default read buffer is
+/// 128 KiB per connection).
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_MESSAGE * 2)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// Everything needed to open client connections of a run.
+pub struct ClientEnv {
+    pub targets: Vec<Target>,
+    pub sources: Vec<IpAddr>,
+    pub encoding: Encoding,
+    pub format_in_query: bool,
+    pub platform: Option<u8>,
+    pub connect_timeout: Duration,
+    minter: Minter,
+}
+
+impl ClientEnv {
+    /// Checks the common options (loopback URLs, source addresses) and builds the environment.
+    pub fn new(common: &CommonArgs) -> anyhow::Result<Self> {
+        if common.urls.is_empty() {
+            anyhow::bail!("give at least one --url");
+        }
+        let targets = common
+            .urls
+            .iter()
+            .map(|u| Target::parse(u))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if common.jwt_secret.is_empty() {
+            anyhow::bail!("--jwt-secret must not be empty");
+        }
+        Ok(ClientEnv {
+            targets,
+            sources: parse_source_ips(&common.source_ips)?,
+            encoding: common.format.encoding(),
+            format_in_query: common.format_in_query,
+            platform: common.platform,
+            connect_timeout: Duration::from_millis(common.connect_timeout_ms),
+            minter: Minter::new(
+                &common.jwt_secret,
+                Duration::from_secs(common.token_ttl_secs),
+            ),
+        })
+    }
+
+    /// The URL (by position in `--url`) client number `index` of a run connects to.
+    pub fn url_index(&self, index: usize) -> usize {
+        index % self.targets.len().max(1)
+    }
+
+    /// Connects client number `index` of the run as `user`: its URL and source address are
+    /// chosen round-robin from the index, its platform cycles 1..8 unless fixed.
+    pub async fn connect(&self, index: usize, user: &str) -> Result<Connected, ConnectError> {
+        let url_index = self.url_index(index);
+        let target = self
+            .targets
+            .get(url_index)
+            .ok_or_else(|| ConnectError::new("config", "no target"))?;
+        let source = source_for(target, &self.sources, index / self.targets.len().max(1));
+        let platform = self.platform.unwrap_or(1 + (index % 8) as u8);
+        let token = self
+            .minter
+            .mint(user, platform)
+            .map_err(|e| ConnectError::new("token", e.to_string()))?;
+        let format = self.format_in_query.then(|| match self.encoding {
+            Encoding::MsgPack => "msgpack",
+            Encoding::Json => "json",
+        });
+        let url = target.client_url(&token, format);
+        let subprotocol = (!self.format_in_query).then(|| self.encoding.subprotocol());
+        let started = Instant::now();
+        let attempt = open(target.addr, source, &url, subprotocol, self.encoding);
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok((conn, welcome))) => Ok(Connected {
+                conn,
+                welcome,
+                latency: started.elapsed(),
+                url_index,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ConnectError::new(
+                "timeout",
+                format!("no welcome within {:?}", self.connect_timeout),
+            )),
+        }
+    }
+}
+
+/// A connection that got its `welcome`.
+pub struct Connected {
+    pub conn: Conn,
+    pub welcome: Welcome,
+    /// From the start of the TCP connect to the `welcome` frame.
+    pub latency: Duration,
+    /// Position of the URL in `--url`.
+    pub url_index: usize,
+}
+
+/// What the `welcome` frame said.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    pub node: String,
+    pub server_time: u64,
+}
+
+/// Why a connection failed; `kind` is a short label for counters.
+#[derive(Debug, Clone)]
+pub struct ConnectError {
+    pub kind: String,
+    pub message: String,
+}
+
+impl ConnectError {
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ConnectError {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+async fn open(
+    addr: SocketAddr,
+    source: IpAddr,
+    url: &str,
+    subprotocol: Option<&'static str>,
+    encoding: Encoding,
+) -> Result<(Conn, Welcome), ConnectError> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| ConnectError::new("socket", e.to_string()))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| ConnectError::new("bind", format!("{source}: {e}")))?;
+    let stream = socket
+        .connect(addr)
+        .await
+        .map_err(|e| ConnectError::new("tcp", format!("{addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ConnectError::new("request", e.to_string()))?;
+    if let Some(protocol) = subprotocol {
+        request
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+    }
+    let (ws, _response) = client_async_with_config(request, stream, Some(ws_config()))
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(response) => ConnectError::new(
+                format!("http_{}", response.status().as_u16()),
+                format!("upgrade refused with {}", response.status()),
+            ),
+            other => ConnectError::new("handshake", other.to_string()),
+        })?;
+    let mut conn = Conn { ws, encoding };
+    match conn.recv().await {
+        Incoming::Frame(frame) => match *frame {
+            ServerFrame::Welcome {
+                node, server_time, ..
+            } => Ok((conn, Welcome { node, server_time })),
+            other => Err(ConnectError::new(
+                "no_welcome",
+                format!("first frame was {other:?}"),
+            )),
+        },
+        Incoming::Undecodable(e) => Err(ConnectError::new("decode", e)),
+        Incoming::Closed(code) => Err(ConnectError::new(
+            format!("closed_{}", code.map_or("none".to_string(), |c| c.to_string())),
+            "closed before welcome",
+        )),
+        Incoming::Failed(e) => Err(ConnectError::new("io", e)),
+    }
+}
+
+/// What one read from a connection gave.
+#[derive(Debug)]
+pub enum Incoming {
+    Frame(Box<ServerFrame>),
+    /// A message that is not a frame of the connection's encoding; counted, never unwrapped.
+    Undecodable(String),
+    /// The server closed, with its close code when it sent one.
+    Closed(Option<u16>),
+    /// The socket broke.
+    Failed(String),
+}
+
+/// An open client connection.
+pub struct Conn {
+    ws: WebSocketStream<TcpStream>,
+    encoding: Encoding,
+}
+
+impl Conn {
+    /// The next frame, skipping control messages (pings are answered by the WebSocket layer).
+    /// Cancel-safe: usable in `select!`.
+    pub async fn recv(&mut self) -> Incoming {
+        loop {
+            let message = match self.ws.next().await {
+                None => return Incoming::Closed(None),
+                Some(Err(tungstenite::Error::ConnectionClosed))
+                | Some(Err(tungstenite::Error::AlreadyClosed)) => return Incoming::Closed(None),
+                Some(Err(e)) => return Incoming::Failed(e.to_string()),
+                Some(Ok(m)) => m,
+            };
+            let decoded = match (message, self.encoding) {
+                (Message::Binary(bytes), Encoding::MsgPack) => self.encoding.decode_server(&bytes),
+                (Message::Text(text), Encoding::Json) => {
+                    self.encoding.decode_server(text.as_bytes())
+                }
+                (Message::Binary(_), Encoding::Json) => {
+                    return Incoming::Undecodable("binary message on a JSON connection".into());
+                }
+                (Message::Text(_), Encoding::MsgPack) => {
+                    return Incoming::Undecodable("text message on a MessagePack connection".into());
+                }
+                (Message::Close(frame), _) => {
+                    return Incoming::Closed(frame.map(|f| u16::from(f.code)));
+                }
+                (Message::Ping(_) | Message::Pong(_) | Message::Frame(_), _) => continue,
+            };
+            return match decoded {
+                Ok(frame) => Incoming::Frame(Box::new(frame)),
+                Err(e) => Incoming::Undecodable(e.message),
+            };
+        }
+    }
+
+    /// Sends one frame in the connection's encoding.
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
+        let bytes = self.encoding.encode(frame).map_err(|e| e.message)?;
+        let message = match self.encoding {
+            Encoding::MsgPack => Message::Binary(bytes.into()),
+            Encoding::Json => Message::Text(
+                String::from_utf8(bytes)
+                    .map_err(|e| e.to_string())?
+                    .into(),
+            ),
+        };
+        self.ws.send(message).await.map_err(|e| e.to_string())
+    }
+
+    /// Closes with 1000 and waits (at most `within`) for the server's close.
+    pub async fn close(mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            if self.ws.close(Some(frame)).await.is_err() {
+                return;
+            }
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
