@@ -51,6 +51,8 @@ pub struct App {
     pub sessions: TaskTracker,
     /// Cancelled at shutdown: sessions close with 1001.
     pub closing: CancellationToken,
+    /// Wakes the registry heartbeat early (after the backend lost its data).
+    pub announce_now: Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -159,10 +161,16 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         by_platform: Default::default(),
         sessions: TaskTracker::new(),
         closing: CancellationToken::new(),
+        announce_now: Arc::new(tokio::sync::Notify::new()),
         config,
     });
 
-    background.spawn(route_events(events_rx, shards, stop_background.clone()));
+    background.spawn(route_events(
+        events_rx,
+        shards,
+        app.announce_now.clone(),
+        stop_background.clone(),
+    ));
     background.spawn(registry::run(app.clone(), hooks, stop_background.clone()));
     if let Some(handle) = app.metrics.clone() {
         let stop = stop_background.clone();
@@ -190,6 +198,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
 async fn route_events(
     mut events: mpsc::Receiver<BackendEvent>,
     shards: Shards,
+    announce_now: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     loop {
@@ -203,6 +212,7 @@ async fn route_events(
                 shards.send(&user, ShardCmd::Presence(record)).await;
             }
             BackendEvent::Resync => {
+                announce_now.notify_one();
                 for index in 0..shards.count() {
                     shards.send_to(index, ShardCmd::Resync).await;
                 }

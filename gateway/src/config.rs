@@ -161,15 +161,15 @@ impl Config {
         let mut argv: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
         let mut extra: Vec<std::ffi::OsString> = Vec::new();
         for arg in command.get_arguments() {
-            if let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) {
-                if let Some(value) = env.to_str().and_then(&lookup) {
-                    if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
-                        if value == "1" || value.eq_ignore_ascii_case("true") {
-                            extra.push(format!("--{long}").into());
-                        }
-                    } else {
-                        extra.push(format!("--{long}={value}").into());
+            if let (Some(env), Some(long)) = (arg.get_env(), arg.get_long())
+                && let Some(value) = env.to_str().and_then(&lookup)
+            {
+                if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+                    if value == "1" || value.eq_ignore_ascii_case("true") {
+                        extra.push(format!("--{long}").into());
                     }
+                } else {
+                    extra.push(format!("--{long}={value}").into());
                 }
             }
         }
@@ -194,25 +194,25 @@ impl Config {
         if self.redis_url.is_some() && self.redis_cluster.is_some() {
             problems.push("set PRESENCE_REDIS_URL or PRESENCE_REDIS_CLUSTER, not both".into());
         }
-        if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                problems.push(format!(
-                    "PRESENCE_REDIS_URL must start with redis://, got {url:?}"
-                ));
-            }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            problems.push(format!(
+                "PRESENCE_REDIS_URL must start with redis://, got {url:?}"
+            ));
         }
-        if let Some(seeds) = &self.redis_cluster {
-            if self.cluster_seeds(seeds).is_empty() {
-                problems.push("PRESENCE_REDIS_CLUSTER names no host:port seed".into());
-            }
+        if let Some(seeds) = &self.redis_cluster
+            && self.cluster_seeds(seeds).is_empty()
+        {
+            problems.push("PRESENCE_REDIS_CLUSTER names no host:port seed".into());
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
             problems.push("PRESENCE_KEY_PREFIX must be non-empty, without braces or spaces".into());
         }
-        if let Some(id) = &self.node_id {
-            if !shared::ids::is_valid_id(id) {
-                problems.push("PRESENCE_NODE_ID must be 1 to 128 bytes of [A-Za-z0-9_.:@-]".into());
-            }
+        if let Some(id) = &self.node_id
+            && !shared::ids::is_valid_id(id)
+        {
+            problems.push("PRESENCE_NODE_ID must be 1 to 128 bytes of [A-Za-z0-9_.:@-]".into());
         }
         if self.shards == Some(0) || self.shards.is_some_and(|s| s > 1024) {
             problems.push("PRESENCE_SHARDS must be 1 to 1024".into());

@@ -14,6 +14,7 @@ pub async fn run(app: Arc<App>, hooks: ChangeHooks, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = app.announce_now.notified() => {}
             _ = stop.cancelled() => break,
         }
         let info = NodeInfo {
@@ -41,11 +42,11 @@ pub async fn run(app: Arc<App>, hooks: ChangeHooks, stop: CancellationToken) {
             }
         }
         metrics::gauge!(m::BACKEND_UP).set(if up { 1.0 } else { 0.0 });
-        if let Ok(changes) = reaped {
-            if !changes.is_empty() {
-                metrics::counter!(m::REAPED_USERS).increment(changes.len() as u64);
-                hooks.changed(&app.node_id, changes);
-            }
+        if let Ok(changes) = reaped
+            && !changes.is_empty()
+        {
+            metrics::counter!(m::REAPED_USERS).increment(changes.len() as u64);
+            hooks.changed(&app.node_id, changes);
         }
         if let Ok(counts) = counted {
             metrics::gauge!(m::ONLINE_USERS).set(counts.online_users as f64);

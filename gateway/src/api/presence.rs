@@ -77,10 +77,10 @@ pub async fn online(
             "limit must be 1 to {MAX_USERS}"
         )));
     }
-    if let Some(p) = params.platform {
-        if !ids::is_valid_platform(p) {
-            return Err(ApiError::bad_request("platform must be 1 to 8"));
-        }
+    if let Some(p) = params.platform
+        && !ids::is_valid_platform(p)
+    {
+        return Err(ApiError::bad_request("platform must be 1 to 8"));
     }
     let cursor = params.cursor.filter(|c| !c.is_empty());
     if let Some(c) = &cursor {

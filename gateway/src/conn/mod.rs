@@ -46,16 +46,16 @@ pub async fn upgrade(
     }
     if !app.allowed_origins.is_empty() {
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if let Some(origin) = origin {
-            if !app.allowed_origins.iter().any(|o| o == origin) {
-                metrics::counter!(m::CONNECTS, "result" => "forbidden_origin").increment(1);
-                return ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    ErrorCode::Forbidden,
-                    "origin not allowed",
-                )
-                .into_response();
-            }
+        if let Some(origin) = origin
+            && !app.allowed_origins.iter().any(|o| o == origin)
+        {
+            metrics::counter!(m::CONNECTS, "result" => "forbidden_origin").increment(1);
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "origin not allowed",
+            )
+            .into_response();
         }
     }
     let ws = ws.protocols([

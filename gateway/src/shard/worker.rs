@@ -500,18 +500,18 @@ impl Worker {
         while let Some(cmd) = self.mailbox.recv().await {
             self.handle(cmd);
         }
-        if let Some(job) = self.job.take() {
-            if let Ok(done) = job.await {
-                self.job_done(done);
-            }
+        if let Some(job) = self.job.take()
+            && let Ok(done) = job.await
+        {
+            self.job_done(done);
         }
         self.retry_at = None;
         if !self.dirty.is_empty() {
             self.start_flush();
-            if let Some(job) = self.job.take() {
-                if let Ok(done) = job.await {
-                    self.job_done(done);
-                }
+            if let Some(job) = self.job.take()
+                && let Ok(done) = job.await
+            {
+                self.job_done(done);
             }
         }
     }

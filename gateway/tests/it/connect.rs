@@ -338,8 +338,7 @@ async fn disallowed_origins_are_refused() {
         .insert("origin", "https://evil.example".parse().expect("header"));
     let err = tokio_tungstenite::connect_async(request)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(http_status(err), 403);
     let mut request = url.into_client_request().expect("request");
     request

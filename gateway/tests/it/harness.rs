@@ -368,8 +368,4 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect()
     }
-
-    pub fn command_calls(&self, command: &str) -> u64 {
-        self.nodes.iter().map(|n| n.command_calls(command)).sum()
-    }
 }

@@ -489,10 +489,10 @@ impl Backend for RedisBackend {
                 .iter()
                 .map(|r| {
                     sets.entry_change(&self.keys, node, &r.user, None, Some(r.entry));
-                    if let Some(chosen) = &r.chosen {
-                        if chosen.status == Status::Invisible {
-                            sets.status_change(&self.keys, &r.user, chosen);
-                        }
+                    if let Some(chosen) = &r.chosen
+                        && chosen.status == Status::Invisible
+                    {
+                        sets.status_change(&self.keys, &r.user, chosen);
                     }
                     self.write_args(node, &r.user, Some(r.entry), None, r.chosen.as_ref(), now)
                 })

@@ -1,0 +1,265 @@
+//! Many nodes on one Redis and on a Redis Cluster: presence across nodes, crash reaping, batched
+//! round trips, and recovery after Redis comes back empty.
+
+use std::time::Duration;
+
+use shared::Status;
+
+use crate::{
+    client::{Client, Rest},
+    harness::{Backend, Node, NodeBuilder, Redis, RedisCluster},
+};
+
+fn nodes(backend: &Backend, n: usize, extra: &[&str]) -> Vec<Node> {
+    (0..n)
+        .map(|_| {
+            let mut builder = NodeBuilder::new(backend);
+            for arg in extra {
+                builder = builder.arg(*arg);
+            }
+            builder.start()
+        })
+        .collect()
+}
+
+/// A user on node A (platform 1) and node B (platform 2), watched from node C.
+async fn presence_spans_nodes(backend: Backend) {
+    let n = nodes(&backend, 3, &[]);
+    let mut watcher = Client::connect(&n[2], "carol", 5).await;
+    assert_eq!(
+        watcher.subscribe(&["alice"]).await[0].status,
+        Status::Offline
+    );
+
+    let on_a = Client::connect(&n[0], "alice", 1).await;
+    let on_b = Client::connect(&n[1], "alice", 2).await;
+    let mut last_version = 0;
+    loop {
+        let p = watcher.presence_of("alice").await;
+        assert!(p.version > last_version);
+        last_version = p.version;
+        if p.platforms == vec![1, 2] {
+            break;
+        }
+    }
+    for node in &n {
+        let body = Rest::new(node)
+            .wait_presence("alice", |p| p["platforms"] == serde_json::json!([1, 2]))
+            .await;
+        assert_eq!(body["status"], "online");
+    }
+
+    on_a.close().await;
+    let p = watcher.presence_of("alice").await;
+    assert_eq!((p.status, p.platforms.clone()), (Status::Online, vec![2]));
+    assert!(p.version > last_version);
+    last_version = p.version;
+    on_b.close().await;
+    let p = watcher.presence_of("alice").await;
+    assert_eq!(p.status, Status::Offline);
+    assert!(p.version > last_version && p.last_seen.is_some());
+
+    let (_, nodes_body) = Rest::new(&n[0]).get("/nodes").await;
+    assert_eq!(nodes_body["nodes"].as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_on_one_redis() {
+    let redis = Redis::start();
+    presence_spans_nodes(Backend::Redis(redis.url())).await;
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    presence_spans_nodes(Backend::Cluster(cluster.seeds())).await;
+}
+
+/// A node killed without a word: its users go offline within the TTL plus one renewal interval,
+/// and every subscriber elsewhere hears it exactly once per user.
+async fn killed_node_is_reaped(backend: Backend) {
+    let mut n = nodes(&backend, 3, &["--ttl-secs=3"]);
+    let users = ["u1", "u2", "u3"];
+    let mut doomed = Vec::new();
+    for user in users {
+        doomed.push(Client::connect(&n[0], user, 2).await);
+    }
+    let mut w1 = Client::connect(&n[1], "w1", 1).await;
+    let mut w2 = Client::connect(&n[2], "w2", 1).await;
+    let rest = Rest::new(&n[1]);
+    for user in users {
+        rest.wait_presence(user, |p| p["status"] == "online").await;
+    }
+    w1.subscribe(&users).await;
+    w2.subscribe(&users).await;
+
+    n[0].kill();
+    drop(doomed);
+    let killed_at = tokio::time::Instant::now();
+    for user in users {
+        rest.wait_presence(user, |p| p["status"] == "offline").await;
+    }
+    // TTL 3 s plus one renewal interval (1 s), with slack for a loaded machine.
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+
+    for watcher in [&mut w1, &mut w2] {
+        for _ in users {
+            let p = watcher
+                .expect(|f| match f {
+                    shared::ServerFrame::Presence(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .await;
+            assert_eq!(p.status, Status::Offline, "{p:?}");
+        }
+        // Exactly once: nothing more arrives about them (reaping ran on one node only).
+        watcher.expect_silence(Duration::from_secs(3)).await;
+    }
+    assert!(
+        Rest::new(&n[2]).get("/nodes").await.1["nodes"]
+            .as_array()
+            .map(Vec::len)
+            == Some(2)
+    );
+}
+
+#[tokio::test]
+async fn killed_node_is_reaped_on_one_redis() {
+    let redis = Redis::start();
+    killed_node_is_reaped(Backend::Redis(redis.url())).await;
+}
+
+#[tokio::test]
+async fn killed_node_is_reaped_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    killed_node_is_reaped(Backend::Cluster(cluster.seeds())).await;
+}
+
+/// 300 users connecting within one second cost a few pipelines, not 300 round trips.
+#[tokio::test]
+async fn flush_round_trips_grow_with_batches_not_changes() {
+    let redis = Redis::start();
+    let node = NodeBuilder::new(&Backend::Redis(redis.url()))
+        .arg("--shards=1")
+        .arg("--batch-interval-ms=1000")
+        .arg("--batch-max=100")
+        .start();
+    let trips_before = node
+        .metric("presence_backend_round_trips_total{op=\"flush\"}")
+        .await;
+    let evals_before = redis.command_calls("evalsha");
+    let mut clients = Vec::new();
+    for i in 0..300 {
+        clients.push(Client::connect(&node, &format!("user-{i}"), 1).await);
+    }
+    let rest = Rest::new(&node);
+    rest.wait_presence("user-299", |p| p["status"] == "online")
+        .await;
+    let writes = node.metric("presence_writes_total").await;
+    let trips = node
+        .metric("presence_backend_round_trips_total{op=\"flush\"}")
+        .await
+        - trips_before;
+    let evals = redis.command_calls("evalsha") - evals_before;
+    assert!(writes >= 300.0, "writes {writes}");
+    assert!(evals >= 300, "one script call per change: {evals}");
+    // 300 changes in batches of at most 100: 3 full batches, plus one for stragglers of a timer.
+    assert!(
+        trips <= 5.0,
+        "{trips} flush round trips for {writes} changes"
+    );
+    assert!(
+        trips / writes <= 0.02,
+        "{} round trips per change",
+        trips / writes
+    );
+}
+
+/// Redis restarted empty under two nodes: within seconds presence again equals who is connected.
+#[tokio::test]
+async fn presence_recovers_after_redis_restarts_empty() {
+    let mut redis = Redis::start();
+    let backend = Backend::Redis(redis.url());
+    let n = nodes(&backend, 2, &["--ttl-secs=6"]);
+    let mut clients = Vec::new();
+    for (i, node) in n.iter().enumerate() {
+        for j in 0..5 {
+            clients.push(Client::connect(node, &format!("n{i}-u{j}"), 3).await);
+        }
+    }
+    let mut hidden = Client::connect(&n[0], "ghost", 1).await;
+    hidden.set_status(Status::Invisible, None).await;
+    let rest = Rest::new(&n[1]);
+    rest.wait_presence("n1-u4", |p| p["status"] == "online")
+        .await;
+
+    redis.restart_empty();
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
+
+    for node in &n {
+        let rest = Rest::new(node);
+        for i in 0..2 {
+            for j in 0..5 {
+                rest.wait_presence(&format!("n{i}-u{j}"), |p| p["status"] == "online")
+                    .await;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, stats) = rest.get("/stats").await;
+            if stats["online_users"] == 10 && stats["nodes"] == 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stats never recovered: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        n[0].logs().contains("reconnected to Redis"),
+        "{}",
+        n[0].logs()
+    );
+    // The invisible user stays invisible.
+    assert_eq!(rest.presence("ghost").await["status"], "offline");
+    // And new changes flow again, across nodes.
+    let mut watcher = Client::connect(&n[1], "watcher", 1).await;
+    watcher.subscribe(&["late"]).await;
+    let _late = Client::connect(&n[0], "late", 4).await;
+    assert_eq!(watcher.presence_of("late").await.status, Status::Online);
+}
+
+/// The registry answers the least-loaded node with new tokens.
+#[tokio::test]
+async fn tokens_work_on_every_node_and_name_the_least_loaded() {
+    let redis = Redis::start();
+    let n = nodes(&Backend::Redis(redis.url()), 2, &["--ttl-secs=3"]);
+    let mut busy = Vec::new();
+    for i in 0..3 {
+        busy.push(Client::connect(&n[0], &format!("b{i}"), 1).await);
+    }
+    // Heartbeats run every second with this TTL; wait for one that carries the counts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = Rest::new(&n[0])
+        .post(
+            "/tokens",
+            serde_json::json!({"user": "dora", "platform": 5}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node"]["id"], n[1].id, "{body}");
+    let token = body["token"].as_str().expect("token");
+    let mut on_other = Client::open(&n[1], token, shared::Encoding::Json)
+        .await
+        .expect("token valid on another node");
+    assert!(matches!(
+        on_other.recv().await,
+        shared::ServerFrame::Welcome { .. }
+    ));
+}
