@@ -1,0 +1,109 @@
+//! `fanout`: G groups of M members spread over the URLs; a few members of each group send to it
+//! at a target total rate; every member counts deliveries (latency, loss, duplicates).
+
+use serde_json::json;
+use shared::Destination;
+
+use super::{Outcome, messaging, slice};
+use crate::{
+    cli::FanoutArgs,
+    report::{Stats, Summary},
+    workers::WorkerCtx,
+};
+
+pub fn validate(a: &FanoutArgs) -> anyhow::Result<Vec<String>> {
+    if a.senders_per_group > a.members {
+        anyhow::bail!("--senders-per-group must not exceed --members");
+    }
+    if a.groups * a.members > 2_000_000 {
+        anyhow::bail!("groups × members is over 2,000,000 connections");
+    }
+    let mut warnings = Vec::new();
+    let per_sender = a.messaging.rate as f64 / (a.groups * a.senders_per_group) as f64;
+    if per_sender > 200.0 {
+        warnings.push(format!(
+            "each sender sends {per_sender:.0} msg/s, above the gateway's default per-connection \
+             limit of 200 frames/s: raise --senders-per-group"
+        ));
+    }
+    Ok(warnings)
+}
+
+fn group_id(prefix: &str, g: u64) -> String {
+    format!("{prefix}-grp{g}")
+}
+
+pub async fn worker(args: &FanoutArgs, ctx: WorkerCtx) -> anyhow::Result<Stats> {
+    let total = args.groups * args.members;
+    let range = slice(total, ctx.worker, ctx.workers, 1);
+    let n = (range.end - range.start) as usize;
+    let rate = messaging::connect_rate(&args.messaging, n as u64, total);
+    let prefix = ctx.shared.prefix.clone();
+    let senders = args.groups * args.senders_per_group;
+    let messaging_args = args.messaging.clone();
+    let a = args.clone();
+    messaging::worker(&messaging_args, ctx, n, rate, move |k| {
+        let i = range.start + k as u64;
+        let (g, m) = (i / a.members, i % a.members);
+        let group = group_id(&prefix, g);
+        let send = (m < a.senders_per_group).then(|| {
+            messaging::sending(
+                Destination::Group {
+                    group: group.clone(),
+                },
+                a.messaging.rate,
+                senders,
+                g * a.senders_per_group + m,
+            )
+        });
+        messaging::Member {
+            index: i as usize,
+            local: k,
+            user: format!("{prefix}-g{g}-m{m}"),
+            join: Some(group.clone()),
+            expect_to: Destination::Group { group },
+            send,
+            slot: g as usize,
+            partner_local: None,
+        }
+    })
+    .await
+}
+
+pub fn summarize(args: &FanoutArgs, o: &Outcome<'_>) -> Summary {
+    let s = o.stats;
+    let joined = s.vector("joined");
+    let acked = s.vector("acked");
+    // Each accepted message should reach every joined member but its sender.
+    let expected: u64 = acked
+        .iter()
+        .enumerate()
+        .map(|(g, a)| a * joined.get(g).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let mut summary = Summary::default();
+    let joined_total: u64 = joined.iter().sum();
+    let join_failures = s.with_prefix("join_failed.");
+    let mut figures = messaging::summarize(
+        "group",
+        &args.messaging,
+        args.groups * args.members,
+        expected,
+        o,
+        &mut summary,
+    );
+    if let Some(first) = summary.sections.first_mut() {
+        first.value("joined", joined_total);
+        for (kind, n) in &join_failures {
+            first.value(format!("  join failed: {kind}"), n);
+        }
+    }
+    if let Some(map) = figures.as_object_mut() {
+        map.insert("groups".into(), json!(args.groups));
+        map.insert("members_per_group".into(), json!(args.members));
+        map.insert("senders_per_group".into(), json!(args.senders_per_group));
+        map.insert("joined".into(), json!(joined_total));
+        map.insert("join_failure_kinds".into(), json!(join_failures));
+    }
+    summary.figures = figures;
+    summary
+}

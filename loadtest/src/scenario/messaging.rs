@@ -1,0 +1,668 @@
+//! What `fanout` and `private` share: member connections that may join a group, send timestamped
+//! messages at a paced rate, and count deliveries (latency, duplicates by msg_id, misroutes),
+//! acks and errors; and the delivery part of their summaries.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use shared::{Body, ClientFrame, Destination, ErrorCode, RouteResult, ServerFrame};
+use tokio::{
+    sync::{mpsc::UnboundedSender, watch},
+    time::Instant,
+};
+
+use super::{Outcome, gate, pace, percent, per_sec, share};
+use crate::{
+    cli::MessagingArgs,
+    client::{Conn, Incoming},
+    report::{Section, Stats, Summary, round},
+    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_phase},
+};
+
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+const JOIN_WAIT: Duration = Duration::from_secs(15);
+/// Latency samples a member keeps before adding them to the worker's histograms.
+const SAMPLE_BATCH: usize = 256;
+/// Sends a member tracks for ack latency.
+const MAX_PENDING: usize = 10_000;
+
+/// One member connection's role.
+pub struct Member {
+    /// Run-wide client number (chooses URL and source address).
+    pub index: usize,
+    /// Position in this worker (for `Board::welcomed`).
+    pub local: usize,
+    pub user: String,
+    /// Group to join during setup.
+    pub join: Option<String>,
+    /// What a delivery to this member must be addressed to.
+    pub expect_to: Destination,
+    /// Where this member sends, and how often.
+    pub send: Option<Sending>,
+    /// Accounting slot (the group, for fanout).
+    pub slot: usize,
+    /// For private messages: the recipient's position in this worker, so an ack counts as
+    /// expected only when the recipient is connected.
+    pub partner_local: Option<usize>,
+}
+
+pub struct Sending {
+    pub to: Destination,
+    pub every: Duration,
+    /// Offset of the first send after `go`, to spread senders.
+    pub first: Duration,
+}
+
+/// State a worker's members share.
+pub struct Board {
+    pub welcomed: Vec<AtomicBool>,
+    unavailable: watch::Sender<Option<String>>,
+    pub duration: Duration,
+    pub pad: String,
+}
+
+impl Board {
+    pub fn new(members: usize, args: &MessagingArgs) -> Arc<Board> {
+        Arc::new(Board {
+            welcomed: (0..members).map(|_| AtomicBool::new(false)).collect(),
+            unavailable: watch::channel(None).0,
+            duration: Duration::from_secs(args.duration),
+            pad: "x".repeat(args.body_bytes as usize),
+        })
+    }
+
+    fn set_unavailable(&self, message: &str) {
+        self.unavailable.send_if_modified(|u| {
+            let first = u.is_none();
+            if first {
+                *u = Some(message.to_string());
+            }
+            first
+        });
+    }
+
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable.borrow().clone()
+    }
+
+    fn is_welcomed(&self, local: usize) -> bool {
+        self.welcomed
+            .get(local)
+            .is_some_and(|w| w.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs a worker of a messaging scenario: members `0..n` (built by `member`) connect at
+/// `connect_rate` and set up; on `go` they send for the duration; deliveries drain for
+/// `drain_ms`; on `stop` they close.
+pub async fn worker(
+    args: &MessagingArgs,
+    mut ctx: WorkerCtx,
+    n: usize,
+    connect_rate: f64,
+    member: impl Fn(usize) -> Member,
+) -> anyhow::Result<Stats> {
+    let shared = ctx.shared.clone();
+    let board = Board::new(n, args);
+    let (gate_tx, mut gate) = gate();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for k in 0..n {
+        pace(start, k as u64, connect_rate).await;
+        if ctx.phase_now() == Phase::Stop || board.unavailable().is_some() {
+            break;
+        }
+        tasks.push(tokio::spawn(run_member(
+            member(k),
+            shared.clone(),
+            board.clone(),
+            gate_tx.clone(),
+            ctx.phase.clone(),
+        )));
+    }
+    drop(gate_tx);
+    let bound = Duration::from_millis(ctx_connect_ms(&shared)) + JOIN_WAIT;
+    gate.wait(tasks.len(), bound).await;
+    let unavailable = board.unavailable();
+    ctx.ready(unavailable.clone());
+    if unavailable.is_none() && ctx.wait_go(Duration::from_secs(120)).await {
+        let mut flag = board.unavailable.subscribe();
+        let run = board.duration + Duration::from_millis(args.drain_ms);
+        tokio::select! {
+            _ = ctx.sleep_unless_stopped(run) => {}
+            _ = flag.wait_for(|u| u.is_some()) => {}
+        }
+    }
+    ctx.run_done();
+    ctx.wait_stop(Duration::from_secs(120)).await;
+    if tokio::time::timeout(CLOSE_WAIT * 5, futures_util::future::join_all(tasks))
+        .await
+        .is_err()
+    {
+        shared.rec.add("close_timeouts", 1);
+    }
+    let mut stats = shared.rec.take();
+    stats.unavailable = board.unavailable();
+    Ok(stats)
+}
+
+fn ctx_connect_ms(shared: &Shared) -> u64 {
+    shared.env.connect_timeout.as_millis() as u64
+}
+
+/// A member's counters, merged into the worker's statistics at the end.
+struct Local {
+    stats: Stats,
+    delivery: Vec<u64>,
+    ack: Vec<u64>,
+    acked: u64,
+    received: u64,
+    seen: HashSet<String>,
+    pending: HashMap<u64, Instant>,
+    first_delivery: Option<u64>,
+    last_delivery: u64,
+}
+
+impl Local {
+    fn new() -> Self {
+        Local {
+            stats: Stats::default(),
+            delivery: Vec::new(),
+            ack: Vec::new(),
+            acked: 0,
+            received: 0,
+            seen: HashSet::new(),
+            pending: HashMap::new(),
+            first_delivery: None,
+            last_delivery: 0,
+        }
+    }
+
+    fn flush_samples(&mut self, shared: &Shared) {
+        if self.delivery.is_empty() && self.ack.is_empty() {
+            return;
+        }
+        let mut rec = shared.rec.lock();
+        for v in self.delivery.drain(..) {
+            rec.record("delivery", v);
+        }
+        for v in self.ack.drain(..) {
+            rec.record("ack", v);
+        }
+    }
+
+    fn finish(mut self, shared: &Shared, slot: usize) {
+        self.flush_samples(shared);
+        let mut rec = shared.rec.lock();
+        rec.vec_add("acked", slot, self.acked);
+        rec.vec_add("received", slot, self.received);
+        if let Some(first) = self.first_delivery {
+            rec.min("first_delivery_us", first);
+            rec.max("last_delivery_us", self.last_delivery);
+        }
+        rec.merge(self.stats);
+    }
+}
+
+async fn run_member(
+    m: Member,
+    shared: Arc<Shared>,
+    board: Arc<Board>,
+    gate: UnboundedSender<bool>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let connected = match shared.env.connect(m.index, &m.user).await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+            let mut rec = shared.rec.lock();
+            rec.add("connect_failed", 1);
+            rec.add(&format!("connect_error.{}", e.kind), 1);
+            rec.sample(&format!("connect_error.{}", e.kind), &e.message);
+            drop(rec);
+            let _ = gate.send(false);
+            return;
+        }
+    };
+    shared.counters.opened();
+    {
+        let mut rec = shared.rec.lock();
+        rec.add("connected", 1);
+        rec.record("connect", connected.latency.as_micros() as u64);
+    }
+    if let Some(w) = board.welcomed.get(m.local) {
+        w.store(true, Ordering::Relaxed);
+    }
+    let mut conn = connected.conn;
+    let mut local = Local::new();
+    if let Some(group) = &m.join {
+        match join(&mut conn, group).await {
+            Ok(()) => shared.rec.lock().vec_add("joined", m.slot, 1),
+            Err((kind, message)) => {
+                if kind == "unavailable" {
+                    board.set_unavailable(&message);
+                }
+                let mut rec = shared.rec.lock();
+                rec.add(&format!("join_failed.{kind}"), 1);
+                rec.sample(&format!("join_failed.{kind}"), &message);
+                drop(rec);
+                let _ = gate.send(false);
+                if kind != "closed" {
+                    conn.close(CLOSE_WAIT).await;
+                }
+                shared.counters.closed();
+                return;
+            }
+        }
+    }
+    let _ = gate.send(true);
+
+    // Until go: keep reading (pings, early frames).
+    let go = loop {
+        tokio::select! {
+            incoming = conn.recv() => {
+                if !handle(incoming, &m, &shared, &board, &mut local, false) {
+                    break false;
+                }
+            }
+            p = wait_phase(&mut phase, Phase::Go, Duration::from_secs(86_400)) => break p == Phase::Go,
+        }
+    };
+    let mut alive = true;
+    if go {
+        let started = Instant::now();
+        let end = started + board.duration;
+        let mut seq: u64 = 1;
+        let mut next = m.send.as_ref().map(|s| started + s.first);
+        let mut unavailable = board.unavailable.subscribe();
+        loop {
+            let due = next.filter(|t| *t < end);
+            tokio::select! {
+                incoming = conn.recv() => {
+                    if !handle(incoming, &m, &shared, &board, &mut local, true) {
+                        alive = false;
+                        break;
+                    }
+                }
+                _ = sleep_until_opt(due) => {
+                    if let (Some(send), Some(at)) = (&m.send, due) {
+                        seq += 1;
+                        let frame = ClientFrame::Send {
+                            id: Some(seq),
+                            to: send.to.clone(),
+                            body: body(seq, m.index, &board.pad),
+                        };
+                        if local.pending.len() < MAX_PENDING {
+                            local.pending.insert(seq, Instant::now());
+                        }
+                        if conn.send(&frame).await.is_err() {
+                            local.stats.add("send_failed", 1);
+                            alive = false;
+                            break;
+                        }
+                        local.stats.add("sent", 1);
+                        shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+                        // Paced from the schedule, not from now, so the rate holds.
+                        next = Some(at + send.every);
+                    }
+                }
+                r = unavailable.wait_for(|u| u.is_some()), if next.is_some() => {
+                    let _ = r;
+                    next = None;
+                }
+                p = wait_phase(&mut phase, Phase::Stop, Duration::from_secs(86_400)) => {
+                    if p == Phase::Stop {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    local.finish(&shared, m.slot);
+    if alive {
+        conn.close(CLOSE_WAIT).await;
+    }
+    shared.counters.closed();
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends `join` and waits for its answer; the error kind and message on failure.
+async fn join(conn: &mut Conn, group: &str) -> Result<(), (String, String)> {
+    let frame = ClientFrame::Join {
+        id: Some(1),
+        group: group.to_string(),
+    };
+    let answer = async {
+        conn.send(&frame)
+            .await
+            .map_err(|e| ("send".to_string(), e))?;
+        loop {
+            match conn.recv().await {
+                Incoming::Frame(f) => match *f {
+                    ServerFrame::Ok { id: Some(1) } => return Ok(()),
+                    ServerFrame::Error { code, message, .. } => {
+                        return Err((error_label(code).to_string(), message));
+                    }
+                    _ => {}
+                },
+                Incoming::Undecodable(_) => {}
+                Incoming::Closed(code) => {
+                    return Err(("closed".to_string(), format!("closed with {code:?}")));
+                }
+                Incoming::Failed(e) => return Err(("closed".to_string(), e)),
+            }
+        }
+    };
+    tokio::time::timeout(JOIN_WAIT, answer)
+        .await
+        .unwrap_or_else(|_| Err(("timeout".into(), "no answer to join".into())))
+}
+
+/// A message body: send time (µs since the epoch), sequence, sender, padding.
+fn body(seq: u64, sender: usize, pad: &str) -> Body {
+    let mut fields = vec![
+        (Body::from("ts"), Body::from(epoch_us())),
+        (Body::from("seq"), Body::from(seq)),
+        (Body::from("from"), Body::from(sender as u64)),
+    ];
+    if !pad.is_empty() {
+        fields.push((Body::from("pad"), Body::from(pad)));
+    }
+    Body::Map(fields)
+}
+
+/// The send time carried in a body, if it carries one.
+pub fn body_timestamp(body: &Body) -> Option<u64> {
+    body.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("ts"))
+        .and_then(|(_, v)| v.as_u64())
+}
+
+pub fn error_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::NotFound => "not_found",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+fn result_label(r: RouteResult) -> &'static str {
+    match r {
+        RouteResult::Delivered => "delivered",
+        RouteResult::Partial => "partial",
+        RouteResult::Stored => "stored",
+        RouteResult::NoRecipients => "no_recipients",
+    }
+}
+
+/// Counts one incoming frame; false when the connection ended.
+fn handle(
+    incoming: Incoming,
+    m: &Member,
+    shared: &Shared,
+    board: &Board,
+    local: &mut Local,
+    running: bool,
+) -> bool {
+    let frame = match incoming {
+        Incoming::Frame(f) => *f,
+        Incoming::Undecodable(e) => {
+            local.stats.add("decode_errors", 1);
+            local.stats.sample("decode_error", &e);
+            return true;
+        }
+        Incoming::Closed(code) => {
+            local.stats.add("dropped", 1);
+            let code = code.map_or("none".to_string(), |c| c.to_string());
+            local.stats.add(&format!("dropped_close.{code}"), 1);
+            return false;
+        }
+        Incoming::Failed(e) => {
+            local.stats.add("dropped", 1);
+            local.stats.sample("dropped_io_error", &e);
+            return false;
+        }
+    };
+    match frame {
+        ServerFrame::Message(msg) => {
+            let now = epoch_us();
+            if !running {
+                local.stats.add("early_messages", 1);
+                return true;
+            }
+            if msg.to != m.expect_to {
+                local.stats.add("misrouted", 1);
+                return true;
+            }
+            if msg.from == m.user {
+                local.stats.add("self_copies", 1);
+            }
+            if !local.seen.insert(msg.msg_id) {
+                local.stats.add("duplicates", 1);
+                return true;
+            }
+            local.received += 1;
+            shared.counters.received.fetch_add(1, Ordering::Relaxed);
+            local.first_delivery.get_or_insert(now);
+            local.last_delivery = now;
+            match body_timestamp(&msg.body) {
+                Some(ts) => local.delivery.push(now.saturating_sub(ts)),
+                None => local.stats.add("no_timestamp", 1),
+            }
+            if local.delivery.len() >= SAMPLE_BATCH {
+                local.flush_samples(shared);
+            }
+        }
+        ServerFrame::Ack {
+            id,
+            result,
+            delivered,
+            stored,
+            ..
+        } => {
+            local.acked += 1;
+            local.stats.add(&format!("ack.{}", result_label(result)), 1);
+            local.stats.add("ack_delivered_connections", delivered);
+            local.stats.add("ack_stored_recipients", stored);
+            if m.partner_local.is_some_and(|p| board.is_welcomed(p)) {
+                local.stats.add("expected", 1);
+            }
+            if let Some(sent) = id.and_then(|id| local.pending.remove(&id)) {
+                local.ack.push(sent.elapsed().as_micros() as u64);
+            }
+        }
+        ServerFrame::Error { id, code, message } => {
+            let label = error_label(code);
+            local.stats.add(&format!("error.{label}"), 1);
+            local.stats.sample(&format!("error.{label}"), &message);
+            shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(id) = id {
+                local.pending.remove(&id);
+            }
+            if code == ErrorCode::Unavailable {
+                board.set_unavailable(&message);
+            }
+        }
+        _ => {}
+    }
+    true
+}
+
+/// Sender timing: `senders` senders share `rate`; sender `ordinal` starts at its share of the
+/// first interval.
+pub fn sending(to: Destination, rate: u64, senders: u64, ordinal: u64) -> Sending {
+    let every = Duration::from_secs_f64(senders.max(1) as f64 / rate.max(1) as f64);
+    let first = every.mul_f64(ordinal as f64 / senders.max(1) as f64);
+    Sending { to, every, first }
+}
+
+/// A worker's share of the connect rate.
+pub fn connect_rate(args: &MessagingArgs, part: u64, total: u64) -> f64 {
+    share(args.connect_rate, part, total)
+}
+
+/// The connection, send and delivery sections common to both messaging scenarios, and their
+/// JSON figures. `expected` is the number of deliveries the acks call for.
+pub fn summarize(
+    what: &str,
+    args: &MessagingArgs,
+    planned: u64,
+    expected: u64,
+    o: &Outcome<'_>,
+    summary: &mut Summary,
+) -> Value {
+    let s = o.stats;
+    let connected = s.get("connected");
+    let failed = s.get("connect_failed");
+    let sent = s.get("sent");
+    let acked: u64 = s.vector("acked").iter().sum();
+    let received: u64 = s.vector("received").iter().sum();
+    let duplicates = s.get("duplicates");
+    let lost = expected.saturating_sub(received);
+    let extra = received.saturating_sub(expected);
+    let span = match (s.mins.get("first_delivery_us"), s.maxs.get("last_delivery_us")) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e6,
+        _ => 0.0,
+    };
+    let latency = s.hist("delivery").summary();
+    let ack_latency = s.hist("ack").summary();
+    let errors = s.with_prefix("error.");
+    let acks = s.with_prefix("ack.");
+    let failures = s.with_prefix("connect_error.");
+
+    let mut c = Section::new("connections");
+    c.value("planned", planned)
+        .value("connected", connected)
+        .value("failed", format!("{failed} ({:.2}%)", percent(failed, planned)));
+    for (kind, n) in &failures {
+        c.value(format!("  failed: {kind}"), n);
+    }
+    c.value("closed by the server", s.get("dropped"))
+        .value("processes", o.workers);
+    summary.sections.push(c);
+
+    let mut m = Section::new(format!("{what} messages"));
+    m.value("sent", sent)
+        .value("target rate (msg/s)", args.rate)
+        .value(
+            "achieved send rate (msg/s)",
+            format!("{:.1}", per_sec(sent, args.duration as f64)),
+        )
+        .value("acked", acked);
+    for (result, n) in &acks {
+        m.value(format!("  ack: {result}"), n);
+    }
+    for (code, n) in &errors {
+        m.value(format!("  error: {code}"), n);
+    }
+    m.latency("ack latency", ack_latency);
+    summary.sections.push(m);
+
+    let mut d = Section::new("deliveries");
+    d.value("expected", expected)
+        .value("received (unique)", received)
+        .value("lost", format!("{lost} ({:.3}%)", percent(lost, expected)))
+        .value("duplicates", duplicates)
+        .value("beyond expected", extra)
+        .value("misrouted / self copies", format!(
+            "{} / {}",
+            s.get("misrouted"),
+            s.get("self_copies")
+        ))
+        .value("deliveries/s", format!("{:.0}", per_sec(received, span)))
+        .latency("delivery latency", latency)
+        .value("undecodable frames", s.get("decode_errors"));
+    summary.sections.push(d);
+
+    if connected == 0 {
+        summary.problems.push("no member connected".into());
+    }
+    if let Some(message) = &s.unavailable {
+        summary.problems.push(format!(
+            "{what} messaging is unavailable on the gateway (error code `unavailable`: \
+             {message}); nothing was measured"
+        ));
+    }
+    json!({
+        "connections_planned": planned,
+        "connected": connected,
+        "connect_failed": failed,
+        "failure_kinds": failures,
+        "dropped": s.get("dropped"),
+        "sent": sent,
+        "target_rate": args.rate,
+        "achieved_send_rate": round(per_sec(sent, args.duration as f64), 2),
+        "acked": acked,
+        "ack_results": acks,
+        "errors": errors,
+        "ack_latency_ms": ack_latency,
+        "expected_deliveries": expected,
+        "received": received,
+        "lost": lost,
+        "loss_percent": round(percent(lost, expected), 4),
+        "duplicates": duplicates,
+        "beyond_expected": extra,
+        "misrouted": s.get("misrouted"),
+        "self_copies": s.get("self_copies"),
+        "deliveries_per_sec": round(per_sec(received, span), 1),
+        "delivery_latency_ms": latency,
+        "decode_errors": s.get("decode_errors"),
+        "unavailable": s.unavailable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::Encoding;
+
+    #[test]
+    fn timestamps_survive_both_encodings() -> anyhow::Result<()> {
+        let b = body(7, 3, "pad");
+        let ts = body_timestamp(&b);
+        assert!(ts.is_some_and(|t| t > 1_600_000_000_000_000));
+        for enc in Encoding::ALL {
+            let frame = ServerFrame::Message(shared::Message {
+                msg_id: "1".into(),
+                from: "a".into(),
+                to: Destination::Group { group: "g".into() },
+                body: b.clone(),
+                sent_at: 1,
+                offline: None,
+            });
+            let bytes = enc.encode(&frame)?;
+            let back = enc.decode_server(&bytes)?;
+            let ServerFrame::Message(m) = back else {
+                anyhow::bail!("not a message");
+            };
+            assert_eq!(body_timestamp(&m.body), ts);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn senders_share_the_rate() {
+        let s = sending(Destination::User { user: "u".into() }, 100, 10, 5);
+        assert_eq!(s.every, Duration::from_millis(100));
+        assert_eq!(s.first, Duration::from_millis(50));
+    }
+}
