@@ -1,4 +1,4 @@
-//! The frames of wire contract version 1 (see docs/protocol.md): what clients send, what the server
+//! The frames of wire contract version 1 (see docs/protocol.md in the repository): what clients send, what the server
 //! sends, and the objects inside them. Field names and shapes here are the public contract.
 
 use std::collections::BTreeMap;
