@@ -17,11 +17,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Authenticator,
-    backend::{Backend, BackendEvent, BackendSettings, MemoryBackend, RedisBackend, RedisTarget},
+    backend::{
+        Audience, Backend, BackendEvent, BackendSettings, MemoryBackend, MessageSettings,
+        RedisBackend, RedisTarget,
+    },
     clock::now_ms,
     config::{BackendChoice, Config},
     hooks::ChangeHooks,
     metrics as m, registry,
+    router::Router,
     shard::{ShardCmd, ShardSettings, Shards},
 };
 
@@ -38,6 +42,7 @@ pub struct App {
     pub started_at: u64,
     pub backend: Arc<dyn Backend>,
     pub shards: Shards,
+    pub router: Router,
     pub auth: Authenticator,
     pub api_key: Option<String>,
     pub allowed_origins: Vec<String>,
@@ -91,6 +96,11 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
     let settings = BackendSettings {
         presence_ttl: config.ttl(),
         node_ttl: config.ttl(),
+        messages: MessageSettings {
+            offline_cap: config.offline_cap,
+            history_cap: config.history_cap,
+            history_age: Duration::from_secs(config.history_age_secs),
+        },
     };
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let background = TaskTracker::new();
@@ -145,6 +155,13 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         stop_shards.clone(),
     );
 
+    let router = Router::spawn(
+        config.shard_count(),
+        backend.clone(),
+        &shards_tracker,
+        stop_shards.clone(),
+    );
+
     let app = Arc::new(App {
         ws_url: config.ws_url(bound),
         node_id,
@@ -154,6 +171,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         allowed_origins: config.allowed_origins(),
         backend,
         shards: shards.clone(),
+        router,
         metrics: m::install(),
         ready: AtomicBool::new(false),
         next_conn_id: AtomicU64::new(1),
@@ -216,6 +234,39 @@ async fn route_events(
                 for index in 0..shards.count() {
                     shards.send_to(index, ShardCmd::Resync).await;
                 }
+            }
+            BackendEvent::Message(delivery) => match &delivery.audience {
+                Audience::User(key) | Audience::Group(key) => {
+                    let key = key.clone();
+                    shards
+                        .send(&key, ShardCmd::Deliver(Arc::new(delivery)))
+                        .await;
+                }
+                Audience::All => {
+                    let delivery = Arc::new(delivery);
+                    for index in 0..shards.count() {
+                        shards
+                            .send_to(index, ShardCmd::Deliver(delivery.clone()))
+                            .await;
+                    }
+                }
+            },
+            BackendEvent::Membership {
+                user,
+                group,
+                joined,
+            } => {
+                let key = user.clone();
+                shards
+                    .send(
+                        &key,
+                        ShardCmd::Membership {
+                            user,
+                            group,
+                            joined,
+                        },
+                    )
+                    .await;
             }
         }
     }

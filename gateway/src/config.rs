@@ -94,6 +94,18 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_RATE_LIMIT", default_value_t = 200)]
     pub rate_limit: u32,
 
+    /// Private messages kept per offline user until they connect and acknowledge them.
+    #[arg(long, env = "PRESENCE_OFFLINE_CAP", default_value_t = 1000)]
+    pub offline_cap: usize,
+
+    /// Messages kept per group for `sync` and history.
+    #[arg(long, env = "PRESENCE_HISTORY_CAP", default_value_t = 1000)]
+    pub history_cap: usize,
+
+    /// Oldest group message kept, in seconds.
+    #[arg(long, env = "PRESENCE_HISTORY_AGE_SECS", default_value_t = 7 * 86_400)]
+    pub history_age_secs: u64,
+
     /// Lifetime of opaque tokens from `POST /v1/tokens` when the request names none.
     #[arg(long, env = "PRESENCE_TOKEN_TTL_SECS", default_value_t = 86_400)]
     pub token_ttl_secs: u64,
@@ -243,6 +255,12 @@ impl Config {
         }
         if self.rate_limit == 0 {
             problems.push("PRESENCE_RATE_LIMIT must be at least 1".into());
+        }
+        if self.offline_cap == 0 || self.history_cap == 0 || self.history_age_secs == 0 {
+            problems.push(
+                "PRESENCE_OFFLINE_CAP, PRESENCE_HISTORY_CAP and PRESENCE_HISTORY_AGE_SECS must be at least 1"
+                    .into(),
+            );
         }
         if self.token_ttl_secs == 0 {
             problems.push("PRESENCE_TOKEN_TTL_SECS must be at least 1".into());

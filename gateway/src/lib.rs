@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod presence;
 pub mod registry;
+pub mod router;
 pub mod shard;
 
 use std::net::SocketAddr;

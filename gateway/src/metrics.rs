@@ -30,6 +30,9 @@ pub const SLOW_CONSUMER_CLOSES: &str = "presence_slow_consumer_closes_total";
 pub const WEBHOOKS: &str = "presence_webhooks_total";
 pub const REAPED_USERS: &str = "presence_reaped_users_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
+pub const MESSAGES_ROUTED: &str = "presence_messages_routed_total";
+pub const DELIVERIES: &str = "presence_deliveries_total";
+pub const DELIVERY_SECONDS: &str = "presence_delivery_seconds";
 
 fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
@@ -93,6 +96,15 @@ fn describe() {
         "Users whose presence this node reaped from dead nodes."
     );
     describe_histogram!(HEARTBEAT_RTT_SECONDS, "WebSocket ping round-trip time.");
+    describe_counter!(
+        MESSAGES_ROUTED,
+        "Messages routed, by destination kind and result."
+    );
+    describe_counter!(DELIVERIES, "Messages queued to local connections.");
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        "Time from a message's send to its queueing on this node."
+    );
 }
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

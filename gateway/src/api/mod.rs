@@ -1,5 +1,7 @@
 //! HTTP surface: the router, the API-key guard of `/v1`, JSON errors, and the health endpoints.
 
+mod groups;
+mod messages;
 mod presence;
 mod tokens;
 
@@ -11,7 +13,7 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{get, post, put},
 };
 use serde_json::json;
 use shared::ErrorCode;
@@ -80,6 +82,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/online", get(presence::online))
         .route("/stats", get(presence::stats))
         .route("/nodes", get(presence::nodes))
+        .route(
+            "/groups/{group}/members/{user}",
+            put(groups::add_member).delete(groups::remove_member),
+        )
+        .route("/groups/{group}/members", get(groups::members))
+        .route("/groups/{group}/online", get(groups::online))
+        .route("/groups/{group}/history", get(groups::history))
+        .route("/messages", post(messages::send))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     Router::new()

@@ -3,17 +3,18 @@
 //! suite runs against both.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Mutex,
 };
 
 use async_trait::async_trait;
-use shared::Platform;
+use shared::{Destination, Message, Platform, RouteResult};
 use tokio::time::Instant;
 
 use super::{
-    Backend, BackendError, BackendEvent, BackendSettings, Changed, Counts, EventSink, NodeInfo,
-    PresenceWrite, Renewal, TokenClaims,
+    Audience, Backend, BackendError, BackendEvent, BackendSettings, Changed, Counts, Delivery,
+    EventSink, NodeInfo, Outgoing, PresenceWrite, Renewal, SendOutcome, SendRefused, TokenClaims,
+    msg_id, parse_msg_id,
 };
 use crate::{
     clock::now_ms,
@@ -37,6 +38,37 @@ struct State {
     /// Users with at least one watching connection on the node (one node: a set, not a count per
     /// node), so events go only where someone listens, as with Redis.
     watched: HashMap<String, usize>,
+    /// Users with connections here: their private messages are delivered, not stored.
+    inboxes: HashMap<String, usize>,
+    /// Groups with member connections here.
+    watched_groups: HashMap<String, usize>,
+    groups: HashMap<String, GroupState>,
+    user_groups: HashMap<String, BTreeSet<String>>,
+    stored: HashMap<String, Inbox>,
+    read_positions: HashMap<String, HashMap<String, String>>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    members: BTreeSet<String>,
+    history: VecDeque<Message>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Inbox {
+    messages: VecDeque<Message>,
+    seq: u64,
+}
+
+fn count_in(map: &mut HashMap<String, usize>, keys: Vec<String>, delta: i64) {
+    for key in keys {
+        let n = map.entry(key.clone()).or_default();
+        *n = (*n as i64 + delta).max(0) as usize;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
 }
 
 struct UserState {
@@ -81,6 +113,38 @@ impl MemoryBackend {
             }
         }
     }
+}
+
+impl MemoryBackend {
+    async fn membership_event(&self, user: &str, group: &str, joined: bool) {
+        let _ = self
+            .events
+            .send(BackendEvent::Membership {
+                user: user.to_string(),
+                group: group.to_string(),
+                joined,
+            })
+            .await;
+    }
+}
+
+fn message_of(out: &Outgoing, msg_id: String) -> Message {
+    Message {
+        msg_id,
+        from: out.from.clone(),
+        to: out.to.clone(),
+        body: out.body.clone(),
+        sent_at: out.sent_at,
+        offline: None,
+    }
+}
+
+fn delivery(audience: Audience, message: &Message, out: &Outgoing) -> BackendEvent {
+    BackendEvent::Message(Delivery {
+        audience,
+        message: message.clone(),
+        origin: out.origin.clone(),
+    })
 }
 
 impl State {
@@ -321,5 +385,279 @@ impl Backend for MemoryBackend {
         };
         self.publish(&changed, watched).await;
         Ok(changed)
+    }
+
+    fn watch_inboxes(&self, users: Vec<String>) {
+        count_in(&mut self.lock().inboxes, users, 1);
+    }
+
+    fn unwatch_inboxes(&self, users: Vec<String>) {
+        count_in(&mut self.lock().inboxes, users, -1);
+    }
+
+    fn watch_groups(&self, groups: Vec<String>) {
+        count_in(&mut self.lock().watched_groups, groups, 1);
+    }
+
+    fn unwatch_groups(&self, groups: Vec<String>) {
+        count_in(&mut self.lock().watched_groups, groups, -1);
+    }
+
+    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        let added = {
+            let mut state = self.lock();
+            let added = state
+                .groups
+                .entry(group.to_string())
+                .or_default()
+                .members
+                .insert(user.to_string());
+            state
+                .user_groups
+                .entry(user.to_string())
+                .or_default()
+                .insert(group.to_string());
+            added
+        };
+        if added {
+            self.membership_event(user, group, true).await;
+        }
+        Ok(())
+    }
+
+    async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        let removed = {
+            let mut state = self.lock();
+            let removed = state
+                .groups
+                .get_mut(group)
+                .is_some_and(|g| g.members.remove(user));
+            if let Some(groups) = state.user_groups.get_mut(user) {
+                groups.remove(group);
+            }
+            removed
+        };
+        if removed {
+            self.membership_event(user, group, false).await;
+        }
+        Ok(())
+    }
+
+    async fn members(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        let state = self.lock();
+        let Some(g) = state.groups.get(group) else {
+            return Ok((Vec::new(), None));
+        };
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page: Vec<String> = g
+            .members
+            .range((start, std::ops::Bound::Unbounded))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more { page.last().cloned() } else { None };
+        Ok((page, next))
+    }
+
+    async fn is_member(&self, group: &str, user: &str) -> Result<bool, BackendError> {
+        Ok(self
+            .lock()
+            .groups
+            .get(group)
+            .is_some_and(|g| g.members.contains(user)))
+    }
+
+    async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        Ok(self
+            .lock()
+            .user_groups
+            .get(user)
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn send(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut events = Vec::new();
+        {
+            let mut state = self.lock();
+            let now = now_ms();
+            let limits = &self.settings.messages;
+            for out in messages {
+                let outcome = match &out.to {
+                    Destination::User { user } => {
+                        let inbox = state.stored.entry(user.clone()).or_default();
+                        inbox.seq += 1;
+                        let message = message_of(&out, msg_id(now, inbox.seq));
+                        let online = state.inboxes.contains_key(user);
+                        let outcome = if online {
+                            events.push(delivery(Audience::User(user.clone()), &message, &out));
+                            SendOutcome::new(message.msg_id.clone(), RouteResult::Delivered, 1, 0)
+                        } else {
+                            let inbox = state.stored.entry(user.clone()).or_default();
+                            inbox.messages.push_back(message.clone());
+                            while inbox.messages.len() > limits.offline_cap {
+                                inbox.messages.pop_front();
+                            }
+                            SendOutcome::new(message.msg_id.clone(), RouteResult::Stored, 0, 1)
+                        };
+                        if out.from != *user && state.inboxes.contains_key(&out.from) {
+                            events.push(delivery(Audience::User(out.from.clone()), &message, &out));
+                        }
+                        Ok(outcome)
+                    }
+                    Destination::Group { group } => {
+                        let is_member = state
+                            .groups
+                            .get(group)
+                            .is_some_and(|g| g.members.contains(&out.from));
+                        if out.check_membership && !is_member {
+                            Err(SendRefused::NotMember)
+                        } else {
+                            let live = state.watched_groups.contains_key(group);
+                            let g = state.groups.entry(group.clone()).or_default();
+                            g.seq += 1;
+                            let message = message_of(&out, msg_id(now, g.seq));
+                            g.history.push_back(message.clone());
+                            let oldest = now.saturating_sub(limits.history_age.as_millis() as u64);
+                            while g.history.len() > limits.history_cap
+                                || g.history.front().is_some_and(|m| m.sent_at < oldest)
+                            {
+                                g.history.pop_front();
+                            }
+                            let others = g.members.iter().filter(|m| **m != out.from).count();
+                            events.push(delivery(Audience::Group(group.clone()), &message, &out));
+                            let result = match (others, live) {
+                                (0, _) => RouteResult::NoRecipients,
+                                (_, true) => RouteResult::Delivered,
+                                (_, false) => RouteResult::Stored,
+                            };
+                            Ok(SendOutcome::new(message.msg_id, result, u64::from(live), 0))
+                        }
+                    }
+                    Destination::All { .. } => {
+                        let message = message_of(&out, msg_id(now, 0));
+                        events.push(delivery(Audience::All, &message, &out));
+                        Ok(SendOutcome::new(
+                            message.msg_id,
+                            RouteResult::Delivered,
+                            1,
+                            0,
+                        ))
+                    }
+                };
+                outcomes.push(outcome);
+            }
+        }
+        for event in events {
+            let _ = self.events.send(event).await;
+        }
+        Ok(outcomes)
+    }
+
+    async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError> {
+        Ok(self
+            .lock()
+            .stored
+            .get(user)
+            .map(|i| {
+                i.messages
+                    .iter()
+                    .cloned()
+                    .map(|mut m| {
+                        m.offline = Some(true);
+                        m
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {
+        if let Some(inbox) = self.lock().stored.get_mut(user) {
+            inbox.messages.retain(|m| m.msg_id.as_str() > up_to);
+        }
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        group: &str,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), BackendError> {
+        let state = self.lock();
+        let oldest = now_ms().saturating_sub(self.settings.messages.history_age.as_millis() as u64);
+        let Some(g) = state.groups.get(group) else {
+            return Ok((Vec::new(), false));
+        };
+        let mut page: Vec<Message> = g
+            .history
+            .iter()
+            .filter(|m| m.sent_at >= oldest)
+            .filter(|m| since.is_none_or(|s| m.msg_id.as_str() > s))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
+    }
+
+    async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError> {
+        Ok(self
+            .lock()
+            .read_positions
+            .get(user)
+            .and_then(|p| p.get(group))
+            .cloned())
+    }
+
+    async fn set_read_position(
+        &self,
+        user: &str,
+        group: &str,
+        up_to: &str,
+    ) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let positions = state.read_positions.entry(user.to_string()).or_default();
+        let current = positions.entry(group.to_string()).or_default();
+        if up_to > current.as_str() {
+            *current = up_to.to_string();
+        }
+        Ok(())
+    }
+
+    async fn unread(&self, user: &str) -> Result<BTreeMap<String, u64>, BackendError> {
+        let state = self.lock();
+        let mut counts = BTreeMap::new();
+        for group in state.user_groups.get(user).into_iter().flatten() {
+            let Some(g) = state.groups.get(group) else {
+                continue;
+            };
+            let read_seq = state
+                .read_positions
+                .get(user)
+                .and_then(|p| p.get(group))
+                .and_then(|id| parse_msg_id(id))
+                .map(|(_, seq)| seq)
+                .unwrap_or(0);
+            let unread = g.seq.saturating_sub(read_seq).min(g.history.len() as u64);
+            counts.insert(group.clone(), unread);
+        }
+        Ok(counts)
     }
 }

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use shared::Platform;
+use shared::{Body, Destination, Message, Platform, RouteResult};
 use tokio::sync::mpsc;
 
 pub use memory::MemoryBackend;
@@ -25,6 +25,92 @@ pub enum BackendEvent {
     /// The backend lost, or may have lost, what this node wrote (Redis came back after an outage,
     /// possibly empty): every shard must rewrite its local presence at once.
     Resync,
+    /// A message for local connections: of `user` (private messages and the sender's copies), of
+    /// members of `group`, or of everyone.
+    Message(Delivery),
+    /// `user` joined or left `group`: their connections here start or stop getting its messages.
+    Membership {
+        user: String,
+        group: String,
+        joined: bool,
+    },
+}
+
+/// Who a delivered message is for on this node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Audience {
+    User(String),
+    Group(String),
+    All,
+}
+
+/// A message on its way to local connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub audience: Audience,
+    pub message: Message,
+    /// The connection that sent it (it gets an `ack` instead of a copy).
+    pub origin: Option<Origin>,
+}
+
+/// A connection, named across nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub node: String,
+    pub conn: u64,
+}
+
+/// A message to route, from a client (`send`) or the app backend (`POST /v1/messages`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub from: String,
+    pub to: Destination,
+    pub body: Body,
+    pub sent_at: u64,
+    pub origin: Option<Origin>,
+    /// Client sends to a group must come from a member; the app backend may send anywhere.
+    pub check_membership: bool,
+}
+
+/// How one message was routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub msg_id: String,
+    pub result: RouteResult,
+    /// Private: nodes holding a connection of the recipient that got it live. Group and broadcast:
+    /// nodes it was published to.
+    pub delivered: u64,
+    /// Recipients it was stored for (offline private message: 1).
+    pub stored: u64,
+}
+
+impl SendOutcome {
+    pub fn new(msg_id: String, result: RouteResult, delivered: u64, stored: u64) -> Self {
+        SendOutcome {
+            msg_id,
+            result,
+            delivered,
+            stored,
+        }
+    }
+}
+
+/// Why a message was not routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendRefused {
+    #[error("only members may send to this group")]
+    NotMember,
+}
+
+/// Limits of stored messages.
+#[derive(Debug, Clone)]
+pub struct MessageSettings {
+    /// Private messages kept per offline user.
+    pub offline_cap: usize,
+    /// Messages kept per group.
+    pub history_cap: usize,
+    /// Oldest message kept per group.
+    pub history_age: Duration,
 }
 
 /// Where a backend sends its events. The node routes them to the shard owning each user.
@@ -115,6 +201,7 @@ pub struct BackendSettings {
     pub presence_ttl: Duration,
     /// Expiry of a node's registry entry without heartbeats; after it, the node counts as dead.
     pub node_ttl: Duration,
+    pub messages: MessageSettings,
 }
 
 /// The contract both backends keep, tested by one suite run against each.
@@ -189,4 +276,99 @@ pub trait Backend: Send + Sync + 'static {
     /// resulting changes. Exactly one caller across all nodes reaps a given dead node; the records
     /// it changed are returned to that caller only (for webhooks).
     async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError>;
+
+    // --- Messaging. Group messages are published once per message on the group's channel and
+    // written once to its history; private messages are published once on the recipient's inbox
+    // channel (and once on the sender's, for their other devices), or stored when the recipient is
+    // offline. Message ids grow per destination and sort as strings.
+
+    /// Starts delivering messages for these users (they have connections here).
+    fn watch_inboxes(&self, users: Vec<String>);
+    fn unwatch_inboxes(&self, users: Vec<String>);
+    /// Starts delivering these groups' messages (members are connected here).
+    fn watch_groups(&self, groups: Vec<String>);
+    fn unwatch_groups(&self, groups: Vec<String>);
+
+    /// Adds a member and tells every node holding the user's connections.
+    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError>;
+    async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError>;
+    /// Members in id order after `after`, at most `limit`, and the next cursor.
+    async fn members(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), BackendError>;
+    async fn is_member(&self, group: &str, user: &str) -> Result<bool, BackendError>;
+    async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError>;
+
+    /// Routes messages in the order given (callers keep one sender's messages in one call or in
+    /// successive calls, so they stay in order).
+    async fn send(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError>;
+
+    /// Stored private messages of `user`, oldest first, marked `offline`.
+    async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError>;
+    /// Drops stored private messages up to and including `up_to`.
+    async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError>;
+
+    /// A group's messages after `since` (or from the oldest kept), at most `limit`, oldest first;
+    /// true when more follow.
+    async fn history(
+        &self,
+        group: &str,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), BackendError>;
+    async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError>;
+    /// Moves the read position forward (never back).
+    async fn set_read_position(
+        &self,
+        user: &str,
+        group: &str,
+        up_to: &str,
+    ) -> Result<(), BackendError>;
+    /// Messages after the read position, per group of the user.
+    async fn unread(&self, user: &str) -> Result<BTreeMap<String, u64>, BackendError>;
+}
+
+/// Message ids: `<ms, 13 digits>-<sequence per destination, 10 digits>`. They sort as strings in
+/// send order, read back as Redis stream ids, and the sequence counts messages, so unread counts
+/// need no scan.
+pub fn msg_id(ms: u64, seq: u64) -> String {
+    format!("{ms:013}-{seq:010}")
+}
+
+/// The (ms, seq) of a message id; `None` for anything else.
+pub fn parse_msg_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    if ms.is_empty() || seq.is_empty() || ms.len() > 20 || seq.len() > 20 {
+        return None;
+    }
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_ids_sort_as_strings_in_send_order() {
+        let ids = [
+            msg_id(5, 9),
+            msg_id(5, 10),
+            msg_id(6, 11),
+            msg_id(1_700_000_000_000, 12),
+        ];
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(parse_msg_id(&ids[1]), Some((5, 10)));
+        assert_eq!(
+            parse_msg_id("1700000000000-3"),
+            Some((1_700_000_000_000, 3))
+        );
+        assert_eq!(parse_msg_id("nope"), None);
+        assert_eq!(parse_msg_id("-1"), None);
+    }
 }

@@ -42,6 +42,9 @@ pub struct ConnHandle {
     pub last_heard: AtomicU64,
     /// Last measured WebSocket ping round trip, in ms.
     pub rtt_ms: AtomicU64,
+    /// Groups this connection gets messages of (the user's groups, kept in step by membership
+    /// events); read at close to detach from each group's shard. Per connection, not shared.
+    pub groups: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Frames on their way to the socket's writer; bounded so one slow client costs bounded memory.
     outbound: mpsc::Sender<Bytes>,
     /// Tells the session to close the socket with `close_code`.
@@ -73,6 +76,7 @@ impl ConnHandle {
             last_activity: AtomicU64::new(now),
             last_heard: AtomicU64::new(now),
             rtt_ms: AtomicU64::new(0),
+            groups: Default::default(),
             outbound,
             closer: CancellationToken::new(),
             close_code: AtomicU16::new(0),
@@ -128,6 +132,27 @@ impl ConnHandle {
             0 => None,
             code => Some(code),
         }
+    }
+
+    /// The groups this connection gets messages of.
+    pub fn group_list(&self) -> Vec<String> {
+        self.groups
+            .lock()
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Records a group joined (true) or left (false); true when that changed anything.
+    pub fn note_group(&self, group: &str, joined: bool) -> bool {
+        match self.groups.lock() {
+            Ok(mut groups) if joined => groups.insert(group.to_string()),
+            Ok(mut groups) => groups.remove(group),
+            Err(_) => false,
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closer.is_cancelled()
     }
 
     pub fn last_activity(&self) -> u64 {

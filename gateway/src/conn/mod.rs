@@ -5,6 +5,8 @@ pub mod handle;
 mod requests;
 mod session;
 
+pub use requests::online_members;
+
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use axum::{

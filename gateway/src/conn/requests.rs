@@ -4,11 +4,19 @@
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
-use shared::{ClientFrame, ErrorCode, ServerFrame, Status, ids};
+use shared::{ClientFrame, Destination, ErrorCode, ServerFrame, Status, ids};
 use tokio::sync::Semaphore;
 
 use super::handle::ConnHandle;
-use crate::{app::App, metrics as m, presence::ChosenStatus, shard::ShardCmd};
+use crate::{
+    app::App,
+    backend::{Backend, BackendError, Origin, Outgoing, parse_msg_id},
+    clock::now_ms,
+    metrics as m,
+    presence::ChosenStatus,
+    router::{Reply, RouteJob},
+    shard::ShardCmd,
+};
 
 /// Most users one request may name, and one connection may watch in all.
 pub const MAX_USERS: usize = 1000;
@@ -162,20 +170,170 @@ impl Requests {
                 let users = checked_users(users)?;
                 self.query(id, users)?;
             }
-            ClientFrame::Join { .. }
-            | ClientFrame::Leave { .. }
-            | ClientFrame::GroupOnline { .. }
-            | ClientFrame::Send { .. }
-            | ClientFrame::AckOffline { .. }
-            | ClientFrame::Sync { .. }
-            | ClientFrame::Read { .. }
-            | ClientFrame::Unread { .. } => {
-                return Err((
-                    ErrorCode::Unavailable,
-                    "messaging is not enabled on this node".into(),
-                ));
+            ClientFrame::Join { id, group } => {
+                ids::check_id("group", &group).map_err(bad)?;
+                // This connection follows at once; the user's other connections, here and on
+                // other nodes, follow through the membership event.
+                if self.conn.note_group(&group, true) {
+                    let cmd = ShardCmd::GroupAttach {
+                        group: group.clone(),
+                        conn: self.conn.clone(),
+                    };
+                    self.app.shards.send(&group, cmd).await;
+                }
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    backend.add_member(&group, &user).await?;
+                    Ok(ServerFrame::Ok { id })
+                })?;
+            }
+            ClientFrame::Leave { id, group } => {
+                ids::check_id("group", &group).map_err(bad)?;
+                if self.conn.note_group(&group, false) {
+                    let cmd = ShardCmd::GroupDetach {
+                        group: group.clone(),
+                        conn: self.conn.id,
+                    };
+                    self.app.shards.send(&group, cmd).await;
+                }
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    backend.remove_member(&group, &user).await?;
+                    Ok(ServerFrame::Ok { id })
+                })?;
+            }
+            ClientFrame::GroupOnline { id, group } => {
+                ids::check_id("group", &group).map_err(bad)?;
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    if !backend.is_member(&group, &user).await? {
+                        return Ok(forbidden(
+                            id,
+                            "only members may list a group's online members",
+                        ));
+                    }
+                    let users = online_members(backend.as_ref(), &group).await?;
+                    Ok(ServerFrame::MemberList { id, group, users })
+                })?;
+            }
+            ClientFrame::Send { id, to, body } => {
+                match &to {
+                    Destination::User { user } => ids::check_id("user", user).map_err(bad)?,
+                    Destination::Group { group } => ids::check_id("group", group).map_err(bad)?,
+                    Destination::All { .. } => {
+                        return Err((
+                            ErrorCode::Forbidden,
+                            "only the app backend may send to everyone".into(),
+                        ));
+                    }
+                }
+                let job = RouteJob {
+                    out: Outgoing {
+                        from: self.conn.user.clone(),
+                        to,
+                        body,
+                        sent_at: now_ms(),
+                        origin: Some(Origin {
+                            node: self.app.node_id.to_string(),
+                            conn: self.conn.id,
+                        }),
+                        check_membership: true,
+                    },
+                    reply: Reply::Conn {
+                        conn: self.conn.clone(),
+                        id,
+                    },
+                };
+                if !self.app.router.route(job).await {
+                    return Err(unavailable());
+                }
+            }
+            ClientFrame::AckOffline { id, up_to } => {
+                check_msg_id(&up_to)?;
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    backend.ack_offline(&user, &up_to).await?;
+                    Ok(ServerFrame::Ok { id })
+                })?;
+            }
+            ClientFrame::Sync {
+                id,
+                group,
+                since,
+                limit,
+            } => {
+                ids::check_id("group", &group).map_err(bad)?;
+                if let Some(since) = &since {
+                    check_msg_id(since)?;
+                }
+                let limit = limit.unwrap_or(100) as usize;
+                if limit == 0 || limit > MAX_SYNC {
+                    return Err(bad(format!("limit must be 1 to {MAX_SYNC}")));
+                }
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    if !backend.is_member(&group, &user).await? {
+                        return Ok(forbidden(id, "only members may read a group's messages"));
+                    }
+                    let since = match since {
+                        Some(since) => Some(since),
+                        None => backend.read_position(&user, &group).await?,
+                    };
+                    let (messages, more) = backend.history(&group, since.as_deref(), limit).await?;
+                    Ok(ServerFrame::History {
+                        id,
+                        group,
+                        messages,
+                        more,
+                    })
+                })?;
+            }
+            ClientFrame::Read { id, group, up_to } => {
+                ids::check_id("group", &group).map_err(bad)?;
+                check_msg_id(&up_to)?;
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    backend.set_read_position(&user, &group, &up_to).await?;
+                    Ok(ServerFrame::Ok { id })
+                })?;
+            }
+            ClientFrame::Unread { id } => {
+                let user = self.conn.user.clone();
+                self.spawn(id, move |backend| async move {
+                    let groups = backend.unread(&user).await?;
+                    Ok(ServerFrame::UnreadCounts { id, groups })
+                })?;
             }
         }
+        Ok(())
+    }
+
+    /// Runs backend work for a request in its own task (at most `MAX_IN_FLIGHT` per connection)
+    /// and queues its answer; a backend failure answers `unavailable`.
+    fn spawn<F, Fut>(&self, id: Option<u64>, work: F) -> Result<(), (ErrorCode, String)>
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
+    {
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            (
+                ErrorCode::RateLimited,
+                "too many requests in flight".to_string(),
+            )
+        })?;
+        let backend = self.app.backend.clone();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let frame = match work(backend).await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    tracing::warn!(error = %e, "request failed in the backend");
+                    ServerFrame::error(id, ErrorCode::Unavailable, "backend unavailable")
+                }
+            };
+            conn.push_frame(&frame);
+        });
         Ok(())
     }
 
@@ -224,6 +382,35 @@ impl Requests {
         let all: Vec<String> = self.subscribed.drain().collect();
         self.unwatch(all).await;
     }
+}
+
+/// Group members `group_online` looks at, at most.
+pub const MAX_GROUP_SCAN: usize = 10_000;
+/// Messages one `sync` may ask for.
+const MAX_SYNC: usize = 500;
+
+/// Visibly online members of a group (of its first `MAX_GROUP_SCAN` members).
+pub async fn online_members(
+    backend: &dyn Backend,
+    group: &str,
+) -> Result<Vec<String>, BackendError> {
+    let (members, _) = backend.members(group, None, MAX_GROUP_SCAN).await?;
+    let records = backend.presence(&members).await?;
+    Ok(records
+        .into_iter()
+        .filter(|r| crate::presence::visibly_online(r.status))
+        .map(|r| r.user)
+        .collect())
+}
+
+fn forbidden(id: Option<u64>, message: &str) -> ServerFrame {
+    ServerFrame::error(id, ErrorCode::Forbidden, message)
+}
+
+fn check_msg_id(id: &str) -> Result<(), (ErrorCode, String)> {
+    parse_msg_id(id)
+        .map(|_| ())
+        .ok_or_else(|| bad("message ids look like 1700000000000-0000000001"))
 }
 
 fn bad(message: impl Into<String>) -> (ErrorCode, String) {

@@ -52,8 +52,29 @@ pub async fn run(
         heartbeat_ms: app.config.heartbeat_ms,
         server_time: now,
     };
+    // The user's groups and stored messages are read before the connection is registered, so
+    // that `welcome` and the stored messages are the first frames, in that order.
+    let groups = app
+        .backend
+        .user_groups(&conn.user)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
+            Vec::new()
+        });
+    let offline: Vec<Bytes> = app
+        .backend
+        .offline_messages(&conn.user)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, user = %conn.user, "cannot read stored messages");
+            Vec::new()
+        })
+        .into_iter()
+        .filter_map(|m| encode_one(encoding, &ServerFrame::Message(m)))
+        .collect();
     let accepted = match encode_one(encoding, &welcome) {
-        Some(welcome) => register(&app, &conn, welcome).await,
+        Some(welcome) => register(&app, &conn, welcome, offline).await,
         None => None,
     };
     let writer = tokio::spawn(write_loop(
@@ -78,6 +99,15 @@ pub async fn run(
     }
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     app.count_connection(conn.platform, 1);
+    for group in groups {
+        if conn.note_group(&group, true) {
+            let cmd = ShardCmd::GroupAttach {
+                group: group.clone(),
+                conn: conn.clone(),
+            };
+            app.shards.send(&group, cmd).await;
+        }
+    }
     tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
 
     let mut requests = Requests::new(app.clone(), conn.clone());
@@ -85,6 +115,13 @@ pub async fn run(
 
     // Whatever ended the session, the shard hears of it, and watches are dropped.
     requests.release().await;
+    for group in conn.group_list() {
+        let cmd = ShardCmd::GroupDetach {
+            group: group.clone(),
+            conn: conn.id,
+        };
+        app.shards.send(&group, cmd).await;
+    }
     app.shards
         .send(
             &conn.user,
@@ -109,11 +146,17 @@ pub async fn run(
 }
 
 /// Registers the connection with its shard; `None` when the node is stopping.
-async fn register(app: &App, conn: &Arc<ConnHandle>, welcome: Bytes) -> Option<bool> {
+async fn register(
+    app: &App,
+    conn: &Arc<ConnHandle>,
+    welcome: Bytes,
+    offline: Vec<Bytes>,
+) -> Option<bool> {
     let (reply, answer) = oneshot::channel();
     let cmd = ShardCmd::Connect {
         conn: conn.clone(),
         welcome,
+        offline,
         reply,
     };
     if !app.shards.send(&conn.user, cmd).await {

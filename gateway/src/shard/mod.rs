@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, Delivery},
     conn::handle::{ConnHandle, ConnId},
     hooks::ChangeHooks,
     presence::{ChosenStatus, PresenceRecord},
@@ -25,6 +25,8 @@ pub enum ShardCmd {
     Connect {
         conn: Arc<ConnHandle>,
         welcome: bytes::Bytes,
+        /// Stored private messages, queued right after `welcome`.
+        offline: Vec<bytes::Bytes>,
         reply: oneshot::Sender<bool>,
     },
     /// A connection closed; always sent, whatever ended it.
@@ -44,6 +46,22 @@ pub enum ShardCmd {
     Presence(PresenceRecord),
     /// The backend may have lost this node's entries: rewrite them all now.
     Resync,
+    /// A message for local connections of a user of this shard, of a group of this shard, or of
+    /// everyone on this shard.
+    Deliver(Arc<Delivery>),
+    /// A user of this shard joined or left a group: their connections here follow.
+    Membership {
+        user: String,
+        group: String,
+        joined: bool,
+    },
+    /// `conn` gets this group's messages (the group is on this shard).
+    GroupAttach {
+        group: String,
+        conn: Arc<ConnHandle>,
+    },
+    /// `conn` no longer gets this group's messages.
+    GroupDetach { group: String, conn: ConnId },
 }
 
 /// Tunables of a shard worker.
@@ -75,23 +93,23 @@ impl Shards {
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Shards {
-        let senders: Vec<_> = (0..count)
-            .map(|index| {
-                let (tx, rx) = mpsc::channel(settings.mailbox);
-                let worker = worker::Worker::new(
-                    index,
-                    settings.clone(),
-                    backend.clone(),
-                    hooks.clone(),
-                    rx,
-                );
-                tracker.spawn(worker.run(stop.clone()));
-                tx
-            })
-            .collect();
-        Shards {
+        let (senders, mailboxes): (Vec<_>, Vec<_>) =
+            (0..count).map(|_| mpsc::channel(settings.mailbox)).unzip();
+        let shards = Shards {
             senders: senders.into(),
+        };
+        for (index, mailbox) in mailboxes.into_iter().enumerate() {
+            let worker = worker::Worker::new(
+                index,
+                settings.clone(),
+                backend.clone(),
+                hooks.clone(),
+                shards.clone(),
+                mailbox,
+            );
+            tracker.spawn(worker.run(stop.clone()));
         }
+        shards
     }
 
     pub fn count(&self) -> usize {

@@ -19,11 +19,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{ShardCmd, ShardSettings};
+use super::{ShardCmd, ShardSettings, Shards};
 use crate::{
-    backend::{Backend, BackendError, Changed, PresenceWrite, Renewal},
+    backend::{Audience, Backend, BackendError, Changed, Delivery, PresenceWrite, Renewal},
     clock::now_ms,
-    conn::handle::ConnHandle,
+    conn::handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
     metrics as m,
@@ -110,8 +110,12 @@ pub(super) struct Worker {
     settings: ShardSettings,
     backend: Arc<dyn Backend>,
     hooks: ChangeHooks,
+    /// Other shards, for membership changes that touch a group owned elsewhere.
+    shards: Shards,
     mailbox: mpsc::Receiver<ShardCmd>,
     users: HashMap<String, UserSlot>,
+    /// Local member connections of the groups on this shard.
+    groups: HashMap<String, HashMap<ConnId, Arc<ConnHandle>>>,
     /// Users changed since the last flush began.
     dirty: HashSet<String>,
     /// When the oldest pending change arrived: the batch is due `batch_interval` after it.
@@ -130,6 +134,7 @@ impl Worker {
         settings: ShardSettings,
         backend: Arc<dyn Backend>,
         hooks: ChangeHooks,
+        shards: Shards,
         mailbox: mpsc::Receiver<ShardCmd>,
     ) -> Self {
         Worker {
@@ -137,8 +142,10 @@ impl Worker {
             settings,
             backend,
             hooks,
+            shards,
             mailbox,
             users: HashMap::new(),
+            groups: HashMap::new(),
             dirty: HashSet::new(),
             first_dirty_at: None,
             job: None,
@@ -204,6 +211,7 @@ impl Worker {
             ShardCmd::Connect {
                 conn,
                 welcome,
+                offline,
                 reply,
             } => {
                 let max = self.settings.max_conns_per_user;
@@ -214,6 +222,12 @@ impl Worker {
                 }
                 let user = conn.user.clone();
                 conn.push_bytes(welcome);
+                for message in offline {
+                    conn.push_bytes(message);
+                }
+                if slot.conns.is_empty() {
+                    self.backend.watch_inboxes(vec![user.clone()]);
+                }
                 slot.conns.push(conn);
                 let _ = reply.send(true);
                 self.refresh_idle(&user);
@@ -221,7 +235,11 @@ impl Worker {
             }
             ShardCmd::Disconnect { user, conn } => {
                 if let Some(slot) = self.users.get_mut(&user) {
+                    let had = !slot.conns.is_empty();
                     slot.conns.retain(|c| c.id != conn);
+                    if had && slot.conns.is_empty() {
+                        self.backend.unwatch_inboxes(vec![user.clone()]);
+                    }
                     self.refresh_idle(&user);
                     self.mark_dirty(user);
                 }
@@ -267,7 +285,117 @@ impl Worker {
                 self.renew_due = true;
                 self.retry_at = None;
             }
+            ShardCmd::Deliver(delivery) => self.deliver(&delivery),
+            ShardCmd::Membership {
+                user,
+                group,
+                joined,
+            } => self.membership(&user, group, joined),
+            ShardCmd::GroupAttach { group, conn } => {
+                if conn.is_closing() {
+                    return;
+                }
+                let members = self.groups.entry(group.clone()).or_default();
+                if members.is_empty() {
+                    self.backend.watch_groups(vec![group]);
+                }
+                members.insert(conn.id, conn);
+            }
+            ShardCmd::GroupDetach { group, conn } => self.detach(&group, conn),
         }
+    }
+
+    fn detach(&mut self, group: &str, conn: ConnId) {
+        if let Some(members) = self.groups.get_mut(group) {
+            members.remove(&conn);
+            if members.is_empty() {
+                self.groups.remove(group);
+                self.backend.unwatch_groups(vec![group.to_string()]);
+            }
+        }
+    }
+
+    /// Passes a message to the local connections it is for; the sending connection gets an `ack`
+    /// instead, every other connection (the sender's other devices included) a copy.
+    fn deliver(&mut self, delivery: &Delivery) {
+        let frame = EncodedFrame::new(ServerFrame::Message(delivery.message.clone()));
+        let node = &*self.settings.node;
+        let is_origin = |c: &ConnHandle| {
+            delivery
+                .origin
+                .as_ref()
+                .is_some_and(|o| o.conn == c.id && o.node == node)
+        };
+        let mut sent = 0u64;
+        let mut push = |c: &Arc<ConnHandle>| {
+            if !is_origin(c) && c.push(&frame) {
+                sent += 1;
+            }
+        };
+        match &delivery.audience {
+            Audience::User(user) => {
+                if let Some(slot) = self.users.get(user) {
+                    slot.conns.iter().for_each(&mut push);
+                }
+            }
+            Audience::Group(group) => {
+                let mut closed = Vec::new();
+                if let Some(members) = self.groups.get(group) {
+                    for conn in members.values() {
+                        if conn.is_closing() {
+                            closed.push(conn.id);
+                        } else {
+                            push(conn);
+                        }
+                    }
+                }
+                for conn in closed {
+                    self.detach(group, conn);
+                }
+            }
+            Audience::All => {
+                for slot in self.users.values() {
+                    slot.conns.iter().for_each(&mut push);
+                }
+            }
+        }
+        metrics::counter!(m::DELIVERIES).increment(sent);
+        let age = now_ms().saturating_sub(delivery.message.sent_at);
+        metrics::histogram!(m::DELIVERY_SECONDS).record(age as f64 / 1000.0);
+    }
+
+    /// A user of this shard joined or left a group: each of their connections here is attached to
+    /// (or detached from) the group's shard, from a task so shards never wait on each other.
+    fn membership(&mut self, user: &str, group: String, joined: bool) {
+        let Some(slot) = self.users.get(user) else {
+            return;
+        };
+        let conns: Vec<Arc<ConnHandle>> = slot
+            .conns
+            .iter()
+            .filter(|c| c.note_group(&group, joined))
+            .cloned()
+            .collect();
+        if conns.is_empty() {
+            return;
+        }
+        let shards = self.shards.clone();
+        tokio::spawn(async move {
+            for conn in conns {
+                let cmd = if joined {
+                    ShardCmd::GroupAttach {
+                        group: group.clone(),
+                        conn,
+                    }
+                } else {
+                    ShardCmd::GroupDetach {
+                        group: group.clone(),
+                        conn: conn.id,
+                    }
+                };
+                shards.send(&group, cmd).await;
+            }
+        });
     }
 
     /// Recomputes whether every local connection of `user` is idle; a change is a presence change.

@@ -4,6 +4,15 @@
 
 use shared::Platform;
 
+/// The kinds of channel a node subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind<'a> {
+    Presence(&'a str),
+    Inbox(&'a str),
+    Group(&'a str),
+    Broadcast,
+}
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -26,12 +35,70 @@ impl Keys {
         format!("{}:ev:{{{user}}}", self.prefix)
     }
 
-    /// The user id back from an event channel name.
-    pub fn user_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel
-            .strip_prefix(&self.prefix)?
-            .strip_prefix(":ev:{")?
-            .strip_suffix('}')
+    /// Channel of the user's private messages, their own copies and membership changes.
+    pub fn inbox_channel(&self, user: &str) -> String {
+        format!("{}:uc:{{{user}}}", self.prefix)
+    }
+
+    /// STREAM of private messages stored while the user was offline.
+    pub fn offline(&self, user: &str) -> String {
+        format!("{}:ib:{{{user}}}", self.prefix)
+    }
+
+    /// SET of the user's groups.
+    pub fn user_groups(&self, user: &str) -> String {
+        format!("{}:ug:{{{user}}}", self.prefix)
+    }
+
+    /// HASH group -> msg_id read up to.
+    pub fn read_positions(&self, user: &str) -> String {
+        format!("{}:rp:{{{user}}}", self.prefix)
+    }
+
+    /// ZSET (scores 0) of a group's members.
+    pub fn members(&self, group: &str) -> String {
+        format!("{}:g:{{{group}}}:m", self.prefix)
+    }
+
+    /// HASH of a group's counters (`seq`, `ms`).
+    pub fn group_meta(&self, group: &str) -> String {
+        format!("{}:g:{{{group}}}", self.prefix)
+    }
+
+    /// STREAM of a group's messages.
+    pub fn history(&self, group: &str) -> String {
+        format!("{}:gh:{{{group}}}", self.prefix)
+    }
+
+    /// Channel of a group's messages.
+    pub fn group_channel(&self, group: &str) -> String {
+        format!("{}:gm:{{{group}}}", self.prefix)
+    }
+
+    /// Channel of messages to everyone online.
+    pub fn broadcast_channel(&self) -> String {
+        self.registry("all")
+    }
+
+    /// Sequence of broadcast message ids.
+    pub fn broadcast_seq(&self) -> String {
+        self.registry("allseq")
+    }
+
+    /// What a subscribed channel carries.
+    pub fn classify<'a>(&self, channel: &'a str) -> Option<ChannelKind<'a>> {
+        if channel == self.broadcast_channel() {
+            return Some(ChannelKind::Broadcast);
+        }
+        let rest = channel.strip_prefix(&self.prefix)?;
+        let (kind, id) = rest.strip_prefix(':')?.split_once(":{")?;
+        let id = id.strip_suffix('}')?;
+        Some(match kind {
+            "ev" => ChannelKind::Presence(id),
+            "uc" => ChannelKind::Inbox(id),
+            "gm" => ChannelKind::Group(id),
+            _ => return None,
+        })
     }
 
     /// STRING with expiry: an opaque token's claims.
@@ -88,8 +155,20 @@ mod tests {
         let k = Keys::new("presence");
         assert_eq!(k.user("alice"), "presence:u:{alice}");
         assert_eq!(k.user_channel("alice"), "presence:ev:{alice}");
-        assert_eq!(k.user_of_channel("presence:ev:{alice}"), Some("alice"));
-        assert_eq!(k.user_of_channel("other:ev:{alice}"), None);
+        assert_eq!(
+            k.classify("presence:ev:{alice}"),
+            Some(ChannelKind::Presence("alice"))
+        );
+        assert_eq!(
+            k.classify("presence:uc:{alice}"),
+            Some(ChannelKind::Inbox("alice"))
+        );
+        assert_eq!(
+            k.classify("presence:gm:{g:1}"),
+            Some(ChannelKind::Group("g:1"))
+        );
+        assert_eq!(k.classify("{presence}:all"), Some(ChannelKind::Broadcast));
+        assert_eq!(k.classify("other:ev:{alice}"), None);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! docs/ARCHITECTURE.md for every key, its type, expiry and writer. Only this module knows fred,
 //! key names and channels.
 
+mod envelope;
 mod keys;
+mod messaging;
 mod pubsub;
 mod record;
 
@@ -24,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use self::{keys::Keys, pubsub::SubCmd};
 use super::{
     Backend, BackendError, BackendEvent, BackendSettings, Changed, Counts, EventSink, NodeInfo,
-    PresenceWrite, Renewal, TokenClaims,
+    Outgoing, PresenceWrite, Renewal, SendOutcome, SendRefused, TokenClaims,
 };
 use crate::{
     clock::now_ms,
@@ -34,6 +36,10 @@ use crate::{
 
 const WRITE_LUA: &str = include_str!("write.lua");
 const COUNTS_LUA: &str = include_str!("counts.lua");
+const GROUP_SEND_LUA: &str = include_str!("group_send.lua");
+const PRIVATE_SEND_LUA: &str = include_str!("private_send.lua");
+const BROADCAST_LUA: &str = include_str!("broadcast.lua");
+const READ_LUA: &str = include_str!("read.lua");
 
 /// A user's record (not its entries) outlives its last write by this long, so `last_seen` and the
 /// chosen status survive a user's time away.
@@ -57,8 +63,15 @@ pub struct RedisBackend {
     cluster: bool,
     write: Script,
     counts: Script,
+    group_send: Script,
+    private_send: Script,
+    broadcast: Script,
+    read: Script,
     subscriptions: mpsc::UnboundedSender<SubCmd>,
 }
+
+/// One script call of a pipeline: script, keys, arguments.
+type ScriptCall<'a> = (&'a Script, Vec<String>, Vec<Value>);
 
 fn unavailable(e: fred::error::Error) -> BackendError {
     BackendError::Unavailable(e.to_string())
@@ -129,11 +142,11 @@ impl RedisBackend {
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
         tracker.spawn(pubsub::run_subscriptions(
             subscriber.clone(),
-            keys.clone(),
             cluster,
             sub_rx,
             stop.clone(),
         ));
+        let _ = sub_tx.send(SubCmd::Watch(vec![keys.broadcast_channel()]));
         tracker.spawn(pubsub::run_messages(
             subscriber.clone(),
             keys.clone(),
@@ -149,10 +162,13 @@ impl RedisBackend {
             cluster,
             write: Script::from_lua(WRITE_LUA),
             counts: Script::from_lua(COUNTS_LUA),
+            group_send: Script::from_lua(GROUP_SEND_LUA),
+            private_send: Script::from_lua(PRIVATE_SEND_LUA),
+            broadcast: Script::from_lua(BROADCAST_LUA),
+            read: Script::from_lua(READ_LUA),
             subscriptions: sub_tx,
         };
-        backend.write.load(&backend.client).await?;
-        backend.counts.load(&backend.client).await?;
+        backend.load_scripts().await?;
         // A node restarted under the same id must not leave its old users online forever: nobody
         // else reaps a node that keeps heartbeating.
         let stale = backend.reap_node(node).await?;
@@ -218,70 +234,109 @@ impl RedisBackend {
         )
     }
 
-    /// Runs one pipeline of write-script calls plus set updates; reloads the script once if Redis
-    /// lost it (restarted). Returns the changes the scripts reported.
-    async fn write_pipeline(
+    async fn load_scripts(&self) -> Result<(), fred::error::Error> {
+        for script in [
+            &self.write,
+            &self.counts,
+            &self.group_send,
+            &self.private_send,
+            &self.broadcast,
+            &self.read,
+        ] {
+            script.load(&self.client).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs script calls (and set updates) as one pipeline, one round trip; reloads the scripts
+    /// once if Redis lost them (it restarted). Returns the scripts' replies in order.
+    async fn run_scripts_with(
         &self,
         op: &'static str,
-        calls: &[(Vec<String>, Vec<String>)],
-        sets: &SetUpdates,
-    ) -> Result<Vec<Changed>, BackendError> {
+        calls: &[ScriptCall<'_>],
+        sets: Option<&SetUpdates>,
+    ) -> Result<Vec<Value>, BackendError> {
         for attempt in 0..2 {
             let pipeline = self.client.pipeline();
             // EVALSHA sha numkeys key...: routed by its first key, argument 2.
             let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
-            for (keys, args) in calls {
-                let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
-                argv.push(self.write.sha1().to_string());
-                argv.push(keys.len().to_string());
-                argv.extend(keys.iter().cloned());
+            for (script, keys, args) in calls {
+                let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+                argv.push(script.sha1().to_string().into());
+                argv.push(Value::Integer(keys.len() as i64));
+                argv.extend(keys.iter().map(|k| Value::from(k.clone())));
                 argv.extend(args.iter().cloned());
                 let _: () = pipeline
                     .custom(evalsha.clone(), argv)
                     .await
                     .map_err(|e| Self::error(op, e))?;
             }
-            sets.queue(&pipeline)
-                .await
-                .map_err(|e| Self::error(op, e))?;
+            if let Some(sets) = sets {
+                sets.queue(&pipeline)
+                    .await
+                    .map_err(|e| Self::error(op, e))?;
+            }
             Self::count_round_trip(op);
             let results: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
             let noscript = results
                 .iter()
                 .any(|r| matches!(r, Err(e) if e.details().starts_with("NOSCRIPT")));
             if noscript && attempt == 0 {
-                self.write
-                    .load(&self.client)
-                    .await
-                    .map_err(|e| Self::error(op, e))?;
+                self.load_scripts().await.map_err(|e| Self::error(op, e))?;
                 continue;
             }
-            let mut changed = Vec::new();
-            for result in results.into_iter().take(calls.len()) {
-                match result {
-                    Ok(Value::Array(parts)) => {
-                        let before = parts.first().and_then(|v| v.as_u64()).unwrap_or(0) as u16;
-                        let payload = parts.get(1).and_then(|v| v.as_string());
-                        if let Some((_, record)) =
-                            payload.as_deref().and_then(record::parse_payload)
-                        {
-                            metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "out")
-                                .increment(1);
-                            changed.push(Changed {
-                                before_platforms: before,
-                                record,
-                            });
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(Self::error(op, e)),
-                }
-            }
-            return Ok(changed);
+            return results
+                .into_iter()
+                .take(calls.len())
+                .map(|r| r.map_err(|e| Self::error(op, e)))
+                .collect();
         }
         Err(BackendError::Unavailable(
-            "script could not be loaded".into(),
+            "scripts could not be loaded".into(),
         ))
+    }
+
+    async fn run_scripts(
+        &self,
+        op: &'static str,
+        calls: &[ScriptCall<'_>],
+    ) -> Result<Vec<Value>, BackendError> {
+        self.run_scripts_with(op, calls, None).await
+    }
+
+    /// Runs write-script calls plus index updates; returns the changes the scripts reported.
+    async fn write_pipeline(
+        &self,
+        op: &'static str,
+        calls: &[(Vec<String>, Vec<String>)],
+        sets: &SetUpdates,
+    ) -> Result<Vec<Changed>, BackendError> {
+        let calls: Vec<ScriptCall<'_>> = calls
+            .iter()
+            .map(|(keys, args)| {
+                (
+                    &self.write,
+                    keys.clone(),
+                    args.iter().map(|a| Value::from(a.clone())).collect(),
+                )
+            })
+            .collect();
+        let results = self.run_scripts_with(op, &calls, Some(sets)).await?;
+        let mut changed = Vec::new();
+        for result in results {
+            if let Value::Array(parts) = result {
+                let before = parts.first().and_then(|v| v.as_u64()).unwrap_or(0) as u16;
+                let payload = parts.get(1).and_then(|v| v.as_string());
+                if let Some((_, record)) = payload.as_deref().and_then(record::parse_payload) {
+                    metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "out").increment(1);
+                    changed.push(Changed {
+                        before_platforms: before,
+                        record,
+                    });
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Removes every entry `node` holds and publishes what that changes; then forgets the node.
@@ -627,11 +682,13 @@ impl Backend for RedisBackend {
     }
 
     fn watch(&self, users: Vec<String>) {
-        let _ = self.subscriptions.send(SubCmd::Watch(users));
+        let channels = users.iter().map(|u| self.keys.user_channel(u)).collect();
+        let _ = self.subscriptions.send(SubCmd::Watch(channels));
     }
 
     fn unwatch(&self, users: Vec<String>) {
-        let _ = self.subscriptions.send(SubCmd::Unwatch(users));
+        let channels = users.iter().map(|u| self.keys.user_channel(u)).collect();
+        let _ = self.subscriptions.send(SubCmd::Unwatch(channels));
     }
 
     async fn put_token(&self, token: &str, claims: &TokenClaims) -> Result<(), BackendError> {
@@ -758,5 +815,138 @@ impl Backend for RedisBackend {
             changed.extend(reaped);
         }
         Ok(changed)
+    }
+
+    fn watch_inboxes(&self, users: Vec<String>) {
+        let channels = users.iter().map(|u| self.keys.inbox_channel(u)).collect();
+        let _ = self.subscriptions.send(SubCmd::Watch(channels));
+    }
+
+    fn unwatch_inboxes(&self, users: Vec<String>) {
+        let channels = users.iter().map(|u| self.keys.inbox_channel(u)).collect();
+        let _ = self.subscriptions.send(SubCmd::Unwatch(channels));
+    }
+
+    fn watch_groups(&self, groups: Vec<String>) {
+        let channels = groups.iter().map(|g| self.keys.group_channel(g)).collect();
+        let _ = self.subscriptions.send(SubCmd::Watch(channels));
+    }
+
+    fn unwatch_groups(&self, groups: Vec<String>) {
+        let channels = groups.iter().map(|g| self.keys.group_channel(g)).collect();
+        let _ = self.subscriptions.send(SubCmd::Unwatch(channels));
+    }
+
+    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        self.add_member_impl(group, user, true).await
+    }
+
+    async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        self.add_member_impl(group, user, false).await
+    }
+
+    async fn members(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        let min = after.map(|a| format!("({a}")).unwrap_or_else(|| "-".into());
+        Self::count_round_trip("groups");
+        let mut page: Vec<String> = self
+            .client
+            .custom(
+                cmd("ZRANGE"),
+                vec![
+                    self.keys.members(group),
+                    min,
+                    "+".into(),
+                    "BYLEX".into(),
+                    "LIMIT".into(),
+                    "0".into(),
+                    (limit + 1).to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more { page.last().cloned() } else { None };
+        Ok((page, next))
+    }
+
+    async fn is_member(&self, group: &str, user: &str) -> Result<bool, BackendError> {
+        Self::count_round_trip("groups");
+        let score: Option<f64> = self
+            .client
+            .custom(
+                cmd("ZSCORE"),
+                vec![self.keys.members(group), user.to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        Ok(score.is_some())
+    }
+
+    async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        Self::count_round_trip("groups");
+        self.client
+            .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])
+            .await
+            .map_err(|e| Self::error("groups", e))
+    }
+
+    async fn send(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError> {
+        self.send_impl(messages).await
+    }
+
+    async fn offline_messages(&self, user: &str) -> Result<Vec<shared::Message>, BackendError> {
+        self.offline_impl(user).await
+    }
+
+    async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {
+        self.ack_offline_impl(user, up_to).await
+    }
+
+    async fn history(
+        &self,
+        group: &str,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<shared::Message>, bool), BackendError> {
+        self.history_impl(group, since, limit).await
+    }
+
+    async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError> {
+        Self::count_round_trip("read");
+        self.client
+            .custom(
+                cmd("HGET"),
+                vec![self.keys.read_positions(user), group.to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("read", e))
+    }
+
+    async fn set_read_position(
+        &self,
+        user: &str,
+        group: &str,
+        up_to: &str,
+    ) -> Result<(), BackendError> {
+        let call: ScriptCall<'_> = (
+            &self.read,
+            vec![self.keys.read_positions(user)],
+            vec![group.into(), up_to.into()],
+        );
+        self.run_scripts("read", &[call]).await?;
+        Ok(())
+    }
+
+    async fn unread(&self, user: &str) -> Result<BTreeMap<String, u64>, BackendError> {
+        self.unread_impl(user).await
     }
 }

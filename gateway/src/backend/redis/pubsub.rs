@@ -1,6 +1,7 @@
-//! Presence events between nodes: a node subscribes to the event channel of each user its clients
-//! watch (SUBSCRIBE, or SSUBSCRIBE on a cluster), and turns messages into backend events. Redis work
-//! per presence change is one PUBLISH from the write script, whatever the number of nodes.
+//! Everything a node hears from other nodes comes through the subscriber: presence events of
+//! watched users (`P:ev:{u}`), inboxes of locally connected users (`P:uc:{u}`), groups with local
+//! members (`P:gm:{g}`), and broadcasts. A node subscribes only to what its own clients need, and
+//! every publish is one command whatever the number of nodes.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -9,26 +10,30 @@ use futures_util::future::join_all;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{keys::Keys, record};
+use super::{
+    envelope::{self, Published},
+    keys::{ChannelKind, Keys},
+    record,
+};
 use crate::{
-    backend::{BackendEvent, EventSink},
+    backend::{Audience, BackendEvent, Delivery, EventSink},
     metrics as m,
 };
 
+/// Channels to start or stop hearing.
 pub enum SubCmd {
     Watch(Vec<String>),
     Unwatch(Vec<String>),
 }
 
-/// Channels per SUBSCRIBE call (one call per channel on a cluster, where each user's channel
-/// lives in its own slot).
+/// Channels per SUBSCRIBE call (one call per channel on a cluster, where each channel lives in
+/// its own slot).
 const CHUNK: usize = 500;
 
-/// Keeps the subscriber's channels equal to the watched users, retrying what Redis refused (fred
+/// Keeps the subscriber's channels equal to the wanted ones, retrying what Redis refused (fred
 /// only remembers, and resubscribes after a reconnect, what succeeded).
 pub async fn run_subscriptions(
     subscriber: SubscriberClient,
-    keys: Keys,
     cluster: bool,
     mut commands: mpsc::UnboundedReceiver<SubCmd>,
     stop: CancellationToken,
@@ -43,9 +48,9 @@ pub async fn run_subscriptions(
             _ = stop.cancelled() => break,
         };
         let mut apply = |cmd: SubCmd| match cmd {
-            SubCmd::Watch(users) => wanted.extend(users),
-            SubCmd::Unwatch(users) => users.iter().for_each(|u| {
-                wanted.remove(u);
+            SubCmd::Watch(channels) => wanted.extend(channels),
+            SubCmd::Unwatch(channels) => channels.iter().for_each(|c| {
+                wanted.remove(c);
             }),
         };
         if let Some(cmd) = first {
@@ -57,36 +62,34 @@ pub async fn run_subscriptions(
         let add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
         let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         retry = false;
-        for users in add.chunks(CHUNK) {
-            let channels: Vec<String> = users.iter().map(|u| keys.user_channel(u)).collect();
+        for channels in add.chunks(CHUNK) {
             let ok = if cluster {
-                join_all(channels.into_iter().map(|c| subscriber.ssubscribe(c)))
+                join_all(channels.iter().map(|c| subscriber.ssubscribe(c.clone())))
                     .await
                     .into_iter()
                     .all(|r| r.is_ok())
             } else {
-                subscriber.subscribe(channels).await.is_ok()
+                subscriber.subscribe(channels.to_vec()).await.is_ok()
             };
             if ok {
-                subscribed.extend(users.iter().cloned());
+                subscribed.extend(channels.iter().cloned());
             } else {
                 metrics::counter!(m::BACKEND_ERRORS, "op" => "subscribe").increment(1);
                 retry = true;
             }
         }
-        for users in remove.chunks(CHUNK) {
-            let channels: Vec<String> = users.iter().map(|u| keys.user_channel(u)).collect();
+        for channels in remove.chunks(CHUNK) {
             let ok = if cluster {
-                join_all(channels.into_iter().map(|c| subscriber.sunsubscribe(c)))
+                join_all(channels.iter().map(|c| subscriber.sunsubscribe(c.clone())))
                     .await
                     .into_iter()
                     .all(|r| r.is_ok())
             } else {
-                subscriber.unsubscribe(channels).await.is_ok()
+                subscriber.unsubscribe(channels.to_vec()).await.is_ok()
             };
             if ok {
-                users.iter().for_each(|u| {
-                    subscribed.remove(u);
+                channels.iter().for_each(|c| {
+                    subscribed.remove(c);
                 });
             } else {
                 retry = true;
@@ -95,7 +98,7 @@ pub async fn run_subscriptions(
     }
 }
 
-/// Turns subscriber messages into presence events for the node.
+/// Turns subscriber messages into backend events for the node.
 pub async fn run_messages(
     subscriber: SubscriberClient,
     keys: Keys,
@@ -111,29 +114,74 @@ pub async fn run_messages(
         match message {
             Ok(message) => {
                 metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "in").increment(1);
-                let Some(channel_user) = keys.user_of_channel(&message.channel) else {
+                let Some(payload) = message.value.as_bytes() else {
                     continue;
                 };
-                let Some(payload) = message.value.as_str() else {
-                    continue;
-                };
-                match record::parse_payload(&payload) {
-                    Some((_, rec)) if rec.user == channel_user => {
-                        if events.send(BackendEvent::Presence(rec)).await.is_err() {
+                let event = keys
+                    .classify(&message.channel)
+                    .and_then(|kind| to_event(kind, payload));
+                match event {
+                    Some(event) => {
+                        if events.send(event).await.is_err() {
                             break;
                         }
                     }
-                    _ => tracing::warn!(channel = %message.channel, "unreadable presence event"),
+                    None => {
+                        tracing::warn!(channel = %message.channel, "unreadable pub/sub message")
+                    }
                 }
             }
             Err(RecvError::Lagged(n)) => {
                 metrics::counter!(m::BACKEND_ERRORS, "op" => "pubsub_lagged").increment(n);
                 tracing::warn!(
                     missed = n,
-                    "presence events dropped: the node read pub/sub too slowly"
+                    "pub/sub messages dropped: the node read them too slowly"
                 );
             }
             Err(RecvError::Closed) => break,
         }
+    }
+}
+
+fn to_event(kind: ChannelKind<'_>, payload: &[u8]) -> Option<BackendEvent> {
+    let delivery = |audience, message, origin| {
+        BackendEvent::Message(Delivery {
+            audience,
+            message,
+            origin,
+        })
+    };
+    match kind {
+        ChannelKind::Presence(user) => {
+            let (_, rec) = record::parse_payload(std::str::from_utf8(payload).ok()?)?;
+            (rec.user == user).then_some(BackendEvent::Presence(rec))
+        }
+        ChannelKind::Inbox(user) => match envelope::parse_published(payload)? {
+            Published::Message(message, origin) => {
+                Some(delivery(Audience::User(user.to_string()), message, origin))
+            }
+            Published::Joined(group) => Some(BackendEvent::Membership {
+                user: user.to_string(),
+                group,
+                joined: true,
+            }),
+            Published::Left(group) => Some(BackendEvent::Membership {
+                user: user.to_string(),
+                group,
+                joined: false,
+            }),
+        },
+        ChannelKind::Group(group) => match envelope::parse_published(payload)? {
+            Published::Message(message, origin) => Some(delivery(
+                Audience::Group(group.to_string()),
+                message,
+                origin,
+            )),
+            _ => None,
+        },
+        ChannelKind::Broadcast => match envelope::parse_published(payload)? {
+            Published::Message(message, origin) => Some(delivery(Audience::All, message, origin)),
+            _ => None,
+        },
     }
 }

@@ -1,0 +1,121 @@
+//! Group endpoints for the app backend: membership, members, online members, history.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::StatusCode,
+};
+use serde::{Deserialize, Serialize};
+use shared::{Message, ids};
+
+use super::{ApiError, ApiJson};
+use crate::{app::App, backend::parse_msg_id, conn::online_members};
+
+/// Largest page of members or history.
+const MAX_PAGE: usize = 1000;
+
+fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
+    ids::check_id("group", group).map_err(ApiError::bad_request)?;
+    if let Some(user) = user {
+        ids::check_id("user", user).map_err(ApiError::bad_request)?;
+    }
+    Ok(())
+}
+
+fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    Ok(limit)
+}
+
+pub async fn add_member(
+    State(app): State<Arc<App>>,
+    Path((group, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    check(&group, Some(&user))?;
+    app.backend.add_member(&group, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn remove_member(
+    State(app): State<Arc<App>>,
+    Path((group, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    check(&group, Some(&user))?;
+    app.backend.remove_member(&group, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct PageParams {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct UserPage {
+    users: Vec<String>,
+    next_cursor: Option<String>,
+}
+
+pub async fn members(
+    State(app): State<Arc<App>>,
+    Path(group): Path<String>,
+    Query(params): Query<PageParams>,
+) -> ApiJson<UserPage> {
+    check(&group, None)?;
+    let limit = page_limit(params.limit, 100)?;
+    let cursor = params.cursor.filter(|c| !c.is_empty());
+    if let Some(c) = &cursor {
+        ids::check_id("cursor", c).map_err(ApiError::bad_request)?;
+    }
+    let (users, next_cursor) = app
+        .backend
+        .members(&group, cursor.as_deref(), limit)
+        .await?;
+    Ok(Json(UserPage { users, next_cursor }))
+}
+
+#[derive(Serialize)]
+pub struct Users {
+    users: Vec<String>,
+}
+
+pub async fn online(State(app): State<Arc<App>>, Path(group): Path<String>) -> ApiJson<Users> {
+    check(&group, None)?;
+    let users = online_members(app.backend.as_ref(), &group).await?;
+    Ok(Json(Users { users }))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryParams {
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct History {
+    messages: Vec<Message>,
+    more: bool,
+}
+
+pub async fn history(
+    State(app): State<Arc<App>>,
+    Path(group): Path<String>,
+    Query(params): Query<HistoryParams>,
+) -> ApiJson<History> {
+    check(&group, None)?;
+    let limit = page_limit(params.limit, 100)?;
+    let since = params.since.filter(|s| !s.is_empty());
+    if since.as_deref().is_some_and(|s| parse_msg_id(s).is_none()) {
+        return Err(ApiError::bad_request("since must be a message id"));
+    }
+    let (messages, more) = app.backend.history(&group, since.as_deref(), limit).await?;
+    Ok(Json(History { messages, more }))
+}

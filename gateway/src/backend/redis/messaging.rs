@@ -1,0 +1,338 @@
+//! Messaging on Redis: group membership, sends (one script call per message, pipelined), offline
+//! storage, history, read positions and unread counts. Key layout in docs/ARCHITECTURE.md.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fred::{prelude::*, types::Value};
+use shared::{Destination, Message, RouteResult};
+
+use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, unavailable};
+use crate::{
+    backend::{BackendError, Outgoing, SendOutcome, SendRefused, parse_msg_id},
+    clock::now_ms,
+};
+
+fn int(n: u64) -> Value {
+    Value::Integer(n as i64)
+}
+
+impl RedisBackend {
+    pub(super) async fn add_member_impl(
+        &self,
+        group: &str,
+        user: &str,
+        joined: bool,
+    ) -> Result<(), BackendError> {
+        let pipeline = self.client.pipeline();
+        let (zcmd, scmd, tag) = if joined {
+            ("ZADD", "SADD", "J")
+        } else {
+            ("ZREM", "SREM", "L")
+        };
+        let mut zargs = vec![self.keys.members(group)];
+        if joined {
+            zargs.push("0".into());
+        }
+        zargs.push(user.to_string());
+        let _: () = pipeline
+            .custom(cmd(zcmd), zargs)
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .custom(
+                cmd(scmd),
+                vec![self.keys.user_groups(user), group.to_string()],
+            )
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .custom(
+                cmd(self.publish_command()),
+                vec![self.keys.inbox_channel(user), format!("{tag}{group}")],
+            )
+            .await
+            .map_err(unavailable)?;
+        Self::count_round_trip("groups");
+        let _: Vec<Value> = pipeline.all().await.map_err(|e| Self::error("groups", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn send_impl(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError> {
+        let now = now_ms();
+        let limits = &self.settings.messages;
+        let oldest = now.saturating_sub(limits.history_age.as_millis() as u64);
+        let mut calls = Vec::with_capacity(messages.len());
+        let mut envelopes = Vec::with_capacity(messages.len());
+        for out in &messages {
+            let env = envelope::encode(out).map_err(BackendError::Internal)?;
+            let env_value = Value::Bytes(env.clone().into());
+            let call = match &out.to {
+                Destination::User { user } => (
+                    &self.private_send,
+                    vec![
+                        self.keys.user(user),
+                        self.keys.offline(user),
+                        self.keys.inbox_channel(user),
+                    ],
+                    vec![
+                        int(now),
+                        int(limits.offline_cap as u64),
+                        env_value,
+                        self.publish_command().into(),
+                        int(RECORD_TTL_MS),
+                    ],
+                ),
+                Destination::Group { group } => (
+                    &self.group_send,
+                    vec![
+                        self.keys.members(group),
+                        self.keys.group_meta(group),
+                        self.keys.history(group),
+                        self.keys.group_channel(group),
+                    ],
+                    vec![
+                        out.from.clone().into(),
+                        (if out.check_membership { "1" } else { "0" }).into(),
+                        int(now),
+                        int(limits.history_cap as u64),
+                        int(oldest),
+                        env_value,
+                        self.publish_command().into(),
+                    ],
+                ),
+                Destination::All { .. } => (
+                    &self.broadcast,
+                    vec![self.keys.broadcast_seq(), self.keys.broadcast_channel()],
+                    vec![int(now), env_value, self.publish_command().into()],
+                ),
+            };
+            calls.push(call);
+            envelopes.push(env);
+        }
+        let results = self.run_scripts("send", &calls).await?;
+
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let copies = self.client.pipeline();
+        let mut any_copy = false;
+        for ((out, env), result) in messages.iter().zip(&envelopes).zip(results) {
+            let parts: Vec<Value> = match result {
+                Value::Array(parts) => parts,
+                _ => {
+                    return Err(BackendError::Internal(
+                        "unexpected send script reply".into(),
+                    ));
+                }
+            };
+            let int = |i: usize| parts.get(i).and_then(Value::as_i64).unwrap_or(0);
+            let id = |i: usize| parts.get(i).and_then(Value::as_string).unwrap_or_default();
+            let outcome = match &out.to {
+                Destination::User { user } => {
+                    let (nodes, stored, msg_id) = (int(0) as u64, int(1) as u64, id(2));
+                    // The sender's other devices get a copy through their own inbox channel.
+                    if out.from != *user && out.from != "system" {
+                        let mut payload = format!("M{msg_id}|").into_bytes();
+                        payload.extend_from_slice(env);
+                        let args: Vec<Value> = vec![
+                            self.keys.inbox_channel(&out.from).into(),
+                            Value::Bytes(payload.into()),
+                        ];
+                        let _: () = copies
+                            .custom(cmd(self.publish_command()), args)
+                            .await
+                            .map_err(unavailable)?;
+                        any_copy = true;
+                    }
+                    let result = if stored > 0 {
+                        RouteResult::Stored
+                    } else {
+                        RouteResult::Delivered
+                    };
+                    Ok(SendOutcome::new(msg_id, result, nodes, stored))
+                }
+                Destination::Group { .. } => {
+                    let others = int(0);
+                    if others < 0 {
+                        Err(SendRefused::NotMember)
+                    } else {
+                        let (nodes, msg_id) = (int(1) as u64, id(2));
+                        let result = match (others, nodes) {
+                            (0, _) => RouteResult::NoRecipients,
+                            (_, 0) => RouteResult::Stored,
+                            _ => RouteResult::Delivered,
+                        };
+                        Ok(SendOutcome::new(msg_id, result, nodes, 0))
+                    }
+                }
+                Destination::All { .. } => {
+                    let (nodes, msg_id) = (int(0) as u64, id(1));
+                    Ok(SendOutcome::new(msg_id, RouteResult::Delivered, nodes, 0))
+                }
+            };
+            outcomes.push(outcome);
+        }
+        if any_copy {
+            Self::count_round_trip("send");
+            let _: Vec<Value> = copies.all().await.map_err(|e| Self::error("send", e))?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Reads stream entries into messages (oldest first), skipping anything unreadable.
+    fn stream_messages(entries: Vec<Value>) -> Vec<Message> {
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(mut parts) = entry else {
+                continue;
+            };
+            if parts.len() != 2 {
+                continue;
+            }
+            let fields = parts.pop();
+            let id = parts.pop().and_then(|v| v.as_string());
+            let (Some(id), Some(Value::Array(fields))) = (id, fields) else {
+                continue;
+            };
+            let Some(id) = envelope::padded(&id) else {
+                continue;
+            };
+            let bytes = fields.get(1).and_then(|v| v.as_bytes()).map(|b| b.to_vec());
+            if let Some((message, _)) = bytes.and_then(|b| envelope::decode(id, &b)) {
+                out.push(message);
+            }
+        }
+        out
+    }
+
+    pub(super) async fn offline_impl(&self, user: &str) -> Result<Vec<Message>, BackendError> {
+        Self::count_round_trip("offline");
+        let count = self.settings.messages.offline_cap.to_string();
+        let entries: Vec<Value> = self
+            .client
+            .custom(
+                cmd("XRANGE"),
+                vec![
+                    self.keys.offline(user),
+                    "-".into(),
+                    "+".into(),
+                    "COUNT".into(),
+                    count,
+                ],
+            )
+            .await
+            .map_err(|e| Self::error("offline", e))?;
+        Ok(Self::stream_messages(entries)
+            .into_iter()
+            .map(|mut m| {
+                m.offline = Some(true);
+                m
+            })
+            .collect())
+    }
+
+    pub(super) async fn ack_offline_impl(
+        &self,
+        user: &str,
+        up_to: &str,
+    ) -> Result<(), BackendError> {
+        let (ms, seq) =
+            parse_msg_id(up_to).ok_or_else(|| BackendError::Internal("bad message id".into()))?;
+        Self::count_round_trip("offline");
+        let _: Value = self
+            .client
+            .custom(
+                cmd("XTRIM"),
+                vec![
+                    self.keys.offline(user),
+                    "MINID".into(),
+                    format!("{ms}-{}", seq + 1),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error("offline", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn history_impl(
+        &self,
+        group: &str,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), BackendError> {
+        let start = match since.and_then(parse_msg_id) {
+            Some((ms, seq)) => format!("({ms}-{seq}"),
+            None => "-".into(),
+        };
+        Self::count_round_trip("history");
+        let entries: Vec<Value> = self
+            .client
+            .custom(
+                cmd("XRANGE"),
+                vec![
+                    self.keys.history(group),
+                    start,
+                    "+".into(),
+                    "COUNT".into(),
+                    (limit + 1).to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error("history", e))?;
+        let oldest = now_ms().saturating_sub(self.settings.messages.history_age.as_millis() as u64);
+        let mut messages: Vec<Message> = Self::stream_messages(entries)
+            .into_iter()
+            .filter(|m| m.sent_at >= oldest)
+            .collect();
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        Ok((messages, more))
+    }
+
+    pub(super) async fn unread_impl(
+        &self,
+        user: &str,
+    ) -> Result<BTreeMap<String, u64>, BackendError> {
+        let pipeline = self.client.pipeline();
+        let _: () = pipeline
+            .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .custom(cmd("HGETALL"), vec![self.keys.read_positions(user)])
+            .await
+            .map_err(unavailable)?;
+        Self::count_round_trip("unread");
+        let (groups, positions): (Vec<String>, HashMap<String, String>) =
+            pipeline.all().await.map_err(|e| Self::error("unread", e))?;
+        if groups.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let pipeline = self.client.pipeline();
+        for group in &groups {
+            let _: () = pipeline
+                .custom(cmd("HGET"), vec![self.keys.group_meta(group), "seq".into()])
+                .await
+                .map_err(unavailable)?;
+            let _: () = pipeline
+                .custom(cmd("XLEN"), vec![self.keys.history(group)])
+                .await
+                .map_err(unavailable)?;
+        }
+        Self::count_round_trip("unread");
+        let values: Vec<Value> = pipeline.all().await.map_err(|e| Self::error("unread", e))?;
+        let mut counts = BTreeMap::new();
+        for (group, pair) in groups.iter().zip(values.chunks(2)) {
+            let last_seq = pair.first().and_then(Value::as_u64).unwrap_or(0);
+            let kept = pair.get(1).and_then(Value::as_u64).unwrap_or(0);
+            let read_seq = positions
+                .get(group)
+                .and_then(|id| parse_msg_id(id))
+                .map(|(_, seq)| seq)
+                .unwrap_or(0);
+            counts.insert(group.clone(), last_seq.saturating_sub(read_seq).min(kept));
+        }
+        Ok(counts)
+    }
+}

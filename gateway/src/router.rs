@@ -1,0 +1,143 @@
+//! Message routing workers. Each sender is hashed onto one worker, which sends what queued up
+//! since its last call as one backend call (one pipeline): a sender's messages keep their order
+//! across all their devices, and a burst costs one round trip, not one per message.
+
+use std::sync::Arc;
+
+use shared::{ErrorCode, ServerFrame, shard::shard_of};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    backend::{Backend, BackendError, Outgoing, SendOutcome, SendRefused},
+    conn::handle::ConnHandle,
+    metrics as m,
+};
+
+/// Messages one backend call carries at most.
+const BATCH: usize = 256;
+const MAILBOX: usize = 8192;
+
+pub type SendResult = Result<Result<SendOutcome, SendRefused>, BackendError>;
+
+/// Where the outcome goes.
+pub enum Reply {
+    /// A client's `send`: answered with `ack` or `error`.
+    Conn {
+        conn: Arc<ConnHandle>,
+        id: Option<u64>,
+    },
+    /// The REST API waits for it.
+    Caller(oneshot::Sender<SendResult>),
+}
+
+pub struct RouteJob {
+    pub out: Outgoing,
+    pub reply: Reply,
+}
+
+#[derive(Clone)]
+pub struct Router {
+    senders: Arc<[mpsc::Sender<RouteJob>]>,
+}
+
+impl Router {
+    pub fn spawn(
+        count: usize,
+        backend: Arc<dyn Backend>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Router {
+        let senders: Vec<_> = (0..count.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(MAILBOX);
+                tracker.spawn(run(rx, backend.clone(), stop.clone()));
+                tx
+            })
+            .collect();
+        Router {
+            senders: senders.into(),
+        }
+    }
+
+    /// Queues a message behind its sender's earlier ones. False once the router has stopped.
+    pub async fn route(&self, job: RouteJob) -> bool {
+        let index = shard_of(&job.out.from, self.senders.len());
+        match self.senders.get(index) {
+            Some(tx) => tx.send(job).await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+async fn run(
+    mut jobs: mpsc::Receiver<RouteJob>,
+    backend: Arc<dyn Backend>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let first = tokio::select! {
+            j = jobs.recv() => match j { Some(j) => j, None => break },
+            _ = stop.cancelled() => break,
+        };
+        batch.push(first);
+        while batch.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outs = batch.iter().map(|j| j.out.clone()).collect();
+        match backend.send(outs).await {
+            Ok(results) => {
+                for (job, result) in batch.drain(..).zip(results) {
+                    answer(job, Ok(result));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, messages = batch.len(), "message routing failed");
+                for job in batch.drain(..) {
+                    answer(job, Err(BackendError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn answer(job: RouteJob, result: SendResult) {
+    let kind = match &job.out.to {
+        shared::Destination::User { .. } => "user",
+        shared::Destination::Group { .. } => "group",
+        shared::Destination::All { .. } => "all",
+    };
+    let label = match &result {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(_)) => "refused",
+        Err(_) => "error",
+    };
+    metrics::counter!(m::MESSAGES_ROUTED, "to" => kind, "result" => label).increment(1);
+    match job.reply {
+        Reply::Caller(tx) => {
+            let _ = tx.send(result);
+        }
+        Reply::Conn { conn, id } => {
+            let frame = match result {
+                Ok(Ok(o)) => ServerFrame::Ack {
+                    id,
+                    msg_id: o.msg_id,
+                    result: o.result,
+                    delivered: o.delivered,
+                    stored: o.stored,
+                },
+                Ok(Err(refused)) => {
+                    ServerFrame::error(id, ErrorCode::Forbidden, refused.to_string())
+                }
+                Err(_) => {
+                    ServerFrame::error(id, ErrorCode::Unavailable, "message store unavailable")
+                }
+            };
+            conn.push_frame(&frame);
+        }
+    }
+}
