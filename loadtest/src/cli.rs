@@ -6,6 +6,20 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use shared::Encoding;
 
+const AFTER_HELP: &str = "\
+Examples (against `presence-gateway --dev --jwt-secret s --listen 127.0.0.1:8080`):
+  presence-loadtest idle  --jwt-secret s -n 2000 --rate 1000 --hold 10 --gateway-pid PID
+  presence-loadtest churn --jwt-secret s -k 50 --duration 10 --lifetime-ms 3000
+  presence-loadtest storm --jwt-secret s --users 1000 --rate 5000 --duration 10
+  presence-loadtest fanout --jwt-secret s --groups 10 --members 20 --rate 200
+  presence-loadtest private --jwt-secret s --users 200 --rate 1000
+  presence-loadtest idle --jwt-secret s -n 60000 --source-ips 127.0.0.1-127.0.0.4 \\
+      --url ws://127.0.0.1:8080/ws --url ws://127.0.0.1:8081/ws --report idle.json
+
+Exit codes: 0 the run measured what it should; 1 it could not (no connection succeeded, a
+worker failed or timed out); 2 bad options or setup error; 3 the gateway answered `unavailable`
+for something the scenario needs (e.g. messaging not enabled).";
+
 /// Load-test tool for the presence gateway.
 ///
 /// Every scenario is bounded in time and in count and stops by itself. Targets must be loopback
@@ -15,7 +29,7 @@ use shared::Encoding;
 ///
 /// Run `presence-loadtest <SCENARIO> --help` for the options of a scenario.
 #[derive(Parser, Debug)]
-#[command(name = "presence-loadtest", version, about, long_about)]
+#[command(name = "presence-loadtest", version, about, long_about, after_long_help = AFTER_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -68,7 +82,11 @@ pub struct CommonArgs {
     /// Gateway WebSocket URL (`ws://host:port/ws`); repeat for several nodes, clients are spread
     /// over them round-robin. Only loopback hosts are accepted. Each node's `/metrics` is read
     /// from the same host and port.
-    #[arg(long = "url", value_name = "URL", default_value = "ws://127.0.0.1:8080/ws")]
+    #[arg(
+        long = "url",
+        value_name = "URL",
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
     pub urls: Vec<String>,
 
     /// HS256 secret the gateway checks JWTs with (the gateway's `--jwt-secret`). Tokens are minted
@@ -113,7 +131,8 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub connect_timeout_ms: u64,
 
-    /// Write a JSON report with every figure and the exact command line to this file.
+    /// Write a JSON report with every figure and the exact command line (the JWT secret
+    /// redacted) to this file.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
 

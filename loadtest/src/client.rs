@@ -98,7 +98,7 @@ impl ClientEnv {
             .minter
             .mint(user, platform)
             .map_err(|e| ConnectError::new("token", e.to_string()))?;
-        let format = self.format_in_query.then(|| match self.encoding {
+        let format = self.format_in_query.then_some(match self.encoding {
             Encoding::MsgPack => "msgpack",
             Encoding::Json => "json",
         });
@@ -136,7 +136,6 @@ pub struct Connected {
 #[derive(Debug, Clone)]
 pub struct Welcome {
     pub node: String,
-    pub server_time: u64,
 }
 
 /// Why a connection failed; `kind` is a short label for counters.
@@ -201,9 +200,7 @@ async fn open(
     let mut conn = Conn { ws, encoding };
     match conn.recv().await {
         Incoming::Frame(frame) => match *frame {
-            ServerFrame::Welcome {
-                node, server_time, ..
-            } => Ok((conn, Welcome { node, server_time })),
+            ServerFrame::Welcome { node, .. } => Ok((conn, Welcome { node })),
             other => Err(ConnectError::new(
                 "no_welcome",
                 format!("first frame was {other:?}"),
@@ -211,7 +208,10 @@ async fn open(
         },
         Incoming::Undecodable(e) => Err(ConnectError::new("decode", e)),
         Incoming::Closed(code) => Err(ConnectError::new(
-            format!("closed_{}", code.map_or("none".to_string(), |c| c.to_string())),
+            format!(
+                "closed_{}",
+                code.map_or("none".to_string(), |c| c.to_string())
+            ),
             "closed before welcome",
         )),
         Incoming::Failed(e) => Err(ConnectError::new("io", e)),
@@ -257,7 +257,9 @@ impl Conn {
                     return Incoming::Undecodable("binary message on a JSON connection".into());
                 }
                 (Message::Text(_), Encoding::MsgPack) => {
-                    return Incoming::Undecodable("text message on a MessagePack connection".into());
+                    return Incoming::Undecodable(
+                        "text message on a MessagePack connection".into(),
+                    );
                 }
                 (Message::Close(frame), _) => {
                     return Incoming::Closed(frame.map(|f| u16::from(f.code)));
@@ -276,11 +278,9 @@ impl Conn {
         let bytes = self.encoding.encode(frame).map_err(|e| e.message)?;
         let message = match self.encoding {
             Encoding::MsgPack => Message::Binary(bytes.into()),
-            Encoding::Json => Message::Text(
-                String::from_utf8(bytes)
-                    .map_err(|e| e.to_string())?
-                    .into(),
-            ),
+            Encoding::Json => {
+                Message::Text(String::from_utf8(bytes).map_err(|e| e.to_string())?.into())
+            }
         };
         self.ws.send(message).await.map_err(|e| e.to_string())
     }

@@ -273,7 +273,10 @@ mod tests {
 
     #[test]
     fn chunked_bodies_are_joined() -> anyhow::Result<()> {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")?, "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")?,
+            "hello world"
+        );
         assert!(dechunk("zz\r\n").is_err());
         Ok(())
     }

@@ -33,10 +33,6 @@ impl Hist {
         self.0.saturating_record(micros.min(MAX_MICROS));
     }
 
-    pub fn len(&self) -> u64 {
-        self.0.len()
-    }
-
     pub fn merge(&mut self, other: &Hist) {
         if self.0.add(&other.0).is_err() {
             // Different bounds can only come from a different build of this tool: keep what can
@@ -235,10 +231,6 @@ impl Recorder {
         self.lock().add(name, n);
     }
 
-    pub fn record(&self, hist: &str, micros: u64) {
-        self.lock().record(hist, micros);
-    }
-
     pub fn take(&self) -> Stats {
         std::mem::take(&mut *self.lock())
     }
@@ -371,6 +363,26 @@ pub fn latencies_json(stats: &Stats) -> Value {
     Value::Object(map)
 }
 
+/// The command line with the value of `--jwt-secret` replaced, so reports can be shared.
+pub fn redact_secret(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide_next = false;
+    for a in args {
+        if hide_next {
+            out.push("<redacted>".to_string());
+            hide_next = false;
+        } else if a == "--jwt-secret" {
+            out.push(a.clone());
+            hide_next = true;
+        } else if a.starts_with("--jwt-secret=") {
+            out.push("--jwt-secret=<redacted>".to_string());
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 /// The command line as one shell-quoted string.
 pub fn shell_line(args: &[String]) -> String {
     args.iter()
@@ -434,6 +446,26 @@ mod tests {
         let t = table("idle", &summary);
         let widths: Vec<usize> = t.lines().map(|l| l.chars().count()).collect();
         assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let argv: Vec<String> = [
+            "lt",
+            "idle",
+            "--jwt-secret",
+            "s",
+            "--jwt-secret=t",
+            "-n",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            redact_secret(&argv).join(" "),
+            "lt idle --jwt-secret <redacted> --jwt-secret=<redacted> -n 5"
+        );
     }
 
     #[test]

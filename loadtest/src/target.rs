@@ -38,7 +38,8 @@ impl Target {
         if authority.contains('@') {
             bail!("{url}: user info in the URL is not supported");
         }
-        let (host, port) = split_host_port(authority).with_context(|| format!("{url}: bad host"))?;
+        let (host, port) =
+            split_host_port(authority).with_context(|| format!("{url}: bad host"))?;
         let ip = loopback_ip(host).with_context(|| {
             format!(
                 "{url}: refusing host {host:?}: the load tool only targets loopback addresses \
@@ -176,7 +177,10 @@ mod tests {
     fn loopback_urls_parse() -> anyhow::Result<()> {
         let t = Target::parse("ws://127.0.0.1:8080/ws")?;
         assert_eq!(t.addr, "127.0.0.1:8080".parse()?);
-        assert_eq!(t.client_url("abc", None), "ws://127.0.0.1:8080/ws?token=abc");
+        assert_eq!(
+            t.client_url("abc", None),
+            "ws://127.0.0.1:8080/ws?token=abc"
+        );
         let t = Target::parse("ws://localhost:9000")?;
         assert_eq!(t.path_and_query, "/ws");
         assert_eq!(

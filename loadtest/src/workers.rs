@@ -77,13 +77,19 @@ impl Progress {
 pub enum Event {
     Progress(Progress),
     /// Setup is done (connections open, subscriptions and joins answered).
-    Ready { unavailable: Option<String> },
+    Ready {
+        unavailable: Option<String>,
+    },
     /// The measured phase is over; connections stay open until `stop`.
     RunDone,
     /// The final statistics; the worker ends after it.
-    Result { stats: Box<Stats> },
+    Result {
+        stats: Box<Stats>,
+    },
     /// The worker could not run.
-    Fatal { message: String },
+    Fatal {
+        message: String,
+    },
     /// Sent by the parent side when a worker's event stream ended.
     Exited,
 }
@@ -117,10 +123,6 @@ impl Counters {
             received: self.received.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
         }
-    }
-
-    pub fn bump(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn opened(&self) {
@@ -181,15 +183,28 @@ impl WorkerCtx {
 
 /// Waits until the phase is at least `at_least`; the phase then, or `Stop` after `within` or if
 /// the parent is gone.
-pub async fn wait_phase(rx: &mut watch::Receiver<Phase>, at_least: Phase, within: Duration) -> Phase {
-    match tokio::time::timeout(within, rx.wait_for(|p| *p >= at_least)).await {
-        Ok(Ok(p)) => *p,
+pub async fn wait_phase(
+    rx: &mut watch::Receiver<Phase>,
+    at_least: Phase,
+    within: Duration,
+) -> Phase {
+    let waited = tokio::time::timeout(within, async {
+        rx.wait_for(|p| *p >= at_least).await.map(|p| *p)
+    })
+    .await;
+    match waited {
+        Ok(Ok(p)) => p,
         Ok(Err(_)) => Phase::Stop,
         Err(_) => {
             let now = *rx.borrow();
             if now >= at_least { now } else { Phase::Stop }
         }
     }
+}
+
+/// Waits until a watched flag is set (or its sender is gone).
+pub async fn wait_flag<T>(rx: &mut watch::Receiver<T>, set: impl FnMut(&T) -> bool) {
+    let _ = rx.wait_for(set).await.map(|_| ());
 }
 
 /// Microseconds since the Unix epoch (shared by every process on the machine).
@@ -335,7 +350,9 @@ impl Fleet {
             let mut spec = spec.clone();
             spec.worker = 0;
             spec.workers = 1;
-            fleet.tasks.push(tokio::spawn(run_worker(spec, ev_tx, phase_rx)));
+            fleet
+                .tasks
+                .push(tokio::spawn(run_worker(spec, ev_tx, phase_rx)));
             fleet.tasks.push(tokio::spawn(async move {
                 while let Some(e) = ev_rx.recv().await {
                     if tx.send((0, e)).is_err() {
@@ -368,11 +385,10 @@ impl Fleet {
             fleet.tasks.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let event = serde_json::from_str::<Event>(&line).unwrap_or_else(|e| {
-                        Event::Fatal {
+                    let event =
+                        serde_json::from_str::<Event>(&line).unwrap_or_else(|e| Event::Fatal {
                             message: format!("unreadable worker output ({e}): {line:.200}"),
-                        }
-                    });
+                        });
                     if tx.send((worker, event)).is_err() {
                         return;
                     }

@@ -16,12 +16,12 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, gate, pace, percent, per_sec, share, slice};
+use super::{Outcome, pace, per_sec, percent, share, slice};
 use crate::{
     cli::ChurnArgs,
     client::{Conn, Incoming},
     report::{Section, Stats, Summary, round},
-    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_phase},
+    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_flag, wait_phase},
 };
 
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -101,8 +101,8 @@ pub async fn worker(args: &ChurnArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stat
     });
 
     // Setup: observers subscribe to blocks of the users this worker will churn.
-    let (gate_tx, mut gate) = gate();
-    let (final_tx, mut final_gate) = gate();
+    let (gate_tx, mut gate) = super::gate();
+    let (final_tx, mut final_gate) = super::gate();
     let (done_tx, done_rx) = watch::channel(false);
     let mut observer_tasks = Vec::new();
     let block = args.users_per_observer as usize;
@@ -132,7 +132,8 @@ pub async fn worker(args: &ChurnArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stat
     drop(gate_tx);
     drop(final_tx);
     let connect = Duration::from_millis(args.common.connect_timeout_ms);
-    gate.wait(observer_tasks.len(), connect + SUBSCRIBE_WAIT).await;
+    gate.wait(observer_tasks.len(), connect + SUBSCRIBE_WAIT)
+        .await;
     ctx.ready(None);
     if !ctx.wait_go(Duration::from_secs(120)).await {
         let _ = done_tx.send(true);
@@ -161,7 +162,10 @@ pub async fn worker(args: &ChurnArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stat
     }
     {
         let mut rec = shared.rec.lock();
-        rec.min("first_start_us", epoch_us().saturating_sub(go.elapsed().as_micros() as u64));
+        rec.min(
+            "first_start_us",
+            epoch_us().saturating_sub(go.elapsed().as_micros() as u64),
+        );
         rec.max("last_start_us", epoch_us());
     }
     let bound = connect + lifetime + CLOSE_WAIT * 2;
@@ -187,11 +191,7 @@ async fn finish(
     observers: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Stats> {
     ctx.wait_stop(Duration::from_secs(120)).await;
-    let _ = tokio::time::timeout(
-        CLOSE_WAIT * 3,
-        futures_util::future::join_all(observers),
-    )
-    .await;
+    let _ = tokio::time::timeout(CLOSE_WAIT * 3, futures_util::future::join_all(observers)).await;
     Ok(ctx.shared.rec.take())
 }
 
@@ -296,10 +296,7 @@ impl Observer {
                         alive = false;
                     }
                 },
-                r = done.wait_for(|d| *d) => {
-                    let _ = r;
-                    break;
-                }
+                _ = wait_flag(&mut done, |d| *d) => break,
             }
         }
         self.count_missing(&seen, &mut local);
@@ -320,7 +317,10 @@ impl Observer {
             .connect(self.index, &self.user)
             .await
             .map_err(|e| {
-                self.shared.rec.lock().sample("observer_connect", &e.to_string());
+                self.shared
+                    .rec
+                    .lock()
+                    .sample("observer_connect", &e.to_string());
                 e.kind
             })?;
         self.shared.counters.opened();
@@ -330,10 +330,7 @@ impl Observer {
             .clone()
             .map(|k| format!("{}-c{}", self.shared.prefix, self.track.base as usize + k))
             .collect();
-        let frame = ClientFrame::Subscribe {
-            id: Some(1),
-            users,
-        };
+        let frame = ClientFrame::Subscribe { id: Some(1), users };
         let answer = async {
             conn.send(&frame).await.map_err(|_| "send".to_string())?;
             loop {
@@ -341,7 +338,10 @@ impl Observer {
                     Incoming::Frame(f) => match *f {
                         ServerFrame::PresenceList { id: Some(1), .. } => return Ok(()),
                         ServerFrame::Error { code, message, .. } => {
-                            self.shared.rec.lock().sample("observer_subscribe", &message);
+                            self.shared
+                                .rec
+                                .lock()
+                                .sample("observer_subscribe", &message);
                             return Err(format!("{code:?}").to_lowercase());
                         }
                         _ => {}
@@ -375,7 +375,10 @@ impl Observer {
             _ => return,
         };
         let now = self.track.now();
-        self.shared.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .received
+            .fetch_add(1, Ordering::Relaxed);
         let k = presence
             .user
             .strip_prefix(&self.shared.prefix)
@@ -460,7 +463,10 @@ pub fn summarize(args: &ChurnArgs, o: &Outcome<'_>) -> Summary {
     let mut c = Section::new("clients");
     c.value("planned", planned)
         .value("connected", connected)
-        .value("failed", format!("{failed} ({:.2}%)", percent(failed, planned)));
+        .value(
+            "failed",
+            format!("{failed} ({:.2}%)", percent(failed, planned)),
+        );
     for (kind, n) in &failures {
         c.value(format!("  failed: {kind}"), n);
     }

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use serde_json::json;
 use tokio::{sync::watch, time::Instant};
 
-use super::{Outcome, gate, pace, percent, per_sec, share, slice};
+use super::{Outcome, gate, pace, per_sec, percent, share, slice};
 use crate::{
     cli::IdleArgs,
     client::Incoming,
@@ -45,8 +45,12 @@ pub async fn worker(args: &IdleArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stats
     let bound = Duration::from_millis(args.common.connect_timeout_ms) + Duration::from_secs(5);
     gate.wait(tasks.len(), bound).await;
     ctx.ready(None);
-    if ctx.wait_go(Duration::from_secs(120) + Duration::from_millis(args.settle_ms)).await {
-        ctx.sleep_unless_stopped(Duration::from_secs(args.hold)).await;
+    if ctx
+        .wait_go(Duration::from_secs(120) + Duration::from_millis(args.settle_ms))
+        .await
+    {
+        ctx.sleep_unless_stopped(Duration::from_secs(args.hold))
+            .await;
     }
     ctx.run_done();
     ctx.wait_stop(Duration::from_secs(120)).await;
@@ -68,7 +72,10 @@ async fn connection(
     let connected = match shared.env.connect(index, &user).await {
         Ok(c) => c,
         Err(e) => {
-            shared.counters.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .counters
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut rec = shared.rec.lock();
             rec.add("connect_failed", 1);
             rec.add(&format!("connect_error.{}", e.kind), 1);
@@ -83,6 +90,7 @@ async fn connection(
         rec.add("connected", 1);
         rec.record("connect", connected.latency.as_micros() as u64);
         rec.vec_add("connected_by_url", connected.url_index, 1);
+        rec.add(&format!("welcome_node.{}", connected.welcome.node), 1);
         rec.max("ramp_end_us", epoch_us());
     }
     shared.counters.opened();
@@ -146,11 +154,14 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
     let mut conns = Section::new("connections");
     conns
         .value("requested", args.connections)
-        .value("connected", connected)
-        .value(
-            "failed",
-            format!("{failed} ({:.2}%)", percent(failed, args.connections)),
-        );
+        .value("connected", connected);
+    for (node, n) in s.with_prefix("welcome_node.") {
+        conns.value(format!("  welcomed by node {node}"), n);
+    }
+    conns.value(
+        "failed",
+        format!("{failed} ({:.2}%)", percent(failed, args.connections)),
+    );
     for (kind, n) in &failures {
         conns.value(format!("  failed: {kind}"), n);
     }
@@ -254,12 +265,11 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
             let rss = |snap: &Snapshot| snap.pids.get(k).and_then(|p| p.rss_kib);
             let (before, ramped, held) = (rss(o.before), rss(o.after_setup), rss(o.after_run));
             let per_conn = |after: Option<u64>| match (before, after) {
-                (Some(b), Some(a)) if conns > 0 => {
-                    Some((a as f64 - b as f64) / conns as f64)
-                }
+                (Some(b), Some(a)) if conns > 0 => Some((a as f64 - b as f64) / conns as f64),
                 _ => None,
             };
-            let mib = |v: Option<u64>| v.map_or("n/a".into(), |v| format!("{:.1}", v as f64 / 1024.0));
+            let mib =
+                |v: Option<u64>| v.map_or("n/a".into(), |v| format!("{:.1}", v as f64 / 1024.0));
             let kib = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}"));
             mem.value(
                 format!("pid {pid} RSS MiB"),
@@ -298,9 +308,7 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
     }
 
     if connected == 0 {
-        summary
-            .problems
-            .push("no connection succeeded".to_string());
+        summary.problems.push("no connection succeeded".to_string());
     }
     summary.figures = json!({
         "requested": args.connections,

@@ -18,12 +18,12 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, gate, pace, percent, per_sec, share};
+use super::{Outcome, gate, pace, per_sec, percent, share};
 use crate::{
     cli::MessagingArgs,
     client::{Conn, Incoming},
     report::{Section, Stats, Summary, round},
-    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_phase},
+    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_flag, wait_phase},
 };
 
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -137,7 +137,7 @@ pub async fn worker(
         let run = board.duration + Duration::from_millis(args.drain_ms);
         tokio::select! {
             _ = ctx.sleep_unless_stopped(run) => {}
-            _ = flag.wait_for(|u| u.is_some()) => {}
+            _ = wait_flag(&mut flag, |u| u.is_some()) => {}
         }
     }
     ctx.run_done();
@@ -249,10 +249,11 @@ async fn run_member(
                 if kind == "unavailable" {
                     board.set_unavailable(&message);
                 }
-                let mut rec = shared.rec.lock();
-                rec.add(&format!("join_failed.{kind}"), 1);
-                rec.sample(&format!("join_failed.{kind}"), &message);
-                drop(rec);
+                {
+                    let mut rec = shared.rec.lock();
+                    rec.add(&format!("join_failed.{kind}"), 1);
+                    rec.sample(&format!("join_failed.{kind}"), &message);
+                }
                 let _ = gate.send(false);
                 if kind != "closed" {
                     conn.close(CLOSE_WAIT).await;
@@ -313,8 +314,7 @@ async fn run_member(
                         next = Some(at + send.every);
                     }
                 }
-                r = unavailable.wait_for(|u| u.is_some()), if next.is_some() => {
-                    let _ = r;
+                _ = wait_flag(&mut unavailable, |u| u.is_some()), if next.is_some() => {
                     next = None;
                 }
                 p = wait_phase(&mut phase, Phase::Stop, Duration::from_secs(86_400)) => {
@@ -539,7 +539,10 @@ pub fn summarize(
     let duplicates = s.get("duplicates");
     let lost = expected.saturating_sub(received);
     let extra = received.saturating_sub(expected);
-    let span = match (s.mins.get("first_delivery_us"), s.maxs.get("last_delivery_us")) {
+    let span = match (
+        s.mins.get("first_delivery_us"),
+        s.maxs.get("last_delivery_us"),
+    ) {
         (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e6,
         _ => 0.0,
     };
@@ -552,7 +555,10 @@ pub fn summarize(
     let mut c = Section::new("connections");
     c.value("planned", planned)
         .value("connected", connected)
-        .value("failed", format!("{failed} ({:.2}%)", percent(failed, planned)));
+        .value(
+            "failed",
+            format!("{failed} ({:.2}%)", percent(failed, planned)),
+        );
     for (kind, n) in &failures {
         c.value(format!("  failed: {kind}"), n);
     }
@@ -583,11 +589,10 @@ pub fn summarize(
         .value("lost", format!("{lost} ({:.3}%)", percent(lost, expected)))
         .value("duplicates", duplicates)
         .value("beyond expected", extra)
-        .value("misrouted / self copies", format!(
-            "{} / {}",
-            s.get("misrouted"),
-            s.get("self_copies")
-        ))
+        .value(
+            "misrouted / self copies",
+            format!("{} / {}", s.get("misrouted"), s.get("self_copies")),
+        )
         .value("deliveries/s", format!("{:.0}", per_sec(received, span)))
         .latency("delivery latency", latency)
         .value("undecodable frames", s.get("decode_errors"));

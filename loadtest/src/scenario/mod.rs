@@ -45,8 +45,6 @@ pub struct Outcome<'a> {
     pub after_run: &'a Snapshot,
     /// Taken every second during the measured phase, for scenarios that ask for it.
     pub during: &'a [Snapshot],
-    /// Seconds from `go` to the end of the measured phase (all workers done).
-    pub run_secs: f64,
     pub workers: usize,
 }
 
@@ -302,7 +300,7 @@ mod tests {
                     for w in 0..workers {
                         let r = slice(total, w, workers, align);
                         assert_eq!(r.start, next, "{total} {workers} {align}");
-                        assert!(r.start % align == 0 || r.start == total);
+                        assert!(r.start.is_multiple_of(align) || r.start == total);
                         next = r.end;
                     }
                     assert_eq!(next, total);

@@ -15,7 +15,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, gate, messaging::error_label, pace, percent, per_sec, share, slice};
+use super::{Outcome, gate, messaging::error_label, pace, per_sec, percent, share, slice};
 use crate::{
     cli::StormArgs,
     client::Incoming,
@@ -270,7 +270,10 @@ pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
     let mut c = Section::new("connections");
     c.value("planned", args.users)
         .value("connected", connected)
-        .value("failed", format!("{failed} ({:.2}%)", percent(failed, args.users)));
+        .value(
+            "failed",
+            format!("{failed} ({:.2}%)", percent(failed, args.users)),
+        );
     for (kind, n) in &failures {
         c.value(format!("  failed: {kind}"), n);
     }
@@ -282,7 +285,10 @@ pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
     st.value("sent", sent)
         .value("ok", ok)
         .value("target rate (changes/s)", args.rate)
-        .value("achieved rate (changes/s)", format!("{:.0}", per_sec(sent, secs)));
+        .value(
+            "achieved rate (changes/s)",
+            format!("{:.0}", per_sec(sent, secs)),
+        );
     for (code, n) in &errors {
         st.value(format!("  error: {code}"), n);
     }
@@ -292,15 +298,18 @@ pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
 
     let shown = |v: Option<f64>, d: usize| v.map_or("n/a".to_string(), |v| format!("{v:.d$}"));
     let mut g = Section::new("gateway (/metrics, summed over nodes)");
-    g.value("presence writes flushed (presence_writes_total Δ)", shown(writes, 0))
-        .value("flushed per second of storm", shown(flushed_per_sec, 0))
-        .value("peak flushed per second (1 s samples)", shown(peak, 0))
-        .value(
-            "writes per status change sent",
-            shown(writes.filter(|_| sent > 0).map(|w| w / sent as f64), 3),
-        )
-        .value("backend round trips (Δ)", shown(trips, 0))
-        .value("round trips per change", shown(per_change, 4));
+    g.value(
+        "presence writes flushed (presence_writes_total Δ)",
+        shown(writes, 0),
+    )
+    .value("flushed per second of storm", shown(flushed_per_sec, 0))
+    .value("peak flushed per second (1 s samples)", shown(peak, 0))
+    .value(
+        "writes per status change sent",
+        shown(writes.filter(|_| sent > 0).map(|w| w / sent as f64), 3),
+    )
+    .value("backend round trips (Δ)", shown(trips, 0))
+    .value("round trips per change", shown(per_change, 4));
     summary.sections.push(g);
     for node in &o.after_run.nodes {
         if let Some(err) = &node.error {
@@ -331,7 +340,10 @@ pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
         .map(|(e, n)| {
             let before = o.after_setup.nodes.get(e);
             let d = |m: &str| {
-                let b = before.and_then(|b| b.metrics.get(m)).copied().unwrap_or(0.0);
+                let b = before
+                    .and_then(|b| b.metrics.get(m))
+                    .copied()
+                    .unwrap_or(0.0);
                 n.metrics.get(m).map(|a| a - b)
             };
             json!({

@@ -1,0 +1,374 @@
+//! The coordinator of a run: checks the options, reads the gateways before, starts the workers,
+//! steps them through setup, go and stop with a progress bar, reads the gateways after, and
+//! prints the summary table and writes the JSON report.
+
+use std::{
+    io::IsTerminal,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use shared::ids;
+
+use crate::{
+    client::ClientEnv,
+    probe::Probe,
+    report::{self, Stats},
+    scenario::{Outcome, Scenario},
+    workers::{Event, Fleet, Phase, Progress, RunSpec},
+};
+
+/// Exit code when the gateway answered `unavailable` for a feature the scenario needs.
+pub const EXIT_UNAVAILABLE: i32 = 3;
+/// Exit code when the run could not measure what it should (no connection, a worker failed).
+pub const EXIT_FAILED: i32 = 1;
+/// Ephemeral ports one source address has (32768–60999), less a margin.
+const PORTS_PER_SOURCE: u64 = 27_000;
+
+#[derive(Default)]
+struct WorkerState {
+    progress: Progress,
+    ready: bool,
+    unavailable: Option<String>,
+    run_done: bool,
+    result: Option<Stats>,
+    fatal: Option<String>,
+    exited: bool,
+}
+
+impl WorkerState {
+    fn over(&self) -> bool {
+        self.exited || self.result.is_some() || self.fatal.is_some()
+    }
+}
+
+/// Runs a scenario from the command line; the process exit code.
+pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
+    let common = scenario.common().clone();
+    let env = ClientEnv::new(&common)?;
+    let mut warnings = scenario.validate()?;
+    let prefix = common.prefix.clone().unwrap_or_else(default_prefix);
+    if !ids::is_valid_id(&prefix) || prefix.len() > 64 {
+        bail!("--prefix must be 1 to 64 characters of [A-Za-z0-9_.:@-]");
+    }
+    let sockets = scenario.sockets();
+    let ipv4 = env.targets.iter().any(|t| t.addr.is_ipv4());
+    if ipv4 && sockets > PORTS_PER_SOURCE * env.sources.len() as u64 {
+        bail!(
+            "{sockets} sockets need more ephemeral ports than {} source address(es) have \
+             (about {PORTS_PER_SOURCE} each): use e.g. --source-ips 127.0.0.1-127.0.0.{}",
+            env.sources.len(),
+            sockets.div_ceil(PORTS_PER_SOURCE).min(254)
+        );
+    }
+    let workers = sockets.div_ceil(common.per_process).max(1) as usize;
+    let started_at_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let t0 = Instant::now();
+    let probe = Probe::new(&env.targets, scenario.gateway_pids(), t0);
+    let show = !common.quiet && std::io::stdout().is_terminal();
+    if !common.quiet {
+        eprintln!(
+            "presence-loadtest {}: {} → {} URL(s), {workers} process(es), prefix {prefix}",
+            scenario.name(),
+            scenario.plan(),
+            env.targets.len(),
+        );
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+
+    let before = probe.snapshot("before").await;
+    for node in &before.nodes {
+        if let Some(e) = &node.error {
+            warnings.push(format!(
+                "{}: /metrics not readable before the run: {e}",
+                node.endpoint
+            ));
+        }
+    }
+    let spec = RunSpec {
+        scenario: scenario.clone(),
+        prefix: prefix.clone(),
+        worker: 0,
+        workers,
+    };
+    let mut fleet = Fleet::start(&spec, workers)?;
+    let mut states: Vec<WorkerState> = (0..fleet.len()).map(|_| WorkerState::default()).collect();
+    let bar = Bar::new(show, scenario.setup_target());
+
+    // Setup.
+    let setup_deadline = tokio::time::Instant::now() + scenario.setup_timeout();
+    let setup_ok = pump(&mut fleet, &mut states, &bar, setup_deadline, |s| s.ready).await;
+    let unavailable = states.iter().find_map(|s| s.unavailable.clone());
+    let mut problems: Vec<String> = Vec::new();
+    if !setup_ok {
+        problems.push("setup did not finish in time on every worker".into());
+    }
+    let setup_secs = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(scenario.pre_go_wait()).await;
+    let after_setup = probe.snapshot("after_setup").await;
+
+    // The measured phase.
+    let mut during = Vec::new();
+    let mut run_secs = 0.0;
+    let go = Instant::now();
+    if unavailable.is_none() {
+        fleet.set_phase(Phase::Go).await;
+        bar.running(scenario.run_length());
+        let run_deadline = tokio::time::Instant::now() + scenario.run_timeout();
+        if scenario.poll_during_run() {
+            let mut next = tokio::time::Instant::now() + Duration::from_secs(1);
+            loop {
+                let until = next.min(run_deadline);
+                if pump(&mut fleet, &mut states, &bar, until, |s| s.run_done).await {
+                    break;
+                }
+                if tokio::time::Instant::now() >= run_deadline {
+                    problems.push("the measured phase did not end in time on every worker".into());
+                    break;
+                }
+                during.push(probe.snapshot("during").await);
+                next += Duration::from_secs(1);
+            }
+        } else if !pump(&mut fleet, &mut states, &bar, run_deadline, |s| s.run_done).await {
+            problems.push("the measured phase did not end in time on every worker".into());
+        }
+        run_secs = go.elapsed().as_secs_f64();
+        tokio::time::sleep(scenario.post_run_wait()).await;
+    }
+    let after_run = probe.snapshot("after_run").await;
+
+    // Close and collect.
+    bar.closing();
+    fleet.set_phase(Phase::Stop).await;
+    let close_deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    pump(&mut fleet, &mut states, &bar, close_deadline, |_| false).await;
+    fleet.finish().await;
+    bar.finish();
+
+    let mut stats = Stats::default();
+    for (i, s) in states.iter_mut().enumerate() {
+        match (s.result.take(), &s.fatal) {
+            (Some(r), _) => stats.merge(r),
+            (None, Some(f)) => problems.push(format!("worker {i} failed: {f}")),
+            (None, None) => problems.push(format!("worker {i} ended without a result")),
+        }
+    }
+    if stats.unavailable.is_none() {
+        stats.unavailable = unavailable;
+    }
+    let outcome = Outcome {
+        stats: &stats,
+        env: &env,
+        probe: &probe,
+        before: &before,
+        after_setup: &after_setup,
+        after_run: &after_run,
+        during: &during,
+        workers,
+    };
+    let mut summary = scenario.summarize(&outcome);
+    summary.problems.extend(problems);
+    warnings.append(&mut summary.warnings);
+    summary.warnings = warnings;
+    let title = format!(
+        "presence-loadtest {} — {} ({:.1} s)",
+        scenario.name(),
+        scenario.plan(),
+        t0.elapsed().as_secs_f64()
+    );
+    print!("{}", report::table(&title, &summary));
+
+    let code = if stats.unavailable.is_some() {
+        EXIT_UNAVAILABLE
+    } else if summary.problems.is_empty() {
+        0
+    } else {
+        EXIT_FAILED
+    };
+    if let Some(path) = &common.report {
+        let argv = report::redact_secret(&argv);
+        let mut params = serde_json::to_value(&scenario)?;
+        if let Some(common) = params.get_mut("common").and_then(|c| c.as_object_mut()) {
+            common.insert("jwt_secret".into(), json!("<redacted>"));
+        }
+        let doc = json!({
+            "tool": "presence-loadtest",
+            "version": env!("CARGO_PKG_VERSION"),
+            "scenario": scenario.name(),
+            "command_line": argv,
+            "command": report::shell_line(&argv),
+            "started_at_ms": started_at_ms,
+            "elapsed_secs": report::round(t0.elapsed().as_secs_f64(), 3),
+            "setup_secs": report::round(setup_secs, 3),
+            "run_secs": report::round(run_secs, 3),
+            "prefix": prefix,
+            "processes": workers,
+            "urls": common.urls,
+            "params": params,
+            "ok": code == 0,
+            "exit_code": code,
+            "problems": summary.problems,
+            "warnings": summary.warnings,
+            "figures": summary.figures,
+            "latency_ms": report::latencies_json(&stats),
+            "counters": stats.counters,
+            "error_samples": stats.samples,
+            "snapshots": {
+                "before": before,
+                "after_setup": after_setup,
+                "during": during,
+                "after_run": after_run,
+            },
+        });
+        report::write_json(path, &doc)?;
+        if !common.quiet {
+            eprintln!("report written to {}", path.display());
+        }
+    }
+    if let Some(message) = &stats.unavailable {
+        eprintln!(
+            "error: the gateway does not offer what the {} scenario needs (it answered \
+             `unavailable`: {message})",
+            scenario.name()
+        );
+    }
+    Ok(code)
+}
+
+/// Handles worker events until `done` holds for every worker still running (true), or the
+/// deadline passes (false).
+async fn pump(
+    fleet: &mut Fleet,
+    states: &mut [WorkerState],
+    bar: &Bar,
+    deadline: tokio::time::Instant,
+    done: impl Fn(&WorkerState) -> bool,
+) -> bool {
+    loop {
+        if states.iter().all(|s| s.over() || done(s)) {
+            // With `|_| false` this waits for every worker to be over.
+            return true;
+        }
+        let Some((i, event)) = fleet.next_event(deadline).await else {
+            return false;
+        };
+        let Some(state) = states.get_mut(i) else {
+            continue;
+        };
+        match event {
+            Event::Progress(p) => state.progress = p,
+            Event::Ready { unavailable } => {
+                state.ready = true;
+                state.unavailable = unavailable;
+            }
+            Event::RunDone => state.run_done = true,
+            Event::Result { stats } => state.result = Some(*stats),
+            Event::Fatal { message } => state.fatal = Some(message),
+            Event::Exited => state.exited = true,
+        }
+        let mut total = Progress::default();
+        for s in states.iter() {
+            total.add(&s.progress);
+        }
+        bar.update(&total);
+    }
+}
+
+/// The progress bar: connection attempts during setup, time during the measured phase.
+struct Bar {
+    bar: ProgressBar,
+    run: std::sync::Mutex<Option<(Instant, Duration)>>,
+}
+
+impl Bar {
+    fn new(show: bool, setup_target: u64) -> Self {
+        let bar = ProgressBar::with_draw_target(
+            Some(setup_target),
+            if show {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix:>8} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_prefix("setup");
+        Bar {
+            bar,
+            run: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn running(&self, length: Duration) {
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix:>8} [{elapsed_precise}] {wide_bar} {percent:>3}% {msg}",
+        ) {
+            self.bar.set_style(style);
+        }
+        self.bar.set_prefix("run");
+        self.bar.set_length(length.as_millis().max(1) as u64);
+        self.bar.set_position(0);
+        if let Ok(mut run) = self.run.lock() {
+            *run = Some((Instant::now(), length));
+        }
+    }
+
+    fn closing(&self) {
+        self.bar.set_prefix("closing");
+    }
+
+    fn update(&self, p: &Progress) {
+        let run = self.run.lock().ok().and_then(|r| *r);
+        match run {
+            None => self.bar.set_position(p.connects + p.failed),
+            Some((start, length)) => self
+                .bar
+                .set_position(start.elapsed().min(length).as_millis() as u64),
+        }
+        self.bar.set_message(format!(
+            "open {} failed {} sent {} recv {} errors {}",
+            p.open, p.failed, p.sent, p.received, p.errors
+        ));
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// `lt` and the time in base 36: unique enough between runs on one machine.
+fn default_prefix() -> String {
+    let mut n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    while n > 0 {
+        out.push(digits[(n % 36) as usize]);
+        n /= 36;
+    }
+    out.reverse();
+    format!("lt{}", String::from_utf8_lossy(&out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_prefixes_are_valid_ids() {
+        let p = default_prefix();
+        assert!(p.starts_with("lt") && ids::is_valid_id(&p), "{p}");
+    }
+}
