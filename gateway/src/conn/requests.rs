@@ -172,35 +172,11 @@ impl Requests {
             }
             ClientFrame::Join { id, group } => {
                 ids::check_id("group", &group).map_err(bad)?;
-                // This connection follows at once; the user's other connections, here and on
-                // other nodes, follow through the membership event.
-                if self.conn.note_group(&group, true) {
-                    let cmd = ShardCmd::GroupAttach {
-                        group: group.clone(),
-                        conn: self.conn.clone(),
-                    };
-                    self.app.shards.send(&group, cmd).await;
-                }
-                let user = self.conn.user.clone();
-                self.spawn(id, move |backend| async move {
-                    backend.add_member(&group, &user).await?;
-                    Ok(ServerFrame::Ok { id })
-                })?;
+                self.change_membership(id, group, true)?;
             }
             ClientFrame::Leave { id, group } => {
                 ids::check_id("group", &group).map_err(bad)?;
-                if self.conn.note_group(&group, false) {
-                    let cmd = ShardCmd::GroupDetach {
-                        group: group.clone(),
-                        conn: self.conn.id,
-                    };
-                    self.app.shards.send(&group, cmd).await;
-                }
-                let user = self.conn.user.clone();
-                self.spawn(id, move |backend| async move {
-                    backend.remove_member(&group, &user).await?;
-                    Ok(ServerFrame::Ok { id })
-                })?;
+                self.change_membership(id, group, false)?;
             }
             ClientFrame::GroupOnline { id, group } => {
                 ids::check_id("group", &group).map_err(bad)?;
@@ -306,6 +282,42 @@ impl Requests {
             }
         }
         Ok(())
+    }
+
+    /// Joins or leaves a group. Once the backend has it, this connection follows at once (before
+    /// the `ok`, so a message sent after it reaches this connection); the user's other connections,
+    /// here and on other nodes, follow through the membership event.
+    fn change_membership(
+        &self,
+        id: Option<u64>,
+        group: String,
+        joined: bool,
+    ) -> Result<(), (ErrorCode, String)> {
+        let user = self.conn.user.clone();
+        let conn = self.conn.clone();
+        let shards = self.app.shards.clone();
+        self.spawn(id, move |backend| async move {
+            if joined {
+                backend.add_member(&group, &user).await?;
+            } else {
+                backend.remove_member(&group, &user).await?;
+            }
+            if conn.note_group(&group, joined) {
+                let cmd = if joined {
+                    ShardCmd::GroupAttach {
+                        group: group.clone(),
+                        conn: conn.clone(),
+                    }
+                } else {
+                    ShardCmd::GroupDetach {
+                        group: group.clone(),
+                        conn: conn.id,
+                    }
+                };
+                shards.send(&group, cmd).await;
+            }
+            Ok(ServerFrame::Ok { id })
+        })
     }
 
     /// Runs backend work for a request in its own task (at most `MAX_IN_FLIGHT` per connection)

@@ -54,18 +54,15 @@ pub async fn run(
     };
     // The user's groups and stored messages are read before the connection is registered, so
     // that `welcome` and the stored messages are the first frames, in that order.
-    let groups = app
-        .backend
-        .user_groups(&conn.user)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
-            Vec::new()
-        });
-    let offline: Vec<Bytes> = app
-        .backend
-        .offline_messages(&conn.user)
-        .await
+    let (groups, offline) = tokio::join!(
+        app.backend.user_groups(&conn.user),
+        app.backend.offline_messages(&conn.user)
+    );
+    let groups = groups.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
+        Vec::new()
+    });
+    let offline: Vec<Bytes> = offline
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, user = %conn.user, "cannot read stored messages");
             Vec::new()
@@ -286,10 +283,11 @@ async fn write_loop(
         }
     }
     // Frames queued before the close was asked for still go out (e.g. an error explaining it),
-    // within a short bound.
+    // within a short bound; a slow consumer's backlog is dropped so the close frame goes first.
     let code = conn.requested_close_code().unwrap_or(1000);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Ok(frame) = out.try_recv() {
+        while code != close_code::POLICY {
+            let Ok(frame) = out.try_recv() else { break };
             if sink.feed(to_message(conn.encoding, frame)).await.is_err() {
                 return;
             }
