@@ -235,17 +235,31 @@ impl Config {
         if self.batch_interval_ms == 0 {
             problems.push("PRESENCE_BATCH_INTERVAL_MS must be at least 1".into());
         }
-        if self.ttl_secs < 3 {
-            problems.push("PRESENCE_TTL_SECS must be at least 3 (renewal runs every third)".into());
+        const WEEK_SECS: u64 = 7 * 86_400;
+        if !(3..=WEEK_SECS).contains(&self.ttl_secs) {
+            problems
+                .push("PRESENCE_TTL_SECS must be 3 (renewal runs every third) to 604800".into());
         }
-        if self.heartbeat_ms < 100 {
-            problems.push("PRESENCE_HEARTBEAT_MS must be at least 100".into());
+        if !(100..=3_600_000).contains(&self.heartbeat_ms) {
+            problems.push("PRESENCE_HEARTBEAT_MS must be 100 to 3600000".into());
         }
-        if self.idle_away_secs == 0 {
-            problems.push("PRESENCE_IDLE_AWAY_SECS must be at least 1".into());
+        if !(1..=WEEK_SECS).contains(&self.idle_away_secs) {
+            problems.push("PRESENCE_IDLE_AWAY_SECS must be 1 to 604800".into());
         }
-        if self.max_frame_bytes < 256 {
-            problems.push("PRESENCE_MAX_FRAME_BYTES must be at least 256".into());
+        if self.batch_interval_ms > 60_000 || self.shutdown_grace_secs > 3600 {
+            problems.push(
+                "PRESENCE_BATCH_INTERVAL_MS must be at most 60000 and PRESENCE_SHUTDOWN_GRACE_SECS at most 3600"
+                    .into(),
+            );
+        }
+        if self.history_age_secs > 365 * 86_400 || self.token_ttl_secs > 30 * 86_400 {
+            problems.push(
+                "PRESENCE_HISTORY_AGE_SECS must be at most a year and PRESENCE_TOKEN_TTL_SECS at most 30 days"
+                    .into(),
+            );
+        }
+        if !(256..=64 << 20).contains(&self.max_frame_bytes) {
+            problems.push("PRESENCE_MAX_FRAME_BYTES must be 256 to 67108864".into());
         }
         if self.outbound_queue < 8 {
             problems.push("PRESENCE_OUTBOUND_QUEUE must be at least 8".into());

@@ -247,7 +247,7 @@ impl RedisBackend {
                 vec![
                     self.keys.offline(user),
                     "MINID".into(),
-                    format!("{ms}-{}", seq + 1),
+                    format!("{ms}-{}", seq.saturating_add(1)),
                 ],
             )
             .await
