@@ -619,8 +619,14 @@ async fn slow_consumer_is_closed_and_others_keep_receiving() {
     // The close frame queues behind data the client never read, so it may not get through
     // before the server gives up on the socket; the server counts why it closed it.
     let closed = slow.closed().await;
-    assert!(matches!(closed, Closed::Code(4008) | Closed::NoCode), "{closed:?}");
-    assert_eq!(node.metric("presence_slow_consumer_closes_total").await, 1.0);
+    assert!(
+        matches!(closed, Closed::Code(4008) | Closed::NoCode),
+        "{closed:?}"
+    );
+    assert_eq!(
+        node.metric("presence_slow_consumer_closes_total").await,
+        1.0
+    );
     rest.post(
         "/messages",
         json!({"to": {"group": "firehose"}, "body": "still here"}),
