@@ -5,10 +5,6 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration, time::Instant}
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 use crate::target::Target;
 
@@ -158,50 +154,22 @@ async fn fetch_metrics(addr: SocketAddr, authority: &str) -> anyhow::Result<BTre
     Ok(parse_metrics(&body, &WATCHED))
 }
 
-/// A bare HTTP/1.1 GET (no TLS, no redirects): the body of a 200 answer.
+/// GET over plain HTTP to `addr` (with `authority` as Host): the body of a 2xx answer.
 async fn http_get(addr: SocketAddr, authority: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    (&mut stream)
-        .take(MAX_BODY as u64)
-        .read_to_end(&mut raw)
-        .await?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
-    let status = head.lines().next().unwrap_or("");
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("GET {path}: {status}");
+    let client = reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .resolve(authority.split(':').next().unwrap_or(authority), addr)
+        .build()?;
+    let response = client
+        .get(format!("http://{authority}{path}"))
+        .send()
+        .await?
+        .error_for_status()?;
+    let text = response.text().await?;
+    if text.len() > MAX_BODY {
+        bail!("GET {path}: answer over {MAX_BODY} bytes");
     }
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    Ok(if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    })
-}
-
-fn dechunk(mut body: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").context("bad chunk")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .context("bad chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest.get(..size).context("short chunk")?;
-        out.push_str(chunk);
-        body = rest.get(size..).unwrap_or("").trim_start_matches("\r\n");
-    }
+    Ok(text)
 }
 
 /// Sums each wanted metric over its label sets in Prometheus text format.
@@ -269,16 +237,6 @@ mod tests {
         assert_eq!(m.get(CONNECTIONS), Some(&42.0));
         assert_eq!(m.get(WRITES), Some(&15.0));
         assert_eq!(m.get(ROUND_TRIPS), None);
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() -> anyhow::Result<()> {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")?,
-            "hello world"
-        );
-        assert!(dechunk("zz\r\n").is_err());
-        Ok(())
     }
 
     #[test]
