@@ -286,10 +286,11 @@ async fn write_loop(
     // within a short bound; a slow consumer's backlog is dropped so the close frame goes first.
     let code = conn.requested_close_code().unwrap_or(1000);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while code != close_code::POLICY {
-            let Ok(frame) = out.try_recv() else { break };
-            if sink.feed(to_message(conn.encoding, frame)).await.is_err() {
-                return;
+        if code != close_code::POLICY {
+            while let Ok(frame) = out.try_recv() {
+                if sink.feed(to_message(conn.encoding, frame)).await.is_err() {
+                    return;
+                }
             }
         }
         let reason = close_reason(code);
