@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gateway::{
     backend::{Backend, BackendEvent, BackendSettings, MemoryBackend, MessageSettings},
@@ -30,14 +29,15 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-const WELCOME: &[u8] = b"welcome";
-
 fn peer() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 40_000))
 }
 
 /// N connections with their outbound queues; the first half MessagePack, the rest JSON.
-fn connections(n: usize, queue: usize) -> (Vec<Arc<ConnHandle>>, Vec<mpsc::Receiver<Bytes>>) {
+fn connections(
+    n: usize,
+    queue: usize,
+) -> (Vec<Arc<ConnHandle>>, Vec<mpsc::Receiver<Arc<EncodedFrame>>>) {
     let now = now_ms();
     (0..n)
         .map(|i| {
@@ -62,7 +62,7 @@ fn connections(n: usize, queue: usize) -> (Vec<Arc<ConnHandle>>, Vec<mpsc::Recei
         .unzip()
 }
 
-fn drain(receivers: &mut [mpsc::Receiver<Bytes>]) -> usize {
+fn drain(receivers: &mut [mpsc::Receiver<Arc<EncodedFrame>>]) -> usize {
     receivers
         .iter_mut()
         .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
@@ -83,7 +83,7 @@ struct ShardNode {
     tracker: TaskTracker,
     stop: CancellationToken,
     conns: Vec<Arc<ConnHandle>>,
-    receivers: Vec<mpsc::Receiver<Bytes>>,
+    receivers: Vec<mpsc::Receiver<Arc<EncodedFrame>>>,
     /// Kept open so the backend's event sink stays valid.
     _events: mpsc::Receiver<BackendEvent>,
 }
@@ -179,12 +179,13 @@ impl ShardNode {
     /// the last flush: once it shows, every user does.
     async fn phase(&self, connect: bool) -> Duration {
         let started = Instant::now();
+        let welcome = EncodedFrame::new(ServerFrame::Pong { id: None });
         for conn in &self.conns {
             let cmd = if connect {
                 let (reply, _) = oneshot::channel();
                 ShardCmd::Connect {
                     conn: conn.clone(),
-                    welcome: Bytes::from_static(WELCOME),
+                    welcome: welcome.clone(),
                     offline: Vec::new(),
                     reply,
                 }

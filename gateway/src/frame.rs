@@ -33,14 +33,3 @@ impl EncodedFrame {
             .clone()
     }
 }
-
-/// Encodes one frame for one connection.
-pub fn encode_one(encoding: Encoding, frame: &ServerFrame) -> Option<Bytes> {
-    match encoding.encode(frame) {
-        Ok(bytes) => Some(Bytes::from(bytes)),
-        Err(e) => {
-            tracing::error!(error = %e, ?encoding, "cannot encode a server frame");
-            None
-        }
-    }
-}

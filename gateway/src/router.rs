@@ -137,7 +137,7 @@ fn answer(job: RouteJob, result: SendResult) {
                     ServerFrame::error(id, ErrorCode::Unavailable, "message store unavailable")
                 }
             };
-            conn.push_frame(&frame);
+            conn.push_frame(frame);
         }
     }
 }

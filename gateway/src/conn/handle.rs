@@ -3,18 +3,17 @@
 
 use std::{
     net::SocketAddr,
-    sync::atomic::{AtomicU16, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU16, AtomicU64, Ordering},
+    },
 };
 
-use bytes::Bytes;
 use shared::{Encoding, Platform, ServerFrame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    frame::{EncodedFrame, encode_one},
-    metrics as m,
-};
+use crate::{frame::EncodedFrame, metrics as m};
 
 pub type ConnId = u64;
 
@@ -46,7 +45,7 @@ pub struct ConnHandle {
     /// events); read at close to detach from each group's shard. Per connection, not shared.
     pub groups: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Frames on their way to the socket's writer; bounded so one slow client costs bounded memory.
-    outbound: mpsc::Sender<Bytes>,
+    outbound: mpsc::Sender<Arc<EncodedFrame>>,
     /// Tells the session to close the socket with `close_code`.
     closer: CancellationToken,
     /// The first close code asked for wins.
@@ -63,7 +62,7 @@ impl ConnHandle {
         peer: SocketAddr,
         user_agent: Option<String>,
         now: u64,
-        outbound: mpsc::Sender<Bytes>,
+        outbound: mpsc::Sender<Arc<EncodedFrame>>,
     ) -> Self {
         ConnHandle {
             id,
@@ -83,24 +82,11 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a shared frame. False when the connection is closing or was just found too slow.
-    pub fn push(&self, frame: &EncodedFrame) -> bool {
-        match frame.bytes(self.encoding) {
-            Some(bytes) => self.push_bytes(bytes),
-            None => false,
-        }
-    }
-
-    /// Queues a frame for this connection only.
-    pub fn push_frame(&self, frame: &ServerFrame) -> bool {
-        match encode_one(self.encoding, frame) {
-            Some(bytes) => self.push_bytes(bytes),
-            None => false,
-        }
-    }
-
-    pub fn push_bytes(&self, bytes: Bytes) -> bool {
-        match self.outbound.try_send(bytes) {
+    /// Queues a frame shared with other connections (encoded at most once per encoding, by
+    /// the first writer that needs it). False when the connection is closing or was just found
+    /// too slow.
+    pub fn push(&self, frame: &Arc<EncodedFrame>) -> bool {
+        match self.outbound.try_send(frame.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if self.close(close_code::POLICY) {
@@ -111,6 +97,11 @@ impl ConnHandle {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues a frame for this connection only.
+    pub fn push_frame(&self, frame: ServerFrame) -> bool {
+        self.push(&EncodedFrame::new(frame))
     }
 
     /// Asks the session to close with `code`. True if this call decided the code.

@@ -24,6 +24,10 @@ use crate::{
     metrics as m,
 };
 
+/// Bytes read from a socket at once. Every connection holds a buffer of this size, so it is sized
+/// for the small frames clients send; larger frames grow it while they are read.
+const READ_BUFFER_BYTES: usize = 1024;
+
 #[derive(Deserialize)]
 pub struct WsParams {
     token: Option<String>,
@@ -114,7 +118,7 @@ pub async fn upgrade(
     let max = app.config.max_frame_bytes;
     // Small buffers keep an idle connection to a few KiB; frames above twice the limit are cut off
     // by the protocol layer, frames between the limit and twice it get a `too_large` error.
-    ws.read_buffer_size(4096)
+    ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_message_size(max * 2)
         .max_frame_size(max * 2)

@@ -56,11 +56,11 @@ impl Requests {
             ErrorCode::Internal => "internal",
         };
         metrics::counter!(m::CLIENT_ERRORS, "code" => label).increment(1);
-        self.conn.push_frame(&ServerFrame::error(id, code, message));
+        self.conn.push_frame(ServerFrame::error(id, code, message));
     }
 
     fn reply(&self, frame: ServerFrame) {
-        self.conn.push_frame(&frame);
+        self.conn.push_frame(frame);
     }
 
     pub async fn handle(&mut self, payload: &[u8], now: u64) {
@@ -344,7 +344,7 @@ impl Requests {
                     ServerFrame::error(id, ErrorCode::Unavailable, "backend unavailable")
                 }
             };
-            conn.push_frame(&frame);
+            conn.push_frame(frame);
         });
         Ok(())
     }
@@ -374,7 +374,7 @@ impl Requests {
                     ServerFrame::error(id, ErrorCode::Unavailable, "presence store unavailable")
                 }
             };
-            conn.push_frame(&frame);
+            conn.push_frame(frame);
         });
         Ok(())
     }

@@ -19,7 +19,7 @@ use super::{
     requests::Requests,
 };
 use crate::{
-    app::App, auth::Identity, clock::now_ms, frame::encode_one, metrics as m, shard::ShardCmd,
+    app::App, auth::Identity, clock::now_ms, frame::EncodedFrame, metrics as m, shard::ShardCmd,
 };
 
 pub async fn run(
@@ -62,18 +62,15 @@ pub async fn run(
         tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
         Vec::new()
     });
-    let offline: Vec<Bytes> = offline
+    let offline: Vec<Arc<EncodedFrame>> = offline
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, user = %conn.user, "cannot read stored messages");
             Vec::new()
         })
         .into_iter()
-        .filter_map(|m| encode_one(encoding, &ServerFrame::Message(m)))
+        .map(|m| EncodedFrame::new(ServerFrame::Message(m)))
         .collect();
-    let accepted = match encode_one(encoding, &welcome) {
-        Some(welcome) => register(&app, &conn, welcome, offline).await,
-        None => None,
-    };
+    let accepted = register(&app, &conn, EncodedFrame::new(welcome), offline).await;
     let writer = tokio::spawn(write_loop(
         sink,
         out_rx,
@@ -146,8 +143,8 @@ pub async fn run(
 async fn register(
     app: &App,
     conn: &Arc<ConnHandle>,
-    welcome: Bytes,
-    offline: Vec<Bytes>,
+    welcome: Arc<EncodedFrame>,
+    offline: Vec<Arc<EncodedFrame>>,
 ) -> Option<bool> {
     let (reply, answer) = oneshot::channel();
     let cmd = ShardCmd::Connect {
@@ -222,7 +219,9 @@ async fn read_loop(
             );
             continue;
         }
-        requests.handle(&payload, now).await;
+        // Boxed: an idle connection's task is as large as its largest await point, and request
+        // handling is by far the largest; boxing keeps that cost to the moments it runs.
+        Box::pin(requests.handle(&payload, now)).await;
     }
 }
 
@@ -244,7 +243,7 @@ fn note_rtt(conn: &ConnHandle, payload: &[u8], now: u64) {
 /// heartbeats: 4010).
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<Bytes>,
+    mut out: mpsc::Receiver<Arc<EncodedFrame>>,
     conn: Arc<ConnHandle>,
     heartbeat: Duration,
 ) {
@@ -257,9 +256,9 @@ async fn write_loop(
             _ = closer.cancelled() => break,
             frame = out.recv() => {
                 let Some(frame) = frame else { break };
-                let message = to_message(conn.encoding, frame);
+                let Some(message) = to_message(conn.encoding, &frame) else { continue };
                 let sent = tokio::select! {
-                    r = sink.send(message) => r.is_ok(),
+                    r = Box::pin(sink.send(message)) => r.is_ok(),
                     _ = closer.cancelled() => false,
                 };
                 if !sent {
@@ -288,7 +287,10 @@ async fn write_loop(
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         if code != close_code::POLICY {
             while let Ok(frame) = out.try_recv() {
-                if sink.feed(to_message(conn.encoding, frame)).await.is_err() {
+                let Some(message) = to_message(conn.encoding, &frame) else {
+                    continue;
+                };
+                if sink.feed(message).await.is_err() {
                     return;
                 }
             }
@@ -316,13 +318,13 @@ fn close_reason(code: u16) -> &'static str {
     }
 }
 
-fn to_message(encoding: Encoding, frame: Bytes) -> Message {
-    match encoding {
-        Encoding::MsgPack => Message::Binary(frame),
-        Encoding::Json => match Utf8Bytes::try_from(frame) {
-            Ok(text) => Message::Text(text),
-            // serde_json writes UTF-8 only; keep the bytes rather than lose the frame.
-            Err(e) => Message::Binary(Bytes::from(e.to_string())),
-        },
-    }
+/// The WebSocket message carrying `frame` in `encoding`; `None` if it cannot be encoded (logged
+/// where it is encoded).
+fn to_message(encoding: Encoding, frame: &EncodedFrame) -> Option<Message> {
+    let bytes = frame.bytes(encoding)?;
+    Some(match encoding {
+        Encoding::MsgPack => Message::Binary(bytes),
+        // serde_json writes UTF-8 only, so this conversion does not fail in practice.
+        Encoding::Json => Message::Text(Utf8Bytes::try_from(bytes).ok()?),
+    })
 }

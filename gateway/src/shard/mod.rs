@@ -13,6 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     backend::{Backend, Delivery},
     conn::handle::{ConnHandle, ConnId},
+    frame::EncodedFrame,
     hooks::ChangeHooks,
     presence::{ChosenStatus, PresenceRecord},
 };
@@ -24,9 +25,9 @@ pub enum ShardCmd {
     /// anything else can be.
     Connect {
         conn: Arc<ConnHandle>,
-        welcome: bytes::Bytes,
+        welcome: Arc<EncodedFrame>,
         /// Stored private messages, queued right after `welcome`.
-        offline: Vec<bytes::Bytes>,
+        offline: Vec<Arc<EncodedFrame>>,
         reply: oneshot::Sender<bool>,
     },
     /// A connection closed; always sent, whatever ended it.

@@ -221,9 +221,9 @@ impl Worker {
                     return;
                 }
                 let user = conn.user.clone();
-                conn.push_bytes(welcome);
-                for message in offline {
-                    conn.push_bytes(message);
+                conn.push(&welcome);
+                for message in &offline {
+                    conn.push(message);
                 }
                 if slot.conns.is_empty() {
                     self.backend.watch_inboxes(vec![user.clone()]);

@@ -88,18 +88,31 @@ async fn health_readiness_metrics_and_nodes() {
     assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
     assert_eq!(get("/readyz").await.expect("readyz").status(), 200);
     let _client = crate::client::Client::connect(&node, "alice", 1).await;
-    let text = get("/metrics")
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    for name in [
-        "presence_connections",
-        "presence_connects_total",
-        "presence_backend_up",
-    ] {
-        assert!(text.contains(name), "{name} missing from /metrics");
+    // The backend gauge is set by the first registry tick, moments after start.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = get("/metrics")
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let missing: Vec<&str> = [
+            "presence_connections",
+            "presence_connects_total",
+            "presence_backend_up",
+        ]
+        .into_iter()
+        .filter(|name| !text.contains(name))
+        .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing:?} missing from /metrics"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let (status, nodes) = Rest::new(&node).get("/nodes").await;
     assert_eq!(status, 200);

@@ -123,9 +123,11 @@ impl RedisBackend {
             .with_performance_config(|p| {
                 // Commands fail instead of waiting forever while Redis is away; shards retry.
                 p.default_command_timeout = Duration::from_secs(5);
-                p.broadcast_channel_capacity = 1 << 16;
             });
         let client = builder.build()?;
+        // fred preallocates each broadcast channel of a client at this capacity; only the
+        // subscriber's message channel needs depth (it absorbs bursts while events are routed).
+        builder.with_performance_config(|p| p.broadcast_channel_capacity = 1 << 14);
         let subscriber: SubscriberClient = builder.build_subscriber_client()?;
         client.connect();
         subscriber.connect();
