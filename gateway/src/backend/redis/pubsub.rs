@@ -31,15 +31,16 @@ pub enum SubCmd {
 const CHUNK: usize = 500;
 
 /// Keeps the subscriber's channels equal to the wanted ones, retrying what Redis refused (fred
-/// only remembers, and resubscribes after a reconnect, what succeeded).
+/// only remembers, and resubscribes after a reconnect, what succeeded). Only pending changes are
+/// tracked, so each command costs O(channels it names), not O(channels subscribed).
 pub async fn run_subscriptions(
     subscriber: SubscriberClient,
     cluster: bool,
     mut commands: mpsc::UnboundedReceiver<SubCmd>,
     stop: CancellationToken,
 ) {
-    let mut wanted: HashSet<String> = HashSet::new();
     let mut subscribed: HashSet<String> = HashSet::new();
+    let mut pending = Pending::default();
     let mut retry = false;
     loop {
         let first = tokio::select! {
@@ -47,21 +48,14 @@ pub async fn run_subscriptions(
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => None,
             _ = stop.cancelled() => break,
         };
-        let mut apply = |cmd: SubCmd| match cmd {
-            SubCmd::Watch(channels) => wanted.extend(channels),
-            SubCmd::Unwatch(channels) => channels.iter().for_each(|c| {
-                wanted.remove(c);
-            }),
-        };
         if let Some(cmd) = first {
-            apply(cmd);
+            pending.apply(cmd, &subscribed);
         }
         while let Ok(cmd) = commands.try_recv() {
-            apply(cmd);
+            pending.apply(cmd, &subscribed);
         }
-        let add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
-        let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         retry = false;
+        let add: Vec<String> = pending.add.drain().collect();
         for channels in add.chunks(CHUNK) {
             let ok = if cluster {
                 join_all(channels.iter().map(|c| subscriber.ssubscribe(c.clone())))
@@ -75,9 +69,11 @@ pub async fn run_subscriptions(
                 subscribed.extend(channels.iter().cloned());
             } else {
                 metrics::counter!(m::BACKEND_ERRORS, "op" => "subscribe").increment(1);
+                pending.add.extend(channels.iter().cloned());
                 retry = true;
             }
         }
+        let remove: Vec<String> = pending.remove.drain().collect();
         for channels in remove.chunks(CHUNK) {
             let ok = if cluster {
                 join_all(channels.iter().map(|c| subscriber.sunsubscribe(c.clone())))
@@ -92,7 +88,38 @@ pub async fn run_subscriptions(
                     subscribed.remove(c);
                 });
             } else {
+                pending.remove.extend(channels.iter().cloned());
                 retry = true;
+            }
+        }
+    }
+}
+
+/// Subscription changes not yet made.
+#[derive(Default)]
+struct Pending {
+    add: HashSet<String>,
+    remove: HashSet<String>,
+}
+
+impl Pending {
+    fn apply(&mut self, cmd: SubCmd, subscribed: &HashSet<String>) {
+        match cmd {
+            SubCmd::Watch(channels) => {
+                for c in channels {
+                    self.remove.remove(&c);
+                    if !subscribed.contains(&c) {
+                        self.add.insert(c);
+                    }
+                }
+            }
+            SubCmd::Unwatch(channels) => {
+                for c in channels {
+                    self.add.remove(&c);
+                    if subscribed.contains(&c) {
+                        self.remove.insert(c);
+                    }
+                }
             }
         }
     }
@@ -183,5 +210,23 @@ fn to_event(kind: ChannelKind<'_>, payload: &[u8]) -> Option<BackendEvent> {
             Published::Message(message, origin) => Some(delivery(Audience::All, message, origin)),
             _ => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_changes_cancel_out_and_skip_what_is_done() {
+        let subscribed: HashSet<String> = ["a".to_string()].into();
+        let mut p = Pending::default();
+        p.apply(SubCmd::Watch(vec!["a".into(), "b".into()]), &subscribed);
+        assert_eq!(p.add, ["b".to_string()].into());
+        p.apply(SubCmd::Unwatch(vec!["b".into(), "a".into()]), &subscribed);
+        assert!(p.add.is_empty());
+        assert_eq!(p.remove, ["a".to_string()].into());
+        p.apply(SubCmd::Watch(vec!["a".into()]), &subscribed);
+        assert!(p.remove.is_empty() && p.add.is_empty());
     }
 }
