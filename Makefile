@@ -29,3 +29,8 @@ redis:
 
 build:
 	$(CARGO) build --workspace --release
+
+## Reference benchmark suite (release build, own redis-server and gateway nodes, Socket.IO peer);
+## results in bench/results/, page in docs/benchmarks.md. About 7 minutes plus the build.
+bench:
+	bench/run.sh
