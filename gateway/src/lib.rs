@@ -24,6 +24,23 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
+/// Pending connections the kernel queues for accept. Tokio's default (1024) overflowed during
+/// connect bursts in `make bench` (`TcpExtListenOverflows` rose, clients waited for their 1 s SYN
+/// retry); the kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the node's listener with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs a node on `listener` until `shutdown` is cancelled, then drains it within the grace period.
 pub async fn serve(
     config: Config,

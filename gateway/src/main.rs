@@ -15,8 +15,7 @@ async fn main() -> anyhow::Result<()> {
         }
         std::process::exit(2);
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = gateway::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     if config.dev {
         print_dev_banner(&config, listener.local_addr()?);

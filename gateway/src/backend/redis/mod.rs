@@ -129,13 +129,13 @@ impl RedisBackend {
         // subscriber's message channel needs depth (it absorbs bursts while events are routed).
         builder.with_performance_config(|p| p.broadcast_channel_capacity = 1 << 14);
         let subscriber: SubscriberClient = builder.build_subscriber_client()?;
-        client.connect();
-        subscriber.connect();
+        // `init` listens for the first connection before starting it (`connect` followed by
+        // `wait_for_connect` can miss a fast one and wait forever).
         let wait = Duration::from_secs(10);
-        tokio::time::timeout(wait, client.wait_for_connect())
+        tokio::time::timeout(wait, client.init())
             .await
             .map_err(|_| anyhow::anyhow!("Redis not reachable within {wait:?}"))??;
-        tokio::time::timeout(wait, subscriber.wait_for_connect())
+        tokio::time::timeout(wait, subscriber.init())
             .await
             .map_err(|_| anyhow::anyhow!("Redis (subscriber) not reachable within {wait:?}"))??;
         let _resubscribe = subscriber.manage_subscriptions();
