@@ -202,6 +202,10 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             }
         });
     }
+    // In the registry before ready, so the first token answer can already name this node.
+    if let Err(e) = registry::announce(&app).await {
+        tracing::warn!(error = %e, "could not announce the node; the heartbeat will retry");
+    }
     app.ready.store(true, Ordering::Release);
     Ok(Running {
         app,

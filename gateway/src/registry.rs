@@ -7,6 +7,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{app::App, backend::NodeInfo, clock::now_ms, hooks::ChangeHooks, metrics as m};
 
+/// Announces (or refreshes) this node in the registry.
+pub async fn announce(app: &App) -> Result<(), crate::backend::BackendError> {
+    let info = NodeInfo {
+        id: app.node_id.to_string(),
+        ws_url: app.ws_url.clone(),
+        connections: app.connections(),
+        started_at: app.started_at,
+        last_heartbeat: now_ms(),
+    };
+    app.backend.announce_node(&info).await
+}
+
 pub async fn run(app: Arc<App>, hooks: ChangeHooks, stop: CancellationToken) {
     let mut tick = tokio::time::interval(app.config.renew_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -17,14 +29,7 @@ pub async fn run(app: Arc<App>, hooks: ChangeHooks, stop: CancellationToken) {
             _ = app.announce_now.notified() => {}
             _ = stop.cancelled() => break,
         }
-        let info = NodeInfo {
-            id: app.node_id.to_string(),
-            ws_url: app.ws_url.clone(),
-            connections: app.connections(),
-            started_at: app.started_at,
-            last_heartbeat: now_ms(),
-        };
-        let announced = app.backend.announce_node(&info).await;
+        let announced = announce(&app).await;
         let reaped = app.backend.reap_dead_nodes(&app.node_id).await;
         let counted = app.backend.counts().await;
         match (&announced, &reaped, &counted) {
