@@ -15,7 +15,7 @@ use shared::{Presence, ServerFrame};
 use tokio::{
     sync::mpsc,
     task::JoinHandle,
-    time::{Instant, MissedTickBehavior, interval, sleep_until},
+    time::{Instant, MissedTickBehavior, interval, interval_at, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,9 @@ use crate::{
 /// Longest pause between retries of a failed backend job.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Users per renewal job. A round renews every user of the shard in jobs of this size, so flushes
+/// due in the meantime go between them instead of waiting for the whole shard.
+const RENEW_CHUNK: usize = 500;
 
 /// Waits for the job in flight; never completes when there is none.
 async fn wait_job(
@@ -121,7 +124,10 @@ pub(super) struct Worker {
     /// When the oldest pending change arrived: the batch is due `batch_interval` after it.
     first_dirty_at: Option<Instant>,
     job: Option<JoinHandle<JobDone>>,
+    /// A renewal round is due: every user with an entry gets renewed.
     renew_due: bool,
+    /// Users still to renew in the current round.
+    renew_queue: Vec<String>,
     /// Failed jobs wait until then.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -150,6 +156,7 @@ impl Worker {
             first_dirty_at: None,
             job: None,
             renew_due: false,
+            renew_queue: Vec::new(),
             retry_at: None,
             backoff: MIN_BACKOFF,
             shard_label: index.to_string(),
@@ -157,9 +164,14 @@ impl Worker {
     }
 
     pub(super) async fn run(mut self, stop: CancellationToken) {
-        let mut renew = interval(self.settings.renew_interval);
+        // Each shard starts its rounds at a random point of the interval, so a node's shards (and
+        // nodes started together) do not renew all at once.
+        let period = self.settings.renew_interval;
+        let mut renew = interval_at(
+            Instant::now() + period.mul_f64(rand::random::<f64>()),
+            period,
+        );
         renew.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        renew.reset();
         let idle_every =
             (self.settings.idle_away / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut idle_check = interval(idle_every);
@@ -193,13 +205,13 @@ impl Worker {
 
     /// When the pending batch (or a retry) is due.
     fn next_flush_at(&self) -> Option<Instant> {
-        if self.dirty.is_empty() && !self.renew_due {
+        if self.dirty.is_empty() && !self.renew_due && self.renew_queue.is_empty() {
             return None;
         }
         if let Some(retry) = self.retry_at {
             return Some(retry);
         }
-        if self.renew_due {
+        if self.renew_due || !self.renew_queue.is_empty() {
             return Some(Instant::now());
         }
         self.first_dirty_at
@@ -456,7 +468,7 @@ impl Worker {
             || (self.retry_at.is_some() && !self.dirty.is_empty());
         if batch_due {
             self.start_flush();
-        } else if self.renew_due {
+        } else if self.renew_due || !self.renew_queue.is_empty() {
             self.start_renew();
         }
     }
@@ -492,23 +504,34 @@ impl Worker {
         self.spawn_job(Job::Flush(writes));
     }
 
+    /// Renews the next chunk of the current round, starting a round when one is due.
     fn start_renew(&mut self) {
-        self.renew_due = false;
-        let entries: Vec<Renewal> = self
-            .users
-            .iter()
-            .filter_map(|(u, s)| {
-                s.flushed.map(|entry| Renewal {
-                    user: u.clone(),
+        if self.renew_due {
+            self.renew_due = false;
+            self.renew_queue = self
+                .users
+                .iter()
+                .filter(|(_, s)| s.flushed.is_some())
+                .map(|(u, _)| u.clone())
+                .collect();
+        }
+        let take = self.renew_queue.len().min(RENEW_CHUNK);
+        let chunk: Vec<Renewal> = self
+            .renew_queue
+            .split_off(self.renew_queue.len() - take)
+            .into_iter()
+            .filter_map(|user| {
+                let slot = self.users.get(&user)?;
+                slot.flushed.map(|entry| Renewal {
+                    user,
                     entry,
-                    chosen: s.chosen_here.clone(),
+                    chosen: slot.chosen_here.clone(),
                 })
             })
             .collect();
-        if entries.is_empty() {
-            return;
+        if !chunk.is_empty() {
+            self.spawn_job(Job::Renew(chunk));
         }
-        self.spawn_job(Job::Renew(entries));
     }
 
     fn spawn_job(&mut self, job: Job) {
@@ -576,7 +599,8 @@ impl Worker {
             (Job::Renew(entries), Err(e)) => {
                 metrics::counter!(m::RENEWALS, "result" => "error").increment(entries.len() as u64);
                 tracing::warn!(shard = self.index, error = %e, "presence renewal failed; will retry");
-                self.renew_due = true;
+                self.renew_queue
+                    .extend(entries.iter().map(|r| r.user.clone()));
             }
         }
         if ok {

@@ -274,3 +274,51 @@ async fn tokens_work_on_every_node_and_name_the_least_loaded() {
         shared::ServerFrame::Welcome { .. }
     ));
 }
+
+/// A shard with more users than one renewal chunk keeps them all online well past the TTL.
+#[tokio::test]
+async fn renewal_keeps_a_big_shard_online_past_the_ttl() {
+    let redis = Redis::start();
+    let node = NodeBuilder::new(&Backend::Redis(redis.url()))
+        .arg("--shards=1")
+        .arg("--ttl-secs=3")
+        .start();
+    let connects = (0..1200).map(|i| {
+        let node = &node;
+        async move { Client::connect(node, &format!("r{i}"), 2).await }
+    });
+    let _clients = futures_util::future::join_all(connects).await;
+    let rest = Rest::new(&node);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while rest.get("/stats").await.1["online_users"] != 1200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "users never all online"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two TTLs: without renewal every entry would have expired twice over.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Reads drop expired entries, so every user online here was renewed in time.
+    for range in [0..600, 600..1200] {
+        let users: Vec<String> = range.map(|i| format!("r{i}")).collect();
+        let (status, body) = rest
+            .post("/presence/query", serde_json::json!({ "users": users }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().expect("items");
+        let offline: Vec<&serde_json::Value> =
+            items.iter().filter(|p| p["status"] != "online").collect();
+        assert!(
+            offline.is_empty(),
+            "{} users expired: {:?}",
+            offline.len(),
+            offline.first()
+        );
+    }
+    let renewed = node.metric("presence_renewals_total{result=\"ok\"}").await;
+    assert!(
+        renewed >= 2400.0,
+        "every user renewed at least twice, in chunks: {renewed}"
+    );
+}
