@@ -143,6 +143,36 @@ pub struct Shared {
     pub prefix: String,
 }
 
+impl Shared {
+    /// Connects client `index` as `user`. A failure is counted (`failed_key`, `connect_error.<kind>`
+    /// with a sample) and reported to the setup `gate`, if any; then `None`.
+    pub async fn connect_counted(
+        &self,
+        index: usize,
+        user: &str,
+        failed_key: &str,
+        gate: Option<&mpsc::UnboundedSender<bool>>,
+    ) -> Option<crate::client::Connected> {
+        match self.env.connect(index, user).await {
+            Ok(connected) => Some(connected),
+            Err(e) => {
+                self.counters
+                    .failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut rec = self.rec.lock();
+                rec.add(failed_key, 1);
+                rec.add(&format!("connect_error.{}", e.kind), 1);
+                rec.sample(&format!("connect_error.{}", e.kind), &e.message);
+                drop(rec);
+                if let Some(gate) = gate {
+                    let _ = gate.send(false);
+                }
+                None
+            }
+        }
+    }
+}
+
 /// A worker's handle on its assignment and its parent.
 pub struct WorkerCtx {
     pub worker: usize,

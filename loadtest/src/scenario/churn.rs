@@ -206,16 +206,11 @@ async fn client(
 ) {
     Track::mark(track.start.get(k), track.now());
     shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-    let connected = match shared.env.connect(index, &user).await {
-        Ok(c) => c,
-        Err(e) => {
-            shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-            let mut rec = shared.rec.lock();
-            rec.add("client_failed", 1);
-            rec.add(&format!("connect_error.{}", e.kind), 1);
-            rec.sample(&format!("connect_error.{}", e.kind), &e.message);
-            return;
-        }
+    let Some(connected) = shared
+        .connect_counted(index, &user, "client_failed", None)
+        .await
+    else {
+        return;
     };
     Track::mark(track.welcome.get(k), track.now());
     shared.counters.opened();

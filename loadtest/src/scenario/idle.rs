@@ -69,21 +69,11 @@ async fn connection(
     gate: tokio::sync::mpsc::UnboundedSender<bool>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let connected = match shared.env.connect(index, &user).await {
-        Ok(c) => c,
-        Err(e) => {
-            shared
-                .counters
-                .failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut rec = shared.rec.lock();
-            rec.add("connect_failed", 1);
-            rec.add(&format!("connect_error.{}", e.kind), 1);
-            rec.sample(&format!("connect_error.{}", e.kind), &e.message);
-            drop(rec);
-            let _ = gate.send(false);
-            return;
-        }
+    let Some(connected) = shared
+        .connect_counted(index, &user, "connect_failed", Some(&gate))
+        .await
+    else {
+        return;
     };
     {
         let mut rec = shared.rec.lock();

@@ -218,18 +218,11 @@ async fn run_member(
     gate: UnboundedSender<bool>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let connected = match shared.env.connect(m.index, &m.user).await {
-        Ok(c) => c,
-        Err(e) => {
-            shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-            let mut rec = shared.rec.lock();
-            rec.add("connect_failed", 1);
-            rec.add(&format!("connect_error.{}", e.kind), 1);
-            rec.sample(&format!("connect_error.{}", e.kind), &e.message);
-            drop(rec);
-            let _ = gate.send(false);
-            return;
-        }
+    let Some(connected) = shared
+        .connect_counted(m.index, &m.user, "connect_failed", Some(&gate))
+        .await
+    else {
+        return;
     };
     shared.counters.opened();
     {
