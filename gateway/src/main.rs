@@ -1,6 +1,12 @@
 //! `presence-gateway`: config, logging, listener, then serve until SIGTERM or SIGINT.
 
 use anyhow::Context;
+
+/// mimalloc returns memory freed after connect bursts to the system and keeps per-connection
+/// allocations compact; with glibc malloc a node held ~22 KiB per connection after a 10,000/s ramp
+/// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use gateway::{Config, config::LogFormat};
 use tokio_util::sync::CancellationToken;
