@@ -10,11 +10,8 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use shared::{Message, ids};
 
-use super::{ApiError, ApiJson};
+use super::{ApiError, ApiJson, page_cursor, page_limit};
 use crate::{app::App, backend::parse_msg_id, conn::online_members};
-
-/// Largest page of members or history.
-const MAX_PAGE: usize = 1000;
 
 fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
     ids::check_id("group", group).map_err(ApiError::bad_request)?;
@@ -22,16 +19,6 @@ fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
         ids::check_id("user", user).map_err(ApiError::bad_request)?;
     }
     Ok(())
-}
-
-fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
-    let limit = limit.unwrap_or(default);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::bad_request(format!(
-            "limit must be 1 to {MAX_PAGE}"
-        )));
-    }
-    Ok(limit)
 }
 
 pub async fn add_member(
@@ -71,10 +58,7 @@ pub async fn members(
 ) -> ApiJson<UserPage> {
     check(&group, None)?;
     let limit = page_limit(params.limit, 100)?;
-    let cursor = params.cursor.filter(|c| !c.is_empty());
-    if let Some(c) = &cursor {
-        ids::check_id("cursor", c).map_err(ApiError::bad_request)?;
-    }
+    let cursor = page_cursor(params.cursor)?;
     let (users, next_cursor) = app
         .backend
         .members(&group, cursor.as_deref(), limit)

@@ -67,6 +67,29 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Largest page any list endpoint answers.
+const MAX_PAGE: usize = 1000;
+
+/// A page size: `limit` or `default`, 1 to 1,000.
+pub fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    Ok(limit)
+}
+
+/// A paging cursor (the last id of the previous page); empty means none.
+pub fn page_cursor(cursor: Option<String>) -> Result<Option<String>, ApiError> {
+    let cursor = cursor.filter(|c| !c.is_empty());
+    if let Some(c) = &cursor {
+        shared::ids::check_id("cursor", c).map_err(ApiError::bad_request)?;
+    }
+    Ok(cursor)
+}
+
 /// Turns axum's own body rejections into contract errors.
 pub type ApiJson<T> = Result<Json<T>, ApiError>;
 

@@ -10,7 +10,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use shared::{Presence, ids};
 
-use super::{ApiError, ApiJson, json_body};
+use super::{ApiError, ApiJson, json_body, page_cursor, page_limit};
 use crate::{app::App, backend::NodeInfo};
 
 const MAX_USERS: usize = 1000;
@@ -71,21 +71,13 @@ pub async fn online(
     State(app): State<Arc<App>>,
     Query(params): Query<OnlineParams>,
 ) -> ApiJson<OnlinePage> {
-    let limit = params.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_USERS {
-        return Err(ApiError::bad_request(format!(
-            "limit must be 1 to {MAX_USERS}"
-        )));
-    }
+    let limit = page_limit(params.limit, 100)?;
     if let Some(p) = params.platform
         && !ids::is_valid_platform(p)
     {
         return Err(ApiError::bad_request("platform must be 1 to 8"));
     }
-    let cursor = params.cursor.filter(|c| !c.is_empty());
-    if let Some(c) = &cursor {
-        ids::check_id("cursor", c).map_err(ApiError::bad_request)?;
-    }
+    let cursor = page_cursor(params.cursor)?;
     let (users, next_cursor) = app
         .backend
         .online_users(cursor.as_deref(), limit, params.platform)

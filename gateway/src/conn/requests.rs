@@ -302,20 +302,7 @@ impl Requests {
             } else {
                 backend.remove_member(&group, &user).await?;
             }
-            if conn.note_group(&group, joined) {
-                let cmd = if joined {
-                    ShardCmd::GroupAttach {
-                        group: group.clone(),
-                        conn: conn.clone(),
-                    }
-                } else {
-                    ShardCmd::GroupDetach {
-                        group: group.clone(),
-                        conn: conn.id,
-                    }
-                };
-                shards.send(&group, cmd).await;
-            }
+            shards.follow_group(&conn, &group, joined).await;
             Ok(ServerFrame::Ok { id })
         })
     }

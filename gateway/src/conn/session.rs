@@ -94,13 +94,7 @@ pub async fn run(
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     app.count_connection(conn.platform, 1);
     for group in groups {
-        if conn.note_group(&group, true) {
-            let cmd = ShardCmd::GroupAttach {
-                group: group.clone(),
-                conn: conn.clone(),
-            };
-            app.shards.send(&group, cmd).await;
-        }
+        app.shards.follow_group(&conn, &group, true).await;
     }
     tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
 
@@ -110,11 +104,7 @@ pub async fn run(
     // Whatever ended the session, the shard hears of it, and watches are dropped.
     requests.release().await;
     for group in conn.group_list() {
-        let cmd = ShardCmd::GroupDetach {
-            group: group.clone(),
-            conn: conn.id,
-        };
-        app.shards.send(&group, cmd).await;
+        app.shards.follow_group(&conn, &group, false).await;
     }
     app.shards
         .send(

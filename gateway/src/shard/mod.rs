@@ -134,12 +134,25 @@ impl Shards {
         }
     }
 
-    /// Commands waiting in each shard's mailbox.
-    pub fn queue_depths(&self) -> Vec<usize> {
-        self.senders
-            .iter()
-            .map(|tx| tx.max_capacity() - tx.capacity())
-            .collect()
+    /// Makes `conn` get (`joined`) or stop getting a group's messages: records it on the
+    /// connection and attaches or detaches it at the group's shard. Nothing happens when the
+    /// connection already is (or is not) following the group.
+    pub async fn follow_group(&self, conn: &Arc<ConnHandle>, group: &str, joined: bool) {
+        if !conn.note_group(group, joined) {
+            return;
+        }
+        let cmd = if joined {
+            ShardCmd::GroupAttach {
+                group: group.to_string(),
+                conn: conn.clone(),
+            }
+        } else {
+            ShardCmd::GroupDetach {
+                group: group.to_string(),
+                conn: conn.id,
+            }
+        };
+        self.send(group, cmd).await;
     }
 
     /// Groups `users` by owning shard.

@@ -382,30 +382,14 @@ impl Worker {
         let Some(slot) = self.users.get(user) else {
             return;
         };
-        let conns: Vec<Arc<ConnHandle>> = slot
-            .conns
-            .iter()
-            .filter(|c| c.note_group(&group, joined))
-            .cloned()
-            .collect();
-        if conns.is_empty() {
+        if slot.conns.is_empty() {
             return;
         }
+        let conns = slot.conns.clone();
         let shards = self.shards.clone();
         tokio::spawn(async move {
-            for conn in conns {
-                let cmd = if joined {
-                    ShardCmd::GroupAttach {
-                        group: group.clone(),
-                        conn,
-                    }
-                } else {
-                    ShardCmd::GroupDetach {
-                        group: group.clone(),
-                        conn: conn.id,
-                    }
-                };
-                shards.send(&group, cmd).await;
+            for conn in &conns {
+                shards.follow_group(conn, &group, joined).await;
             }
         });
     }
