@@ -104,7 +104,8 @@ pub struct CommonArgs {
 
     /// Loopback source addresses client sockets are bound to, round-robin: a range
     /// (`127.0.0.1-127.0.0.20`), a count (`20` = 127.0.0.1 to 127.0.0.20) or a comma list. Each
-    /// address has about 28,000 ephemeral ports.
+    /// address holds up to about 27,000 connections to each `--url` (the ephemeral port is chosen
+    /// at connect time, so only the address/port 4-tuple has to be free).
     #[arg(long, value_name = "IPS", default_value = "127.0.0.1")]
     pub source_ips: String,
 

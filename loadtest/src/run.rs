@@ -4,6 +4,7 @@
 
 use std::{
     io::IsTerminal,
+    net::SocketAddr,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,6 +18,7 @@ use crate::{
     probe::Probe,
     report::{self, Stats},
     scenario::{Outcome, Scenario},
+    target::Target,
     workers::{Event, Fleet, Phase, Progress, RunSpec},
 };
 
@@ -24,7 +26,16 @@ use crate::{
 pub const EXIT_UNAVAILABLE: i32 = 3;
 /// Exit code when the run could not measure what it should (no connection, a worker failed).
 pub const EXIT_FAILED: i32 = 1;
-/// Ephemeral ports one source address has (32768–60999), less a margin.
+/// Connections one source address can hold to one gateway address. `client.rs` sets
+/// `IP_BIND_ADDRESS_NO_PORT`, so the port is chosen at `connect()` and only the 4-tuple (source
+/// address and port, gateway address and port) must be free: each source address has the whole
+/// ephemeral range (`ip_local_port_range`, 32768–60999 = 28,232 ports here) towards each gateway
+/// URL, whatever it holds towards the others. Not all of it: `connect()` skips every port that
+/// some socket holds through an explicit `bind()` (a listener in the range, another tool
+/// without the option, on any address), and this tool's own `/metrics` reads (from 127.0.0.1)
+/// share the pairs; hence the margin. (Before the option, the port was taken at
+/// `bind()`, from 28,232 shared by all URLs, by a scan of the bind hash that got slower with
+/// every port in use: 97% of the tool's CPU at ~18,000 ports per address.)
 const PORTS_PER_SOURCE: u64 = 27_000;
 
 #[derive(Default)]
@@ -54,13 +65,21 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
         bail!("--prefix must be 1 to 64 characters of [A-Za-z0-9_.:@-]");
     }
     let sockets = scenario.sockets();
-    let ipv4 = env.targets.iter().any(|t| t.addr.is_ipv4());
-    if ipv4 && sockets > PORTS_PER_SOURCE * env.sources.len() as u64 {
+    let pair = busiest_pair(&env.targets, env.sources.len(), sockets);
+    if pair.sockets > PORTS_PER_SOURCE {
+        let hint = if pair.ipv4 {
+            format!(
+                "use e.g. --source-ips 127.0.0.1-127.0.0.{}, or more --url nodes",
+                pair.on_url.div_ceil(PORTS_PER_SOURCE).min(254)
+            )
+        } else {
+            "an IPv6 URL is always reached from [::1]: use more --url nodes".to_string()
+        };
         bail!(
-            "{sockets} sockets need more ephemeral ports than {} source address(es) have \
-             (about {PORTS_PER_SOURCE} each): use e.g. --source-ips 127.0.0.1-127.0.0.{}",
-            env.sources.len(),
-            sockets.div_ceil(PORTS_PER_SOURCE).min(254)
+            "{sockets} sockets put {} on one source address towards {}, more than the about \
+             {PORTS_PER_SOURCE} ephemeral ports a source address has towards one gateway: {hint}",
+            pair.sockets,
+            pair.url
         );
     }
     let workers = sockets.div_ceil(common.per_process).max(1) as usize;
@@ -242,6 +261,59 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+/// The (source address, gateway address) pair that gets the most of a run's sockets.
+#[derive(Debug)]
+struct Pair {
+    /// Sockets on that pair.
+    sockets: u64,
+    /// The gateway's URL (the first given, if several name it).
+    url: String,
+    ipv4: bool,
+    /// Sockets to that gateway address, from all source addresses.
+    on_url: u64,
+}
+
+/// Where `sockets` client sockets land: client `i` goes to URL `i % urls` and, for an IPv4 URL,
+/// from source address `(i / urls) % sources` (`ClientEnv::connect`); an IPv6 URL is reached from
+/// `[::1]` alone. URLs naming the same address add up.
+fn busiest_pair(targets: &[Target], sources: usize, sockets: u64) -> Pair {
+    let urls = targets.len().max(1) as u64;
+    let mut per_addr: Vec<(SocketAddr, Pair)> = Vec::new();
+    for (t, target) in targets.iter().enumerate() {
+        let on_url = sockets.saturating_sub(t as u64).div_ceil(urls);
+        let ipv4 = target.addr.is_ipv4();
+        let spread = if ipv4 { sources.max(1) as u64 } else { 1 };
+        let on_pair = on_url.div_ceil(spread);
+        match per_addr.iter_mut().find(|(a, _)| *a == target.addr) {
+            Some((_, p)) => {
+                p.sockets += on_pair;
+                p.on_url += on_url;
+            }
+            None => per_addr.push((
+                target.addr,
+                Pair {
+                    sockets: on_pair,
+                    url: target.url.clone(),
+                    ipv4,
+                    on_url,
+                },
+            )),
+        }
+    }
+    // Reversed, so that of equals the first URL is named.
+    per_addr
+        .into_iter()
+        .rev()
+        .map(|(_, p)| p)
+        .max_by_key(|p| p.sockets)
+        .unwrap_or(Pair {
+            sockets: 0,
+            url: String::new(),
+            ipv4: true,
+            on_url: 0,
+        })
+}
+
 /// Handles worker events until `done` holds for every worker still running (true), or the
 /// deadline passes (false).
 async fn pump(
@@ -365,6 +437,30 @@ fn default_prefix() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sockets_spread_over_source_addresses_and_urls() -> anyhow::Result<()> {
+        let a = Target::parse("ws://127.0.0.1:8080/ws")?;
+        let b = Target::parse("ws://127.0.0.1:8081/ws")?;
+        let v6 = Target::parse("ws://[::1]:8082/ws")?;
+        // One URL, 4 addresses: 10,001 sockets put 2,501 on the first address.
+        let p = busiest_pair(std::slice::from_ref(&a), 4, 10_001);
+        assert_eq!((p.sockets, p.on_url, p.ipv4), (2_501, 10_001, true));
+        // Two URLs: each address holds its share towards each URL separately.
+        let p = busiest_pair(&[a.clone(), b.clone()], 1, 50_001);
+        assert_eq!(
+            (p.sockets, p.url.as_str()),
+            (25_001, "ws://127.0.0.1:8080/ws")
+        );
+        // The same address twice counts once.
+        let p = busiest_pair(&[a.clone(), a.clone()], 1, 50_000);
+        assert_eq!((p.sockets, p.on_url), (50_000, 50_000));
+        // IPv6 URLs are reached from [::1] whatever --source-ips says.
+        let p = busiest_pair(&[a, v6], 10, 40_000);
+        assert_eq!((p.sockets, p.ipv4), (20_000, false));
+        assert!(busiest_pair(&[b], 1, PORTS_PER_SOURCE).sockets <= PORTS_PER_SOURCE);
+        Ok(())
+    }
 
     #[test]
     fn default_prefixes_are_valid_ids() {

@@ -281,7 +281,7 @@ impl Observer {
         while alive {
             tokio::select! {
                 incoming = conn.recv() => match incoming {
-                    Incoming::Frame(frame) => self.on_frame(*frame, &mut seen, &mut local),
+                    Incoming::Frame(frame) => self.on_frame(frame, &mut seen, &mut local),
                     Incoming::Undecodable(e) => {
                         local.add("decode_errors", 1);
                         local.sample("decode_error", &e);
@@ -330,7 +330,7 @@ impl Observer {
             conn.send(&frame).await.map_err(|_| "send".to_string())?;
             loop {
                 match conn.recv().await {
-                    Incoming::Frame(f) => match *f {
+                    Incoming::Frame(f) => match f {
                         ServerFrame::PresenceList { id: Some(1), .. } => return Ok(()),
                         ServerFrame::Error { code, message, .. } => {
                             self.shared

@@ -3,11 +3,11 @@
 //! from `/metrics` read before and after.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
+use rustc_hash::FxHashMap;
 use serde_json::json;
 use shared::{ClientFrame, ServerFrame, Status};
 use tokio::{
@@ -106,7 +106,7 @@ async fn user(
     plan: Plan,
     shared: Arc<Shared>,
     gate: UnboundedSender<bool>,
-    mut phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
 ) {
     let Some(connected) = shared
         .connect_counted(plan.index, &plan.user, "connect_failed", Some(&gate))
@@ -124,17 +124,27 @@ async fn user(
     let mut conn = connected.conn;
     let mut local = Stats::default();
     let mut samples: Vec<u64> = Vec::new();
-    let mut pending: HashMap<u64, Instant> = HashMap::new();
+    let mut pending: FxHashMap<u64, Instant> = FxHashMap::default();
     let mut running = false;
     let mut next: Option<Instant> = None;
     let mut end = Instant::now();
     let mut seq: u64 = 0;
     let mut alive = true;
+    // The phase wait and the send timer are made once and replaced or reset when they change,
+    // not remade on every turn of the loop (one per `ok`), which would register and drop two
+    // timers and a watch waiter per reply.
+    let wait_for = |target: Phase| {
+        let mut rx = phase.clone();
+        async move { wait_phase(&mut rx, target, Duration::from_secs(86_400)).await }
+    };
+    let waiting = wait_for(Phase::Go);
+    let send_timer = tokio::time::sleep_until(end);
+    tokio::pin!(waiting, send_timer);
     loop {
         let due = next.filter(|t| *t < end);
         tokio::select! {
             incoming = conn.recv() => match incoming {
-                Incoming::Frame(frame) => match *frame {
+                Incoming::Frame(frame) => match frame {
                     ServerFrame::Ok { id: Some(id) } => {
                         if let Some(sent) = pending.remove(&id) {
                             local.add("ok", 1);
@@ -166,7 +176,7 @@ async fn user(
                     break;
                 }
             },
-            _ = sleep_until_opt(due) => {
+            _ = &mut send_timer, if due.is_some() => {
                 if let Some(at) = due {
                     seq += 1;
                     let status = CYCLE[(seq as usize - 1) % CYCLE.len()];
@@ -181,20 +191,26 @@ async fn user(
                     }
                     local.add("sent", 1);
                     shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-                    next = Some(at + plan.every);
+                    let at = at + plan.every;
+                    next = Some(at);
+                    send_timer.as_mut().reset(at);
                 }
             }
-            p = wait_phase(&mut phase, if running { Phase::Stop } else { Phase::Go }, Duration::from_secs(86_400)) => {
+            p = &mut waiting => {
                 match p {
                     Phase::Stop => break,
                     Phase::Go if !running => {
                         running = true;
                         let go = Instant::now();
                         end = go + plan.duration;
-                        next = Some(go + plan.first);
+                        let first = go + plan.first;
+                        next = Some(first);
+                        send_timer.as_mut().reset(first);
                     }
                     _ => {}
                 }
+                // A finished wait must not be polled again.
+                waiting.set(wait_for(if running { Phase::Stop } else { Phase::Go }));
             }
         }
     }
@@ -213,13 +229,6 @@ fn flush(shared: &Shared, samples: &mut Vec<u64>) {
     let mut rec = shared.rec.lock();
     for v in samples.drain(..) {
         rec.record("set_status", v);
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
