@@ -129,6 +129,12 @@ pub struct PresenceWrite {
     pub status: Option<ChosenStatus>,
 }
 
+/// The reads a connection waits for before its welcome; each may fail on its own.
+pub struct ConnectState {
+    pub groups: Result<Vec<String>, BackendError>,
+    pub offline: Result<Vec<Message>, BackendError>,
+}
+
 /// One user's entry to renew.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Renewal {
@@ -186,7 +192,7 @@ pub struct Counts {
 }
 
 /// Why a backend call failed. Callers keep their work and retry: nothing here is fatal.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("backend unavailable: {0}")]
     Unavailable(String),
@@ -311,6 +317,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Stored private messages of `user`, oldest first, marked `offline`.
     async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError>;
+
+    /// What a new connection needs before its welcome: the user's groups and stored messages.
+    /// (The Redis backend reads both in one round trip.)
+    async fn connect_state(&self, user: &str) -> ConnectState {
+        let (groups, offline) = tokio::join!(self.user_groups(user), self.offline_messages(user));
+        ConnectState { groups, offline }
+    }
     /// Drops stored private messages up to and including `up_to`.
     async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError>;
 

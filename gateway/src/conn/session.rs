@@ -19,8 +19,14 @@ use super::{
     requests::Requests,
 };
 use crate::{
-    app::App, auth::Identity, clock::now_ms, frame::EncodedFrame, metrics as m, shard::ShardCmd,
+    app::App, auth::Identity, backend::ConnectState, clock::now_ms, frame::EncodedFrame,
+    metrics as m, shard::ShardCmd,
 };
+
+/// Bounds one write burst (see `send_burst`): enough to make one syscall carry a backlog, small
+/// enough that a burst does not grow the connection's write buffer for good.
+const WRITE_BURST_FRAMES: usize = 64;
+const WRITE_BURST_BYTES: usize = 16 * 1024;
 
 pub async fn run(
     app: Arc<App>,
@@ -54,10 +60,7 @@ pub async fn run(
     };
     // The user's groups and stored messages are read before the connection is registered, so
     // that `welcome` and the stored messages are the first frames, in that order.
-    let (groups, offline) = tokio::join!(
-        app.backend.user_groups(&conn.user),
-        app.backend.offline_messages(&conn.user)
-    );
+    let ConnectState { groups, offline } = app.backend.connect_state(&conn.user).await;
     let groups = groups.unwrap_or_else(|e| {
         tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
         Vec::new()
@@ -246,9 +249,8 @@ async fn write_loop(
             _ = closer.cancelled() => break,
             frame = out.recv() => {
                 let Some(frame) = frame else { break };
-                let Some(message) = to_message(conn.encoding, &frame) else { continue };
                 let sent = tokio::select! {
-                    r = Box::pin(sink.send(message)) => r.is_ok(),
+                    r = Box::pin(send_burst(&mut sink, &mut out, conn.encoding, frame)) => r.is_ok(),
                     _ = closer.cancelled() => false,
                 };
                 if !sent {
@@ -310,6 +312,35 @@ fn close_reason(code: u16) -> &'static str {
 
 /// The WebSocket message carrying `frame` in `encoding`; `None` if it cannot be encoded (logged
 /// where it is encoded).
+/// Writes `first` and what else is already queued, up to `WRITE_BURST_FRAMES` frames or
+/// `WRITE_BURST_BYTES`, with one flush: under load one `send()` carries many frames instead of one
+/// syscall and one loopback/TCP transmit per frame, the gateway's main per-delivery cost.
+async fn send_burst(
+    sink: &mut SplitSink<WebSocket, Message>,
+    out: &mut mpsc::Receiver<Arc<EncodedFrame>>,
+    encoding: Encoding,
+    first: Arc<EncodedFrame>,
+) -> Result<(), axum::Error> {
+    let mut frames = 0;
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(frame) = next.take() {
+        if let Some(message) = to_message(encoding, &frame) {
+            bytes += match &message {
+                Message::Binary(b) => b.len(),
+                Message::Text(t) => t.len(),
+                _ => 0,
+            };
+            sink.feed(message).await?;
+        }
+        frames += 1;
+        if frames < WRITE_BURST_FRAMES && bytes < WRITE_BURST_BYTES {
+            next = out.try_recv().ok();
+        }
+    }
+    sink.flush().await
+}
+
 fn to_message(encoding: Encoding, frame: &EncodedFrame) -> Option<Message> {
     let bytes = frame.bytes(encoding)?;
     Some(match encoding {

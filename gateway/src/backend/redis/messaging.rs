@@ -8,7 +8,7 @@ use shared::{Destination, Message, RouteResult};
 
 use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, unavailable};
 use crate::{
-    backend::{BackendError, Outgoing, SendOutcome, SendRefused, parse_msg_id},
+    backend::{BackendError, ConnectState, Outgoing, SendOutcome, SendRefused, parse_msg_id},
     clock::now_ms,
 };
 
@@ -208,28 +208,72 @@ impl RedisBackend {
 
     pub(super) async fn offline_impl(&self, user: &str) -> Result<Vec<Message>, BackendError> {
         Self::count_round_trip("offline");
-        let count = self.settings.messages.offline_cap.to_string();
         let entries: Vec<Value> = self
             .client
-            .custom(
-                cmd("XRANGE"),
-                vec![
-                    self.keys.offline(user),
-                    "-".into(),
-                    "+".into(),
-                    "COUNT".into(),
-                    count,
-                ],
-            )
+            .custom(cmd("XRANGE"), self.offline_range(user))
             .await
             .map_err(|e| Self::error("offline", e))?;
-        Ok(Self::stream_messages(entries)
+        Ok(Self::offline_from(entries))
+    }
+
+    /// Groups and stored messages in one pipeline: a connect costs one round trip, not two.
+    pub(super) async fn connect_state_impl(&self, user: &str) -> ConnectState {
+        let pipeline = self.client.pipeline();
+        let queued: Result<(), fred::error::Error> = async {
+            let _: () = pipeline
+                .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])
+                .await?;
+            pipeline
+                .custom(cmd("XRANGE"), self.offline_range(user))
+                .await
+        }
+        .await;
+        if let Err(e) = queued {
+            let e = Self::error("connect", e);
+            return ConnectState {
+                groups: Err(e.clone()),
+                offline: Err(e),
+            };
+        }
+        Self::count_round_trip("connect");
+        let mut results = pipeline.try_all::<Value>().await.into_iter();
+        let mut next = || {
+            results
+                .next()
+                .unwrap_or_else(|| Err(fred::error::Error::new_canceled()))
+                .map_err(|e| Self::error("connect", e))
+        };
+        let groups = next().and_then(|v| {
+            v.convert::<Vec<String>>()
+                .map_err(|e| Self::error("connect", e))
+        });
+        let offline = next().and_then(|v| {
+            v.convert::<Vec<Value>>()
+                .map(Self::offline_from)
+                .map_err(|e| Self::error("connect", e))
+        });
+        ConnectState { groups, offline }
+    }
+
+    /// XRANGE arguments for a user's stored messages, oldest first, at most the cap.
+    fn offline_range(&self, user: &str) -> Vec<String> {
+        vec![
+            self.keys.offline(user),
+            "-".into(),
+            "+".into(),
+            "COUNT".into(),
+            self.settings.messages.offline_cap.to_string(),
+        ]
+    }
+
+    fn offline_from(entries: Vec<Value>) -> Vec<Message> {
+        Self::stream_messages(entries)
             .into_iter()
             .map(|mut m| {
                 m.offline = Some(true);
                 m
             })
-            .collect())
+            .collect()
     }
 
     pub(super) async fn ack_offline_impl(

@@ -46,6 +46,9 @@ const READ_LUA: &str = include_str!("read.lua");
 const RECORD_TTL_MS: u64 = 30 * 86_400 * 1000;
 /// Users per pipeline: bounds one round trip's size when a whole shard is rewritten.
 const PIPELINE_USERS: usize = 1000;
+/// Users per `write.lua` call on one Redis: spreads the script's entry cost (≈ 20% of a
+/// one-user call, measured with callgrind) while one call still blocks Redis for well under 1 ms.
+const WRITE_USERS_PER_CALL: usize = 50;
 /// A reaper holds a dead node for this long; if it dies mid-way another takes over after it.
 const REAP_LOCK_MS: u64 = 30_000;
 
@@ -72,6 +75,26 @@ pub struct RedisBackend {
 
 /// One script call of a pipeline: script, keys, arguments.
 type ScriptCall<'a> = (&'a Script, Vec<String>, Vec<Value>);
+
+/// One user's part of a `write.lua` call: this node's entry (`None` removes it), a newly chosen
+/// status, or the status to restore if Redis lost it (renewal after a restart).
+struct UserWrite<'a> {
+    user: &'a str,
+    entry: Option<NodeEntry>,
+    status: Option<&'a ChosenStatus>,
+    restore: Option<&'a ChosenStatus>,
+}
+
+impl<'a> UserWrite<'a> {
+    fn removal(user: &'a str) -> Self {
+        UserWrite {
+            user,
+            entry: None,
+            status: None,
+            restore: None,
+        }
+    }
+}
 
 fn unavailable(e: fred::error::Error) -> BackendError {
     BackendError::Unavailable(e.to_string())
@@ -196,44 +219,56 @@ impl RedisBackend {
         unavailable(e)
     }
 
-    /// Arguments of one write script call.
-    fn write_args(
-        &self,
+    /// `write.lua` calls for `users`, in order: on one Redis many users per call (the script's
+    /// own entry cost is spread over them), on a cluster one per call (a script's keys must
+    /// share a slot). `touch` pushes every record's expiry out (renewal, reaper).
+    fn write_calls<'a>(
+        &'a self,
         node: &str,
-        user: &str,
-        entry: Option<NodeEntry>,
-        status: Option<&ChosenStatus>,
-        restore: Option<&ChosenStatus>,
         now: u64,
-    ) -> (Vec<String>, Vec<String>) {
-        let entry = entry
-            .map(|e| format!("{}:{}", e.platforms, u8::from(e.idle)))
-            .unwrap_or_default();
+        touch: bool,
+        users: impl IntoIterator<Item = UserWrite<'a>>,
+    ) -> Vec<ScriptCall<'a>> {
+        let per_call = if self.cluster {
+            1
+        } else {
+            WRITE_USERS_PER_CALL
+        };
+        let common = [
+            node.to_string(),
+            now.to_string(),
+            (self.settings.presence_ttl.as_millis() as u64).to_string(),
+            RECORD_TTL_MS.to_string(),
+            self.publish_command().to_string(),
+            if touch { "1" } else { "" }.to_string(),
+        ];
         let status_args = |s: Option<&ChosenStatus>| match s {
             Some(s) => (
-                s.status.as_str().to_string(),
-                s.text.clone().unwrap_or_default(),
+                Value::from(s.status.as_str()),
+                Value::from(s.text.clone().unwrap_or_default()),
             ),
-            None => (String::new(), String::new()),
+            None => (Value::from(""), Value::from("")),
         };
-        let (cs, ct) = status_args(status);
-        let (rs, rt) = status_args(restore);
-        (
-            vec![self.keys.user(user), self.keys.user_channel(user)],
-            vec![
-                node.to_string(),
-                entry,
-                now.to_string(),
-                (self.settings.presence_ttl.as_millis() as u64).to_string(),
-                cs,
-                ct,
-                RECORD_TTL_MS.to_string(),
-                user.to_string(),
-                self.publish_command().to_string(),
-                rs,
-                rt,
-            ],
-        )
+        let mut calls: Vec<ScriptCall<'a>> = Vec::new();
+        for (i, w) in users.into_iter().enumerate() {
+            if i % per_call == 0 {
+                let args = common.iter().map(|a| Value::from(a.as_str())).collect();
+                calls.push((&self.write, Vec::new(), args));
+            }
+            let Some((_, keys, args)) = calls.last_mut() else {
+                continue;
+            };
+            keys.push(self.keys.user(w.user));
+            keys.push(self.keys.user_channel(w.user));
+            let entry = w
+                .entry
+                .map(|e| format!("{}:{}", e.platforms, u8::from(e.idle)))
+                .unwrap_or_default();
+            let (cs, ct) = status_args(w.status);
+            let (rs, rt) = status_args(w.restore);
+            args.extend([Value::from(w.user), Value::from(entry), cs, ct, rs, rt]);
+        }
+        calls
     }
 
     async fn load_scripts(&self) -> Result<(), fred::error::Error> {
@@ -306,27 +341,22 @@ impl RedisBackend {
         self.run_scripts_with(op, calls, None).await
     }
 
-    /// Runs write-script calls plus index updates; returns the changes the scripts reported.
+    /// Runs `write.lua` calls plus index updates as one round trip; returns the changes the
+    /// script reported (one reply per user: 0, or the mask before and the published payload).
     async fn write_pipeline(
         &self,
         op: &'static str,
-        calls: &[(Vec<String>, Vec<String>)],
+        calls: &[ScriptCall<'_>],
         sets: &SetUpdates,
     ) -> Result<Vec<Changed>, BackendError> {
-        let calls: Vec<ScriptCall<'_>> = calls
-            .iter()
-            .map(|(keys, args)| {
-                (
-                    &self.write,
-                    keys.clone(),
-                    args.iter().map(|a| Value::from(a.clone())).collect(),
-                )
-            })
-            .collect();
-        let results = self.run_scripts_with(op, &calls, Some(sets)).await?;
+        let results = self.run_scripts_with(op, calls, Some(sets)).await?;
         let mut changed = Vec::new();
-        for result in results {
-            if let Value::Array(parts) = result {
+        for reply in results.into_iter().filter_map(|r| match r {
+            Value::Array(users) => Some(users),
+            _ => None,
+        }) {
+            for user in reply {
+                let Value::Array(parts) = user else { continue };
                 let before = parts.first().and_then(|v| v.as_u64()).unwrap_or(0) as u16;
                 let payload = parts.get(1).and_then(|v| v.as_string());
                 if let Some((_, record)) = payload.as_deref().and_then(record::parse_payload) {
@@ -363,10 +393,8 @@ impl RedisBackend {
             if users.is_empty() {
                 break;
             }
-            let calls: Vec<_> = users
-                .iter()
-                .map(|u| self.write_args(node, u, None, None, None, now))
-                .collect();
+            let calls =
+                self.write_calls(node, now, true, users.iter().map(|u| UserWrite::removal(u)));
             let mut sets = SetUpdates::default();
             sets.remove(&users_key, users.iter().cloned());
             changed.extend(self.write_pipeline("reap", &calls, &sets).await?);
@@ -517,16 +545,19 @@ impl Backend for RedisBackend {
         let mut changed = Vec::new();
         for chunk in writes.chunks(PIPELINE_USERS) {
             let mut sets = SetUpdates::default();
-            let calls: Vec<_> = chunk
-                .iter()
-                .map(|w| {
-                    sets.entry_change(&self.keys, node, &w.user, w.before, w.entry);
-                    if let Some(status) = &w.status {
-                        sets.status_change(&self.keys, &w.user, status);
-                    }
-                    self.write_args(node, &w.user, w.entry, w.status.as_ref(), None, now)
-                })
-                .collect();
+            let users = chunk.iter().map(|w| {
+                sets.entry_change(&self.keys, node, &w.user, w.before, w.entry);
+                if let Some(status) = &w.status {
+                    sets.status_change(&self.keys, &w.user, status);
+                }
+                UserWrite {
+                    user: &w.user,
+                    entry: w.entry,
+                    status: w.status.as_ref(),
+                    restore: None,
+                }
+            });
+            let calls = self.write_calls(node, now, false, users);
             changed.extend(self.write_pipeline("flush", &calls, &sets).await?);
         }
         Ok(changed)
@@ -542,18 +573,21 @@ impl Backend for RedisBackend {
         for chunk in entries.chunks(PIPELINE_USERS) {
             // Renewal re-adds to the sets too: after Redis lost its data, this restores them.
             let mut sets = SetUpdates::default();
-            let calls: Vec<_> = chunk
-                .iter()
-                .map(|r| {
-                    sets.entry_change(&self.keys, node, &r.user, None, Some(r.entry));
-                    if let Some(chosen) = &r.chosen
-                        && chosen.status == Status::Invisible
-                    {
-                        sets.status_change(&self.keys, &r.user, chosen);
-                    }
-                    self.write_args(node, &r.user, Some(r.entry), None, r.chosen.as_ref(), now)
-                })
-                .collect();
+            let users = chunk.iter().map(|r| {
+                sets.entry_change(&self.keys, node, &r.user, None, Some(r.entry));
+                if let Some(chosen) = &r.chosen
+                    && chosen.status == Status::Invisible
+                {
+                    sets.status_change(&self.keys, &r.user, chosen);
+                }
+                UserWrite {
+                    user: &r.user,
+                    entry: Some(r.entry),
+                    status: None,
+                    restore: r.chosen.as_ref(),
+                }
+            });
+            let calls = self.write_calls(node, now, true, users);
             changed.extend(self.write_pipeline("renew", &calls, &sets).await?);
         }
         Ok(changed)
@@ -907,6 +941,10 @@ impl Backend for RedisBackend {
 
     async fn offline_messages(&self, user: &str) -> Result<Vec<shared::Message>, BackendError> {
         self.offline_impl(user).await
+    }
+
+    async fn connect_state(&self, user: &str) -> super::ConnectState {
+        self.connect_state_impl(user).await
     }
 
     async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {
