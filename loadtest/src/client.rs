@@ -228,31 +228,13 @@ async fn open(
 /// source address and the kernel picks the port at `connect()`, where a port only needs a free
 /// 4-tuple: each source address then has the whole ephemeral range per destination, and `bind()`
 /// no longer scans the bind hash for a port no other socket holds (with ~18,000 ports in use per
-/// source address that scan took 97% of the tool's CPU). Neither tokio nor socket2 exposes it.
+/// source address that scan took 97% of the tool's CPU). Neither tokio nor socket2 exposes it;
+/// nix does, safely.
 /// For IPv6 sockets too: the kernel hands `IPPROTO_IP` options of TCP sockets to the IPv4 code.
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
 fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-
-    let on: libc::c_int = 1;
-    // SAFETY: `socket.as_raw_fd()` is an open socket that `socket` owns and keeps open for the
-    // whole call; `optval` points to `on`, a live `c_int`, and `optlen` is exactly its size, so
-    // the kernel reads only initialised memory that outlives the call and keeps no pointer to it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
+    setsockopt(socket, IpBindAddressNoPort, &true).map_err(std::io::Error::from)
 }
 
 /// Elsewhere the port is chosen at `bind()`.
