@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shared::{
-    Body, ClientFrame, Destination, Encoding, Message, Presence, ServerFrame, Status,
+    Body, ClientFrame, Destination, Encoding, Message, Presence, RouteResult, ServerFrame, Status,
     shard::shard_of,
 };
 
@@ -74,6 +74,17 @@ fn message_frame() -> ServerFrame {
     })
 }
 
+/// The `ack` a sender gets for each `send`.
+fn ack_frame() -> ServerFrame {
+    ServerFrame::Ack {
+        id: Some(42),
+        msg_id: "1767225600123-0000000042".to_string(),
+        result: RouteResult::Delivered,
+        delivered: 3,
+        stored: 0,
+    }
+}
+
 fn encoded<T: serde::Serialize>(encoding: Encoding, frame: &T) -> Vec<u8> {
     encoding.encode(frame).expect("bench frames are encodable")
 }
@@ -88,6 +99,7 @@ fn decode(c: &mut Criterion) {
     let server = [
         ("server_presence", presence_frame()),
         ("server_message_200b", message_frame()),
+        ("server_ack", ack_frame()),
     ];
     for encoding in Encoding::ALL {
         for (label, frame) in &client {

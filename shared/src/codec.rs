@@ -1,6 +1,6 @@
 //! The two encodings of the wire contract: MessagePack maps with string keys (the default) and JSON.
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::protocol::{ClientFrame, ServerFrame};
 
@@ -85,7 +85,7 @@ impl Encoding {
         } else {
             match self {
                 Encoding::MsgPack => decode_msgpack_exact(bytes),
-                Encoding::Json => serde_json::from_slice::<T>(bytes).map_err(|e| e.to_string()),
+                Encoding::Json => decode_json(bytes),
             }
         };
         result.map_err(|message| FrameError {
@@ -120,17 +120,27 @@ impl Encoding {
 }
 
 /// Decodes one MessagePack value that must fill `bytes` exactly: trailing bytes are an error, as
-/// they are for JSON.
+/// they are for JSON. The deserializer reads `bytes` in place (strings are borrowed, not copied
+/// into a buffer first), so the end is checked by reading on: that must fail for want of a marker.
 fn decode_msgpack_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let mut cursor = std::io::Cursor::new(bytes);
-    let value = {
-        let mut de = rmp_serde::Deserializer::new(&mut cursor);
-        T::deserialize(&mut de).map_err(|e| e.to_string())?
-    };
-    if cursor.position() as usize != bytes.len() {
-        return Err("trailing bytes after the MessagePack map".to_string());
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    let value = T::deserialize(&mut de).map_err(|e| e.to_string())?;
+    match serde::de::IgnoredAny::deserialize(&mut de) {
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Ok(value)
+        }
+        _ => Err("trailing bytes after the MessagePack map".to_string()),
     }
-    Ok(value)
+}
+
+/// Decodes one JSON value. Every string of a frame is read, and so UTF-8-checked, whether its
+/// value is kept or not, so the text is checked once as a whole, which is faster than string by
+/// string and refuses exactly the same frames (invalid UTF-8 outside a string is a syntax error).
+fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("invalid UTF-8: {e}"))?;
+    serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
 /// A frame that could not be encoded or decoded.

@@ -4,8 +4,10 @@
 //! This crate does no I/O and depends on no runtime, so any Rust client can use it.
 
 pub mod codec;
+mod frame_de;
 pub mod ids;
 pub mod protocol;
+mod replay;
 pub mod shard;
 
 pub use codec::{Encoding, FrameError};

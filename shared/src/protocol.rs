@@ -135,8 +135,9 @@ pub struct Message {
     pub offline: Option<bool>,
 }
 
-/// A frame from client to server.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// A frame from client to server. `Deserialize` is hand-written (in `frame_de.rs`), so a frame is
+/// read in one pass; it accepts and refuses what this derive's attributes describe.
+#[derive(Serialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     Ping {
@@ -252,8 +253,9 @@ impl ClientFrame {
     }
 }
 
-/// A frame from server to client.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// A frame from server to client. `Deserialize` is hand-written (in `frame_de.rs`), like
+/// [`ClientFrame`]'s.
+#[derive(Serialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Welcome {
