@@ -14,6 +14,7 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use futures_util::StreamExt;
 use serde::Deserialize;
 use shared::{Encoding, ErrorCode};
 
@@ -26,7 +27,7 @@ use crate::{
 
 /// Bytes read from a socket at once. Every connection holds a buffer of this size, so it is sized
 /// for the small frames clients send; larger frames grow it while they are read.
-const READ_BUFFER_BYTES: usize = 1024;
+const READ_BUFFER_BYTES: usize = 512;
 
 #[derive(Deserialize)]
 pub struct WsParams {
@@ -119,13 +120,21 @@ pub async fn upgrade(
     // Small buffers keep an idle connection to a few KiB; frames above twice the limit are cut off
     // by the protocol layer, frames between the limit and twice it get a `too_large` error.
     ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        // Frames queue in the write buffer until the writer flushes a burst (`send_burst`), so
+        // a backlog leaves in one `send()`; the writer never buffers more than one burst.
+        .write_buffer_size(session::WRITE_BURST_BYTES)
         .max_message_size(max * 2)
         .max_frame_size(max * 2)
         .on_upgrade(move |socket| {
+            // The session gets a task of its own, sized for it alone: axum's upgrade task also
+            // holds room for building the socket, which an idle connection would carry for good.
+            // The socket is split here, not in the session, because an async fn keeps room for
+            // its arguments for its whole life: the halves are two pointers, the socket ~0.5 KiB.
+            let (sink, stream) = socket.split();
             let sessions = app.sessions.clone();
-            sessions.track_future(session::run(
-                app, socket, identity, encoding, peer, user_agent,
-            ))
+            sessions.spawn(session::run(
+                app, sink, stream, identity, encoding, peer, user_agent,
+            ));
+            std::future::ready(())
         })
 }

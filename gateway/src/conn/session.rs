@@ -26,11 +26,12 @@ use crate::{
 /// Bounds one write burst (see `send_burst`): enough to make one syscall carry a backlog, small
 /// enough that a burst does not grow the connection's write buffer for good.
 const WRITE_BURST_FRAMES: usize = 64;
-const WRITE_BURST_BYTES: usize = 16 * 1024;
+pub(super) const WRITE_BURST_BYTES: usize = 16 * 1024;
 
 pub async fn run(
     app: Arc<App>,
-    socket: WebSocket,
+    sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
     identity: Identity,
     encoding: Encoding,
     peer: SocketAddr,
@@ -48,8 +49,6 @@ pub async fn run(
         now,
         out_tx,
     ));
-    let (sink, stream) = socket.split();
-
     let welcome = ServerFrame::Welcome {
         conn_id: format!("{}-{}", app.node_id, conn.id),
         user: conn.user.clone(),
@@ -73,7 +72,9 @@ pub async fn run(
         .into_iter()
         .map(|m| EncodedFrame::new(ServerFrame::Message(m)))
         .collect();
-    let accepted = register(&app, &conn, EncodedFrame::new(welcome), offline).await;
+    // Setup and teardown are boxed: a task is as large as its largest await point, and these are
+    // larger than the read loop that an idle connection sits in.
+    let accepted = Box::pin(register(&app, &conn, EncodedFrame::new(welcome), offline)).await;
     let writer = tokio::spawn(write_loop(
         sink,
         out_rx,
@@ -96,15 +97,26 @@ pub async fn run(
     }
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     app.count_connection(conn.platform, 1);
-    for group in groups {
-        app.shards.follow_group(&conn, &group, true).await;
-    }
+    Box::pin(async {
+        for group in groups {
+            app.shards.follow_group(&conn, &group, true).await;
+        }
+    })
+    .await;
     tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
 
     let mut requests = Requests::new(app.clone(), conn.clone());
     read_loop(&app, stream, &conn, &mut requests).await;
+    Box::pin(finish(app, conn, requests, writer)).await;
+}
 
-    // Whatever ended the session, the shard hears of it, and watches are dropped.
+/// Whatever ended the session, the shard hears of it, and watches are dropped.
+async fn finish(
+    app: Arc<App>,
+    conn: Arc<ConnHandle>,
+    mut requests: Requests,
+    writer: tokio::task::JoinHandle<()>,
+) {
     requests.release().await;
     for group in conn.group_list() {
         app.shards.follow_group(&conn, &group, false).await;
@@ -273,13 +285,22 @@ async fn write_loop(
             }
         }
     }
-    // Frames queued before the close was asked for still go out (e.g. an error explaining it),
-    // within a short bound; a slow consumer's backlog is dropped so the close frame goes first.
     let code = conn.requested_close_code().unwrap_or(1000);
+    Box::pin(close_socket(sink, out, conn.encoding, code)).await;
+}
+
+/// Frames queued before the close was asked for still go out (e.g. an error explaining it),
+/// within a short bound; a slow consumer's backlog is dropped so the close frame goes first.
+async fn close_socket(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut out: mpsc::Receiver<Arc<EncodedFrame>>,
+    encoding: Encoding,
+    code: u16,
+) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         if code != close_code::POLICY {
             while let Ok(frame) = out.try_recv() {
-                let Some(message) = to_message(conn.encoding, &frame) else {
+                let Some(message) = to_message(encoding, &frame) else {
                     continue;
                 };
                 if sink.feed(message).await.is_err() {
