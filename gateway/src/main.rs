@@ -4,7 +4,10 @@ use anyhow::Context;
 
 /// mimalloc returns memory freed after connect bursts to the system and keeps per-connection
 /// allocations compact; with glibc malloc a node held ~22 KiB per connection after a 10,000/s ramp
-/// (docs/benchmarks.md).
+/// (docs/benchmarks.md). Built with `no_thp` (Cargo.toml): with transparent huge pages a connect
+/// burst spent a third of the gateway's CPU in the kernel zeroing fresh 2 MiB pages that the
+/// allocator kept giving back and faulting in again (`perf record`: `clear_page_erms` under
+/// `do_huge_pmd_anonymous_page`), and idle connections cost ~1 KiB more.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
