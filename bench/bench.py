@@ -432,10 +432,10 @@ def loadtest(stack, name, scenario, args, nodes, gateway_pids=(), timeout=180, m
     return doc
 
 
-STORM_RATES = [int(x) for x in os.environ.get('BENCH_STORM_RATES', '10000,25000,50000').split(',')]
+STORM_RATES = [int(x) for x in os.environ.get('BENCH_STORM_RATES', '10000,25000,50000,100000').split(',')]
 STORM_USERS = int(os.environ.get('BENCH_STORM_USERS', '10000'))
 STACK_FLAGS = {}
-FANOUT_RATES = [int(x) for x in os.environ.get('BENCH_FANOUT_RATES', '25,100,200,400').split(',')]
+FANOUT_RATES = [int(x) for x in os.environ.get('BENCH_FANOUT_RATES', '25,100,200,400,800').split(',')]
 IDLE_BIG = tuple(int(x) for x in os.environ.get('BENCH_IDLE_BIG', '102000,6').split(','))
 STARTUP_RETRIES = []
 
