@@ -314,6 +314,20 @@ impl Requests {
         F: FnOnce(Arc<dyn Backend>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
     {
+        self.spawn_or(id, "backend unavailable", work)
+    }
+
+    /// `spawn`, with the message a backend failure answers.
+    fn spawn_or<F, Fut>(
+        &self,
+        id: Option<u64>,
+        failure: &'static str,
+        work: F,
+    ) -> Result<(), (ErrorCode, String)>
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
+    {
         let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
             (
                 ErrorCode::RateLimited,
@@ -328,7 +342,7 @@ impl Requests {
                 Ok(frame) => frame,
                 Err(e) => {
                     tracing::warn!(error = %e, "request failed in the backend");
-                    ServerFrame::error(id, ErrorCode::Unavailable, "backend unavailable")
+                    ServerFrame::error(id, ErrorCode::Unavailable, failure)
                 }
             };
             conn.push_frame(frame);
@@ -338,32 +352,18 @@ impl Requests {
 
     /// Answers `presence_list` for `users`, as this connection's user may see them.
     fn query(&self, id: Option<u64>, users: Vec<String>) -> Result<(), (ErrorCode, String)> {
-        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            (
-                ErrorCode::RateLimited,
-                "too many requests in flight".to_string(),
-            )
-        })?;
-        let backend = self.app.backend.clone();
-        let conn = self.conn.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let frame = match backend.presence(&users).await {
-                Ok(records) => ServerFrame::PresenceList {
+        let viewer = self.conn.user.clone();
+        self.spawn_or(
+            id,
+            "presence store unavailable",
+            move |backend| async move {
+                let records = backend.presence(&users).await?;
+                Ok(ServerFrame::PresenceList {
                     id,
-                    items: records
-                        .iter()
-                        .map(|r| r.view_for(Some(&conn.user)))
-                        .collect(),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "presence query failed");
-                    ServerFrame::error(id, ErrorCode::Unavailable, "presence store unavailable")
-                }
-            };
-            conn.push_frame(frame);
-        });
-        Ok(())
+                    items: records.iter().map(|r| r.view_for(Some(&viewer))).collect(),
+                })
+            },
+        )
     }
 
     async fn unwatch(&self, users: Vec<String>) {

@@ -73,9 +73,9 @@ impl RedisBackend {
                 Destination::User { user } => (
                     &self.private_send,
                     vec![
-                        self.keys.user(user),
-                        self.keys.offline(user),
-                        self.keys.inbox_channel(user),
+                        self.keys.user(user).into(),
+                        self.keys.offline(user).into(),
+                        self.keys.inbox_channel(user).into(),
                     ],
                     vec![
                         int(now),
@@ -88,10 +88,10 @@ impl RedisBackend {
                 Destination::Group { group } => (
                     &self.group_send,
                     vec![
-                        self.keys.members(group),
-                        self.keys.group_meta(group),
-                        self.keys.history(group),
-                        self.keys.group_channel(group),
+                        self.keys.members(group).into(),
+                        self.keys.group_meta(group).into(),
+                        self.keys.history(group).into(),
+                        self.keys.group_channel(group).into(),
                     ],
                     vec![
                         out.from.clone().into(),
@@ -105,7 +105,10 @@ impl RedisBackend {
                 ),
                 Destination::All { .. } => (
                     &self.broadcast,
-                    vec![self.keys.broadcast_seq(), self.keys.broadcast_channel()],
+                    vec![
+                        self.keys.broadcast_seq().into(),
+                        self.keys.broadcast_channel().into(),
+                    ],
                     vec![int(now), env_value, self.publish_command().into()],
                 ),
             };

@@ -73,8 +73,9 @@ pub struct RedisBackend {
     subscriptions: mpsc::UnboundedSender<SubCmd>,
 }
 
-/// One script call of a pipeline: script, keys, arguments.
-type ScriptCall<'a> = (&'a Script, Vec<String>, Vec<Value>);
+/// One script call of a pipeline: script, keys, arguments (as Values: cloning one on a retry
+/// shares its bytes).
+type ScriptCall<'a> = (&'a Script, Vec<Value>, Vec<Value>);
 
 /// One user's part of a `write.lua` call: this node's entry (`None` removes it), a newly chosen
 /// status, or the status to restore if Redis lost it (renewal after a restart).
@@ -234,13 +235,15 @@ impl RedisBackend {
         } else {
             WRITE_USERS_PER_CALL
         };
-        let common = [
-            node.to_string(),
-            now.to_string(),
-            (self.settings.presence_ttl.as_millis() as u64).to_string(),
-            RECORD_TTL_MS.to_string(),
-            self.publish_command().to_string(),
-            if touch { "1" } else { "" }.to_string(),
+        let common: [Value; 6] = [
+            node.into(),
+            now.to_string().into(),
+            (self.settings.presence_ttl.as_millis() as u64)
+                .to_string()
+                .into(),
+            RECORD_TTL_MS.to_string().into(),
+            self.publish_command().into(),
+            if touch { "1" } else { "" }.into(),
         ];
         let status_args = |s: Option<&ChosenStatus>| match s {
             Some(s) => (
@@ -252,14 +255,13 @@ impl RedisBackend {
         let mut calls: Vec<ScriptCall<'a>> = Vec::new();
         for (i, w) in users.into_iter().enumerate() {
             if i % per_call == 0 {
-                let args = common.iter().map(|a| Value::from(a.as_str())).collect();
-                calls.push((&self.write, Vec::new(), args));
+                calls.push((&self.write, Vec::new(), common.to_vec()));
             }
             let Some((_, keys, args)) = calls.last_mut() else {
                 continue;
             };
-            keys.push(self.keys.user(w.user));
-            keys.push(self.keys.user_channel(w.user));
+            keys.push(self.keys.user(w.user).into());
+            keys.push(self.keys.user_channel(w.user).into());
             let entry = w
                 .entry
                 .map(|e| format!("{}:{}", e.platforms, u8::from(e.idle)))
@@ -301,7 +303,7 @@ impl RedisBackend {
                 let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
                 argv.push(script.sha1().to_string().into());
                 argv.push(Value::Integer(keys.len() as i64));
-                argv.extend(keys.iter().map(|k| Value::from(k.clone())));
+                argv.extend(keys.iter().cloned());
                 argv.extend(args.iter().cloned());
                 let _: () = pipeline
                     .custom(evalsha.clone(), argv)
@@ -979,7 +981,7 @@ impl Backend for RedisBackend {
     ) -> Result<(), BackendError> {
         let call: ScriptCall<'_> = (
             &self.read,
-            vec![self.keys.read_positions(user)],
+            vec![self.keys.read_positions(user).into()],
             vec![group.into(), up_to.into()],
         );
         self.run_scripts("read", &[call]).await?;
