@@ -32,6 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Unexpected, Visitor};
 
@@ -41,55 +42,30 @@ use crate::protocol::{
 };
 use crate::replay::{self, Skip};
 
-/// The `type` of each client frame, in the enum's declaration order (a MessagePack `type` may be
-/// this index, as serde's derive allowed).
-const CLIENT_TYPES: &[&str] = &[
-    "ping",
-    "set_status",
-    "subscribe",
-    "unsubscribe",
-    "query",
-    "join",
-    "leave",
-    "group_online",
-    "send",
-    "ack_offline",
-    "sync",
-    "read",
-    "unread",
-];
-
-/// The `type` of each server frame, in the enum's declaration order.
-const SERVER_TYPES: &[&str] = &[
-    "welcome",
-    "pong",
-    "ok",
-    "error",
-    "presence",
-    "presence_list",
-    "member_list",
-    "message",
-    "ack",
-    "unread_counts",
-    "history",
-];
-
-/// A required field: absent is an error.
-fn required<T, E: de::Error>(slot: &mut Option<T>, name: &'static str) -> Result<T, E> {
-    slot.take().ok_or_else(|| E::missing_field(name))
+/// Takes a field's value out of its slot once the map is read. An absent field is an error,
+/// except for `Option` fields (all `#[serde(default)]` in the derive), where absent and `null`
+/// are both `None`. The error is the missing field's name.
+fn take<'de, T: FieldValue<'de>>(
+    slot: &mut Option<T>,
+    name: &'static str,
+) -> Result<T, &'static str> {
+    slot.take().or_else(T::absent).ok_or(name)
 }
 
-/// An optional field: absent and `null` are both `None`.
-fn optional<T>(slot: &mut Option<Option<T>>) -> Option<T> {
-    slot.take().flatten()
-}
-
-/// The field slots of one frame enum.
-trait Fields: Default {
-    type Field: Copy + PartialEq + 'static;
+/// The field slots of one frame enum, and how its variants are built from them.
+trait Frame: Default {
+    type Field: Copy + 'static;
+    type Value;
+    /// What [`FrameVisitor`] expects.
+    const EXPECTING: &'static str;
+    /// The `type` of each variant, in the enum's declaration order (a MessagePack `type` may be
+    /// this index, as serde's derive allowed).
+    const TYPES: &'static [&'static str];
     fn field(key: &[u8]) -> Option<Self::Field>;
     fn name(field: Self::Field) -> &'static str;
     fn bit(field: Self::Field) -> u64;
+    /// The fields of the variant at `index` in [`Frame::TYPES`], in declaration order.
+    fn fields_of(index: usize) -> &'static [Self::Field];
     /// Reads the current entry's value into the field's slot. `Ok(false)`: the field's type
     /// refused the value (which was still read to its end; the error is the context's);
     /// `Err`: the input is broken.
@@ -99,6 +75,8 @@ trait Fields: Default {
         map: &mut M,
         ctx: &replay::Ctx,
     ) -> Result<bool, M::Error>;
+    /// Builds the variant at `index` from the slots.
+    fn build<E: de::Error>(&mut self, index: usize) -> Result<Self::Value, E>;
 }
 
 /// How a field's value is read. Through [`crate::replay`], which applies the rules of serde's
@@ -114,6 +92,11 @@ trait FieldValue<'de>: Deserialize<'de> {
     ) -> Result<bool, M::Error> {
         replay::read_into(map, ctx, slot)
     }
+
+    /// The value of an absent field, if it may be absent.
+    fn absent() -> Option<Self> {
+        None
+    }
 }
 
 impl<'de> FieldValue<'de> for Body {
@@ -127,6 +110,12 @@ impl<'de> FieldValue<'de> for Body {
     }
 }
 
+impl<'de, T: Deserialize<'de>> FieldValue<'de> for Option<T> {
+    fn absent() -> Option<Self> {
+        Some(None)
+    }
+}
+
 macro_rules! replayed {
     ($($ty:ty),* $(,)?) => {
         $(impl<'de> FieldValue<'de> for $ty {})*
@@ -135,13 +124,9 @@ macro_rules! replayed {
 
 replayed!(
     String,
-    Option<String>,
     u8,
     u64,
-    Option<u64>,
-    Option<u32>,
     bool,
-    Option<bool>,
     Status,
     ErrorCode,
     RouteResult,
@@ -153,12 +138,30 @@ replayed!(
     BTreeMap<String, u64>,
 );
 
-/// Declares the field enum and slot struct of a frame enum: `Variant slot b"key": Type`.
-macro_rules! frame_fields {
-    ($(#[$meta:meta])* $fields:ident, $field:ident { $($variant:ident $slot:ident $key:literal: $ty:ty,)* }) => {
-        #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// Builds a struct variant, or a newtype variant around a struct.
+macro_rules! variant {
+    ($frame:ident::$variant:ident ($inner:ident) { $($body:tt)* }) => {
+        $frame::$variant($inner { $($body)* })
+    };
+    ($frame:ident::$variant:ident { $($body:tt)* }) => {
+        $frame::$variant { $($body)* }
+    };
+}
+
+/// Declares the one-pass `Deserialize` of a frame enum from two lists: every field of every
+/// variant (`slot b"key": Type`; a name has one type across variants), then every variant in
+/// declaration order (`"type" => Variant { fields }`, or `Variant(Struct) { fields }` for a
+/// newtype variant). The field enum, slot struct, [`Frame`] impl and `Deserialize` impl follow.
+macro_rules! frame {
+    (
+        $(#[$meta:meta])*
+        $frame:ident: $fields:ident, $field:ident { $($slot:ident $key:literal: $ty:ty,)* }
+        $($type:literal => $variant:ident $(($inner:ident))? { $($has:ident),* },)*
+    ) => {
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy)]
         enum $field {
-            $($variant,)*
+            $($slot,)*
         }
 
         $(#[$meta])*
@@ -167,24 +170,32 @@ macro_rules! frame_fields {
             $($slot: Option<$ty>,)*
         }
 
-        impl Fields for $fields {
+        impl Frame for $fields {
             type Field = $field;
+            type Value = $frame;
+            const EXPECTING: &'static str = concat!("internally tagged enum ", stringify!($frame));
+            const TYPES: &'static [&'static str] = &[$($type),*];
 
             fn field(key: &[u8]) -> Option<$field> {
                 match key {
-                    $($key => Some($field::$variant),)*
+                    $($key => Some($field::$slot),)*
                     _ => None,
                 }
             }
 
             fn name(field: $field) -> &'static str {
                 match field {
-                    $($field::$variant => stringify!($slot),)*
+                    $($field::$slot => stringify!($slot),)*
                 }
             }
 
             fn bit(field: $field) -> u64 {
                 1 << field as u32
+            }
+
+            fn fields_of(index: usize) -> &'static [$field] {
+                const OWN: &[&[$field]] = &[$(&[$($field::$has),*]),*];
+                OWN.get(index).copied().unwrap_or(&[])
             }
 
             fn read<'de, M: MapAccess<'de>>(
@@ -194,257 +205,111 @@ macro_rules! frame_fields {
                 ctx: &replay::Ctx,
             ) -> Result<bool, M::Error> {
                 Ok(match field {
-                    $($field::$variant => {
+                    $($field::$slot => {
                         <$ty as FieldValue>::read_into(map, ctx, &mut self.$slot)?
                     })*
                 })
+            }
+
+            fn build<E: de::Error>(&mut self, index: usize) -> Result<$frame, E> {
+                type Build = fn(&mut $fields) -> Result<$frame, &'static str>;
+                const BUILD: &[Build] = &[$(|f| {
+                    Ok(variant!($frame::$variant $(($inner))? {
+                        $($has: take(&mut f.$has, stringify!($has))?,)*
+                    }))
+                }),*];
+                match BUILD.get(index) {
+                    Some(build) => build(self).map_err(E::missing_field),
+                    None => Err(E::custom(concat!("unknown ", stringify!($frame), " type"))),
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $frame {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(FrameVisitor::<$fields>(PhantomData))
             }
         }
     };
 }
 
-frame_fields! {
-    /// Every field of every client frame. A name has one type across variants.
-    ClientFields, ClientField {
-        Id id b"id": Option<u64>,
-        Status status b"status": Status,
-        Text text b"text": Option<String>,
-        Users users b"users": Vec<String>,
-        Group group b"group": String,
-        To to b"to": Destination,
-        Body body b"body": Body,
-        UpTo up_to b"up_to": String,
-        Since since b"since": Option<String>,
-        Limit limit b"limit": Option<u32>,
+frame! {
+    /// Every field of every client frame.
+    ClientFrame: ClientFields, ClientField {
+        id b"id": Option<u64>,
+        status b"status": Status,
+        text b"text": Option<String>,
+        users b"users": Vec<String>,
+        group b"group": String,
+        to b"to": Destination,
+        body b"body": Body,
+        up_to b"up_to": String,
+        since b"since": Option<String>,
+        limit b"limit": Option<u32>,
     }
+    "ping" => Ping { id },
+    "set_status" => SetStatus { id, status, text },
+    "subscribe" => Subscribe { id, users },
+    "unsubscribe" => Unsubscribe { id, users },
+    "query" => Query { id, users },
+    "join" => Join { id, group },
+    "leave" => Leave { id, group },
+    "group_online" => GroupOnline { id, group },
+    "send" => Send { id, to, body },
+    "ack_offline" => AckOffline { id, up_to },
+    "sync" => Sync { id, group, since, limit },
+    "read" => Read { id, group, up_to },
+    "unread" => Unread { id },
 }
 
-frame_fields! {
+frame! {
     /// Every field of every server frame (and of `Presence` and `Message`, which are frames too).
-    ServerFields, ServerField {
-        Id id b"id": Option<u64>,
-        ConnId conn_id b"conn_id": String,
-        User user b"user": String,
-        Platform platform b"platform": Platform,
-        Node node b"node": String,
-        HeartbeatMs heartbeat_ms b"heartbeat_ms": u64,
-        ServerTime server_time b"server_time": u64,
-        Code code b"code": ErrorCode,
-        MessageText message b"message": String,
-        Status status b"status": Status,
-        Platforms platforms b"platforms": Vec<Platform>,
-        Text text b"text": Option<String>,
-        LastSeen last_seen b"last_seen": Option<u64>,
-        Version version b"version": u64,
-        Items items b"items": Vec<Presence>,
-        Group group b"group": String,
-        Users users b"users": Vec<String>,
-        MsgId msg_id b"msg_id": String,
-        From from b"from": String,
-        To to b"to": Destination,
-        Body body b"body": Body,
-        SentAt sent_at b"sent_at": u64,
-        Offline offline b"offline": Option<bool>,
-        Result result b"result": RouteResult,
-        Delivered delivered b"delivered": u64,
-        Stored stored b"stored": u64,
-        Groups groups b"groups": BTreeMap<String, u64>,
-        Messages messages b"messages": Vec<Message>,
-        More more b"more": bool,
+    ServerFrame: ServerFields, ServerField {
+        id b"id": Option<u64>,
+        conn_id b"conn_id": String,
+        user b"user": String,
+        platform b"platform": Platform,
+        node b"node": String,
+        heartbeat_ms b"heartbeat_ms": u64,
+        server_time b"server_time": u64,
+        code b"code": ErrorCode,
+        message b"message": String,
+        status b"status": Status,
+        platforms b"platforms": Vec<Platform>,
+        text b"text": Option<String>,
+        last_seen b"last_seen": Option<u64>,
+        version b"version": u64,
+        items b"items": Vec<Presence>,
+        group b"group": String,
+        users b"users": Vec<String>,
+        msg_id b"msg_id": String,
+        from b"from": String,
+        to b"to": Destination,
+        body b"body": Body,
+        sent_at b"sent_at": u64,
+        offline b"offline": Option<bool>,
+        result b"result": RouteResult,
+        delivered b"delivered": u64,
+        stored b"stored": u64,
+        groups b"groups": BTreeMap<String, u64>,
+        messages b"messages": Vec<Message>,
+        more b"more": bool,
     }
-}
-
-/// The fields each client frame has, by index in [`CLIENT_TYPES`].
-fn client_fields(index: usize) -> &'static [ClientField] {
-    use ClientField as F;
-    match index {
-        0 | 12 => &[F::Id],                           // ping, unread
-        1 => &[F::Id, F::Status, F::Text],            // set_status
-        2..=4 => &[F::Id, F::Users],                  // subscribe, unsubscribe, query
-        5..=7 => &[F::Id, F::Group],                  // join, leave, group_online
-        8 => &[F::Id, F::To, F::Body],                // send
-        9 => &[F::Id, F::UpTo],                       // ack_offline
-        10 => &[F::Id, F::Group, F::Since, F::Limit], // sync
-        11 => &[F::Id, F::Group, F::UpTo],            // read
-        _ => &[],
-    }
-}
-
-/// The fields each server frame has, by index in [`SERVER_TYPES`].
-fn server_fields(index: usize) -> &'static [ServerField] {
-    use ServerField as F;
-    match index {
-        // welcome
-        0 => &[
-            F::ConnId,
-            F::User,
-            F::Platform,
-            F::Node,
-            F::HeartbeatMs,
-            F::ServerTime,
-        ],
-        1 | 2 => &[F::Id],                      // pong, ok
-        3 => &[F::Id, F::Code, F::MessageText], // error
-        // presence
-        4 => &[
-            F::User,
-            F::Status,
-            F::Platforms,
-            F::Text,
-            F::LastSeen,
-            F::Version,
-        ],
-        5 => &[F::Id, F::Items],           // presence_list
-        6 => &[F::Id, F::Group, F::Users], // member_list
-        // message
-        7 => &[F::MsgId, F::From, F::To, F::Body, F::SentAt, F::Offline],
-        // ack
-        8 => &[F::Id, F::MsgId, F::Result, F::Delivered, F::Stored],
-        9 => &[F::Id, F::Groups],                       // unread_counts
-        10 => &[F::Id, F::Group, F::Messages, F::More], // history
-        _ => &[],
-    }
-}
-
-fn build_client<E: de::Error>(index: usize, f: &mut ClientFields) -> Result<ClientFrame, E> {
-    Ok(match index {
-        0 => ClientFrame::Ping {
-            id: optional(&mut f.id),
-        },
-        1 => ClientFrame::SetStatus {
-            id: optional(&mut f.id),
-            status: required(&mut f.status, "status")?,
-            text: optional(&mut f.text),
-        },
-        2 => ClientFrame::Subscribe {
-            id: optional(&mut f.id),
-            users: required(&mut f.users, "users")?,
-        },
-        3 => ClientFrame::Unsubscribe {
-            id: optional(&mut f.id),
-            users: required(&mut f.users, "users")?,
-        },
-        4 => ClientFrame::Query {
-            id: optional(&mut f.id),
-            users: required(&mut f.users, "users")?,
-        },
-        5 => ClientFrame::Join {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-        },
-        6 => ClientFrame::Leave {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-        },
-        7 => ClientFrame::GroupOnline {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-        },
-        8 => ClientFrame::Send {
-            id: optional(&mut f.id),
-            to: required(&mut f.to, "to")?,
-            body: required(&mut f.body, "body")?,
-        },
-        9 => ClientFrame::AckOffline {
-            id: optional(&mut f.id),
-            up_to: required(&mut f.up_to, "up_to")?,
-        },
-        10 => ClientFrame::Sync {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-            since: optional(&mut f.since),
-            limit: optional(&mut f.limit),
-        },
-        11 => ClientFrame::Read {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-            up_to: required(&mut f.up_to, "up_to")?,
-        },
-        12 => ClientFrame::Unread {
-            id: optional(&mut f.id),
-        },
-        _ => return Err(E::custom("unknown client frame type")),
-    })
-}
-
-fn build_server<E: de::Error>(index: usize, f: &mut ServerFields) -> Result<ServerFrame, E> {
-    Ok(match index {
-        0 => ServerFrame::Welcome {
-            conn_id: required(&mut f.conn_id, "conn_id")?,
-            user: required(&mut f.user, "user")?,
-            platform: required(&mut f.platform, "platform")?,
-            node: required(&mut f.node, "node")?,
-            heartbeat_ms: required(&mut f.heartbeat_ms, "heartbeat_ms")?,
-            server_time: required(&mut f.server_time, "server_time")?,
-        },
-        1 => ServerFrame::Pong {
-            id: optional(&mut f.id),
-        },
-        2 => ServerFrame::Ok {
-            id: optional(&mut f.id),
-        },
-        3 => ServerFrame::Error {
-            id: optional(&mut f.id),
-            code: required(&mut f.code, "code")?,
-            message: required(&mut f.message, "message")?,
-        },
-        4 => ServerFrame::Presence(Presence {
-            user: required(&mut f.user, "user")?,
-            status: required(&mut f.status, "status")?,
-            platforms: required(&mut f.platforms, "platforms")?,
-            text: optional(&mut f.text),
-            last_seen: optional(&mut f.last_seen),
-            version: required(&mut f.version, "version")?,
-        }),
-        5 => ServerFrame::PresenceList {
-            id: optional(&mut f.id),
-            items: required(&mut f.items, "items")?,
-        },
-        6 => ServerFrame::MemberList {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-            users: required(&mut f.users, "users")?,
-        },
-        7 => ServerFrame::Message(Message {
-            msg_id: required(&mut f.msg_id, "msg_id")?,
-            from: required(&mut f.from, "from")?,
-            to: required(&mut f.to, "to")?,
-            body: required(&mut f.body, "body")?,
-            sent_at: required(&mut f.sent_at, "sent_at")?,
-            offline: optional(&mut f.offline),
-        }),
-        8 => ServerFrame::Ack {
-            id: optional(&mut f.id),
-            msg_id: required(&mut f.msg_id, "msg_id")?,
-            result: required(&mut f.result, "result")?,
-            delivered: required(&mut f.delivered, "delivered")?,
-            stored: required(&mut f.stored, "stored")?,
-        },
-        9 => ServerFrame::UnreadCounts {
-            id: optional(&mut f.id),
-            groups: required(&mut f.groups, "groups")?,
-        },
-        10 => ServerFrame::History {
-            id: optional(&mut f.id),
-            group: required(&mut f.group, "group")?,
-            messages: required(&mut f.messages, "messages")?,
-            more: required(&mut f.more, "more")?,
-        },
-        _ => return Err(E::custom("unknown server frame type")),
-    })
+    "welcome" => Welcome { conn_id, user, platform, node, heartbeat_ms, server_time },
+    "pong" => Pong { id },
+    "ok" => Ok { id },
+    "error" => Error { id, code, message },
+    "presence" => Presence(Presence) { user, status, platforms, text, last_seen, version },
+    "presence_list" => PresenceList { id, items },
+    "member_list" => MemberList { id, group, users },
+    "message" => Message(Message) { msg_id, from, to, body, sent_at, offline },
+    "ack" => Ack { id, msg_id, result, delivered, stored },
+    "unread_counts" => UnreadCounts { id, groups },
+    "history" => History { id, group, messages, more },
 }
 
 /// Walks a frame's map once: see the module documentation.
-fn read_frame<'de, M, F, T>(
-    mut map: M,
-    types: &'static [&'static str],
-    fields_of: fn(usize) -> &'static [F::Field],
-    build: fn(usize, &mut F) -> Result<T, M::Error>,
-) -> Result<T, M::Error>
-where
-    M: MapAccess<'de>,
-    F: Fields,
-{
+fn read_frame<'de, M: MapAccess<'de>, F: Frame>(mut map: M) -> Result<F::Value, M::Error> {
     // Set when the input itself fails (not just a value's type), after which nothing can be read.
     let ctx = replay::Ctx::default();
     let mut fields = F::default();
@@ -460,8 +325,8 @@ where
                 if variant.is_some() {
                     return Err(de::Error::duplicate_field("type"));
                 }
-                let index = map.next_value_seed(TypeSeed(types))?;
-                let own = fields_of(index);
+                let index = map.next_value_seed(TypeSeed(F::TYPES))?;
+                let own = F::fields_of(index);
                 let mask = own.iter().fold(0, |mask, &f| mask | F::bit(f));
                 // What was met before `type` counts now, for this variant's fields only.
                 if let Some(&f) = own.iter().find(|&&f| repeated & F::bit(f) != 0) {
@@ -501,7 +366,7 @@ where
         }
     }
     match variant {
-        Some((index, _)) => build(index, &mut fields),
+        Some((index, _)) => fields.build(index),
         None => Err(de::Error::missing_field("type")),
     }
 }
@@ -595,43 +460,18 @@ impl de::Expected for VariantIndex {
     }
 }
 
-impl<'de> Deserialize<'de> for ClientFrame {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct FrameVisitor;
+/// The visitor of a frame enum's map.
+struct FrameVisitor<F>(PhantomData<F>);
 
-        impl<'de> Visitor<'de> for FrameVisitor {
-            type Value = ClientFrame;
+impl<'de, F: Frame> Visitor<'de> for FrameVisitor<F> {
+    type Value = F::Value;
 
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("internally tagged enum ClientFrame")
-            }
-
-            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<ClientFrame, M::Error> {
-                read_frame::<M, ClientFields, _>(map, CLIENT_TYPES, client_fields, build_client)
-            }
-        }
-
-        d.deserialize_any(FrameVisitor)
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(F::EXPECTING)
     }
-}
 
-impl<'de> Deserialize<'de> for ServerFrame {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct FrameVisitor;
-
-        impl<'de> Visitor<'de> for FrameVisitor {
-            type Value = ServerFrame;
-
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("internally tagged enum ServerFrame")
-            }
-
-            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<ServerFrame, M::Error> {
-                read_frame::<M, ServerFields, _>(map, SERVER_TYPES, server_fields, build_server)
-            }
-        }
-
-        d.deserialize_any(FrameVisitor)
+    fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<F::Value, M::Error> {
+        read_frame::<M, F>(map)
     }
 }
 

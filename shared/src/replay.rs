@@ -91,6 +91,18 @@ impl Ctx {
     pub(crate) fn take_refusal<E: de::Error>(&self) -> E {
         E::custom(self.refusal.take().unwrap_or_default())
     }
+
+    /// A format call's result: its errors are hard.
+    #[inline]
+    fn hard<T, E>(&self, result: Result<T, E>) -> Result<T, E> {
+        result.inspect_err(|_| self.set_broken())
+    }
+
+    /// A value read through [`Soft`]: `None` stands for the refusal kept in the context.
+    #[inline]
+    fn soft<T, E: de::Error>(&self, value: Option<T>) -> Result<T, E> {
+        value.ok_or_else(|| self.take_refusal())
+    }
 }
 
 /// Reads the value of the current map entry as a `T`, with `ContentDeserializer`'s rules, into
@@ -106,16 +118,11 @@ where
     T: de::Deserialize<'de>,
     M: MapAccess<'de>,
 {
-    match map.next_value_seed(Soft {
+    let stored = ctx.hard(map.next_value_seed(Soft {
         seed: Store(slot),
         ctx,
-    }) {
-        Ok(stored) => Ok(stored.is_some()),
-        Err(e) => {
-            ctx.set_broken();
-            Err(e)
-        }
-    }
+    }))?;
+    Ok(stored.is_some())
 }
 
 /// Deserializes a `T` into a slot, so the value is not passed back through every layer.
@@ -233,6 +240,16 @@ trait Apply<'de>: Sized {
     fn apply<V: Visitor<'de>>(self, hint: Hint, visitor: V) -> Result<V::Value, Self::Error>;
 }
 
+/// The `Deserializer` methods of [`De`], each one hint (the arguments other than the visitor
+/// are not needed).
+macro_rules! hinted {
+    ($($method:ident($($arg:ty),*) => $hint:ident,)*) => {
+        $(fn $method<V: Visitor<'de>>(self, $(_: $arg,)* v: V) -> Result<V::Value, X::Error> {
+            self.0.apply(Hint::$hint, v)
+        })*
+    };
+}
+
 /// The `Deserializer` face of an [`Apply`]: every method is one hint.
 struct De<X>(X);
 
@@ -244,115 +261,36 @@ impl<'de, X: Apply<'de>> Deserializer<'de> for De<X> {
         true
     }
 
-    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Any, v)
-    }
-    fn deserialize_bool<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Bool, v)
-    }
-    fn deserialize_i8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_i16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_i32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_i64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_u8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_u16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_u32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_u64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Int, v)
-    }
-    fn deserialize_f32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Float, v)
-    }
-    fn deserialize_f64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Float, v)
-    }
-    fn deserialize_char<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Char, v)
-    }
-    fn deserialize_str<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Str, v)
-    }
-    fn deserialize_string<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Str, v)
-    }
-    fn deserialize_bytes<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Bytes, v)
-    }
-    fn deserialize_byte_buf<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Bytes, v)
-    }
-    fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Option, v)
-    }
-    fn deserialize_unit<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Unit, v)
-    }
-    fn deserialize_unit_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        v: V,
-    ) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::UnitStruct, v)
-    }
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        v: V,
-    ) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::NewtypeStruct, v)
-    }
-    fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Seq, v)
-    }
-    fn deserialize_tuple<V: Visitor<'de>>(self, _: usize, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Seq, v)
-    }
-    fn deserialize_tuple_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: usize,
-        v: V,
-    ) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Seq, v)
-    }
-    fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Map, v)
-    }
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: &'static [&'static str],
-        v: V,
-    ) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Struct, v)
-    }
-    fn deserialize_enum<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: &'static [&'static str],
-        v: V,
-    ) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Enum, v)
-    }
-    fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::Identifier, v)
-    }
-    fn deserialize_ignored_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, X::Error> {
-        self.0.apply(Hint::IgnoredAny, v)
+    hinted! {
+        deserialize_any() => Any,
+        deserialize_bool() => Bool,
+        deserialize_i8() => Int,
+        deserialize_i16() => Int,
+        deserialize_i32() => Int,
+        deserialize_i64() => Int,
+        deserialize_u8() => Int,
+        deserialize_u16() => Int,
+        deserialize_u32() => Int,
+        deserialize_u64() => Int,
+        deserialize_f32() => Float,
+        deserialize_f64() => Float,
+        deserialize_char() => Char,
+        deserialize_str() => Str,
+        deserialize_string() => Str,
+        deserialize_bytes() => Bytes,
+        deserialize_byte_buf() => Bytes,
+        deserialize_option() => Option,
+        deserialize_unit() => Unit,
+        deserialize_unit_struct(&'static str) => UnitStruct,
+        deserialize_newtype_struct(&'static str) => NewtypeStruct,
+        deserialize_seq() => Seq,
+        deserialize_tuple(usize) => Seq,
+        deserialize_tuple_struct(&'static str, usize) => Seq,
+        deserialize_map() => Map,
+        deserialize_struct(&'static str, &'static [&'static str]) => Struct,
+        deserialize_enum(&'static str, &'static [&'static str]) => Enum,
+        deserialize_identifier() => Identifier,
+        deserialize_ignored_any() => IgnoredAny,
     }
 }
 
@@ -372,17 +310,11 @@ impl<'de, D: Deserializer<'de>> Apply<'de> for Replay<'_, '_, D> {
     fn apply<V: Visitor<'de>>(self, hint: Hint, visitor: V) -> Result<V::Value, D::Error> {
         self.touched.set(true);
         let ctx = self.ctx;
-        match self.de.deserialize_any(Kinded {
+        let value = ctx.hard(self.de.deserialize_any(Kinded {
             seed: ByHint { hint, visitor },
             ctx,
-        }) {
-            Ok(Some(value)) => Ok(value),
-            Ok(None) => Err(ctx.take_refusal()),
-            Err(e) => {
-                ctx.set_broken();
-                Err(e)
-            }
-        }
+        }))?;
+        ctx.soft(value)
     }
 }
 
@@ -747,6 +679,45 @@ fn check_touched<T, E: de::Error>(
     }
 }
 
+/// Hands a live value to `visitor` as the inner value of an option (`hint` is `Option`) or of a
+/// newtype struct (`NewtypeStruct`), and fails hard if the visitor never read it.
+fn hand_inner<'de, X: Apply<'de>, V: Visitor<'de>>(
+    inner: X,
+    hint: Hint,
+    visitor: V,
+    ctx: &Ctx,
+) -> Result<V::Value, X::Error> {
+    let touched = Cell::new(false);
+    let handed = De(Handed {
+        inner,
+        touched: &touched,
+    });
+    let result = if hint == Hint::Option {
+        visitor.visit_some(handed)
+    } else {
+        visitor.visit_newtype_struct(handed)
+    };
+    check_touched(&touched, ctx, result)
+}
+
+/// Ends a sequence or map a visitor has read ([`Read`] says how much): what it left is drained,
+/// and is an error if the visitor succeeded, as `ContentDeserializer` reports it.
+fn finish<T, E: de::Error>(
+    ctx: &Ctx,
+    result: Result<T, E>,
+    drain: impl FnOnce() -> Result<usize, E>,
+    read: Read,
+) -> Result<T, E> {
+    if ctx.is_broken() {
+        return result.and_then(|_| Err(E::custom(LEFT_UNREAD)));
+    }
+    let left = drain()?;
+    match result {
+        Ok(_) if left > 0 => Err(E::invalid_length(read.0 + left, &read)),
+        result => result,
+    }
+}
+
 /// Hands out a live value as a `Deserializer` and records whether it was read.
 struct Handed<'t, X> {
     inner: X,
@@ -778,8 +749,7 @@ struct Inner<'f, D> {
 
 impl<'de, D: Deserializer<'de>> Inner<'_, D> {
     fn skip(self) -> Result<(), D::Error> {
-        let ctx = self.ctx;
-        Skip.deserialize(self.de).inspect_err(|_| ctx.set_broken())
+        self.ctx.hard(Skip.deserialize(self.de))
     }
 }
 
@@ -804,14 +774,9 @@ impl<'de, D: Deserializer<'de>> Apply<'de> for Inner<'_, D> {
             | (Hint::NewtypeStruct, InnerKind::Newtype) => {
                 visitor.visit_newtype_struct(replay(self.de))
             }
-            (Hint::Option, InnerKind::Newtype) => visitor.visit_some(De(Handed {
-                inner: self,
-                touched: &touched,
-            })),
-            (Hint::NewtypeStruct, InnerKind::Some) => visitor.visit_newtype_struct(De(Handed {
-                inner: self,
-                touched: &touched,
-            })),
+            (Hint::Option, InnerKind::Newtype) | (Hint::NewtypeStruct, InnerKind::Some) => {
+                return hand_inner(self, hint, visitor, ctx);
+            }
             (Hint::IgnoredAny, _) => {
                 self.skip()?;
                 return visitor.visit_unit();
@@ -838,17 +803,14 @@ struct SeqDe<'a, 'f, A> {
 impl<'de, A: SeqAccess<'de>> SeqDe<'_, '_, A> {
     /// Reads the rest of the sequence; returns how many elements were left.
     fn drain(&mut self) -> Result<usize, A::Error> {
-        let mut left = 0;
-        loop {
-            match self.seq.next_element_seed(Skip) {
-                Ok(Some(())) => left += 1,
-                Ok(None) => return Ok(left),
-                Err(e) => {
-                    self.ctx.set_broken();
-                    return Err(e);
-                }
+        let mut drain = || {
+            let mut left = 0;
+            while self.seq.next_element_seed(Skip)?.is_some() {
+                left += 1;
             }
-        }
+            Ok(left)
+        };
+        self.ctx.hard(drain())
     }
 }
 
@@ -866,36 +828,9 @@ impl<'de, A: SeqAccess<'de>> Apply<'de> for SeqDe<'_, '_, A> {
                 };
                 let result = visitor.visit_seq(&mut elements);
                 let count = elements.count;
-                if ctx.is_broken() {
-                    return result.and_then(|_| Err(de::Error::custom(LEFT_UNREAD)));
-                }
-                match result {
-                    Ok(value) => match self.drain()? {
-                        0 => Ok(value),
-                        left => Err(de::Error::invalid_length(count + left, &InSeq(count))),
-                    },
-                    Err(e) => {
-                        self.drain()?;
-                        Err(e)
-                    }
-                }
+                finish(ctx, result, || self.drain(), Read(count, "sequence"))
             }
-            Hint::Option | Hint::NewtypeStruct => {
-                let touched = Cell::new(false);
-                let handed = De(Handed {
-                    inner: SeqDe {
-                        seq: &mut *self.seq,
-                        ctx,
-                    },
-                    touched: &touched,
-                });
-                let result = if hint == Hint::Option {
-                    visitor.visit_some(handed)
-                } else {
-                    visitor.visit_newtype_struct(handed)
-                };
-                check_touched(&touched, ctx, result)
-            }
+            Hint::Option | Hint::NewtypeStruct => hand_inner(self, hint, visitor, ctx),
             Hint::IgnoredAny => {
                 self.drain()?;
                 visitor.visit_unit()
@@ -931,20 +866,12 @@ impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Elements<'_, '_, A> {
         seed: T,
     ) -> Result<Option<T::Value>, A::Error> {
         let ctx = self.ctx;
-        match self.seq.next_element_seed(Soft { seed, ctx }) {
-            Ok(Some(Some(value))) => {
+        match ctx.hard(self.seq.next_element_seed(Soft { seed, ctx }))? {
+            Some(value) => {
                 self.count += 1;
-                Ok(Some(value))
+                ctx.soft(value).map(Some)
             }
-            Ok(Some(None)) => {
-                self.count += 1;
-                Err(self.ctx.take_refusal())
-            }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                ctx.set_broken();
-                Err(e)
-            }
+            None => Ok(None),
         }
     }
 
@@ -963,7 +890,6 @@ impl<'f, 'de, A: MapAccess<'de>> MapDe<'_, 'f, A> {
     /// Reads the rest of the map (first the value of a key already read, if `pending`); returns
     /// how many entries were left.
     fn drain(&mut self, pending: bool) -> Result<usize, A::Error> {
-        let ctx = self.ctx;
         let mut drain = || {
             if pending {
                 self.map.next_value_seed(Skip)?;
@@ -975,7 +901,7 @@ impl<'f, 'de, A: MapAccess<'de>> MapDe<'_, 'f, A> {
             }
             Ok(left)
         };
-        drain().inspect_err(|_: &A::Error| ctx.set_broken())
+        self.ctx.hard(drain())
     }
 
     fn entries<'b>(&'b mut self, state: &'b EntriesState) -> Entries<'b, 'f, A> {
@@ -996,22 +922,8 @@ impl<'de, A: MapAccess<'de>> Apply<'de> for MapDe<'_, '_, A> {
             Hint::Any | Hint::UnitStruct | Hint::Map | Hint::Struct => {
                 let state = EntriesState::default();
                 let result = visitor.visit_map(self.entries(&state));
-                if ctx.is_broken() {
-                    return result.and_then(|_| Err(de::Error::custom(LEFT_UNREAD)));
-                }
-                match result {
-                    Ok(value) => match self.drain(state.pending.get())? {
-                        0 => Ok(value),
-                        left => {
-                            let count = state.count.get();
-                            Err(de::Error::invalid_length(count + left, &InMap(count)))
-                        }
-                    },
-                    Err(e) => {
-                        self.drain(state.pending.get())?;
-                        Err(e)
-                    }
-                }
+                let read = Read(state.count.get(), "map");
+                finish(ctx, result, || self.drain(state.pending.get()), read)
             }
             Hint::Enum => {
                 // `{"variant": value}`: exactly one entry.
@@ -1040,22 +952,7 @@ impl<'de, A: MapAccess<'de>> Apply<'de> for MapDe<'_, '_, A> {
                     _ => Err(de::Error::invalid_type(Unexpected::Map, &visitor)),
                 }
             }
-            Hint::Option | Hint::NewtypeStruct => {
-                let touched = Cell::new(false);
-                let handed = De(Handed {
-                    inner: MapDe {
-                        map: &mut *self.map,
-                        ctx,
-                    },
-                    touched: &touched,
-                });
-                let result = if hint == Hint::Option {
-                    visitor.visit_some(handed)
-                } else {
-                    visitor.visit_newtype_struct(handed)
-                };
-                check_touched(&touched, ctx, result)
-            }
+            Hint::Option | Hint::NewtypeStruct => hand_inner(self, hint, visitor, ctx),
             Hint::IgnoredAny => {
                 self.drain(false)?;
                 visitor.visit_unit()
@@ -1098,30 +995,21 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Entries<'_, '_, A> {
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
         let ctx = self.ctx;
-        match self.map.next_key_seed(Soft { seed, ctx }) {
-            Ok(Some(key)) => {
+        match ctx.hard(self.map.next_key_seed(Soft { seed, ctx }))? {
+            Some(key) => {
                 self.state.count.set(self.state.count.get() + 1);
                 self.state.pending.set(true);
-                key.map(Some).ok_or_else(|| self.ctx.take_refusal())
+                ctx.soft(key).map(Some)
             }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                ctx.set_broken();
-                Err(e)
-            }
+            None => Ok(None),
         }
     }
 
     fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
         let ctx = self.ctx;
         self.state.pending.set(false);
-        match self.map.next_value_seed(Soft { seed, ctx }) {
-            Ok(value) => value.ok_or_else(|| self.ctx.take_refusal()),
-            Err(e) => {
-                ctx.set_broken();
-                Err(e)
-            }
-        }
+        let value = ctx.hard(self.map.next_value_seed(Soft { seed, ctx }))?;
+        ctx.soft(value)
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -1200,26 +1088,14 @@ impl<'de, V: Visitor<'de>> DeserializeSeed<'de> for StructSeed<V> {
     }
 }
 
-/// serde's wording for a sequence with elements left over.
-struct InSeq(usize);
+/// serde's wording for a sequence or map with elements left over: how many were read, of what.
+struct Read(usize, &'static str);
 
-impl Expected for InSeq {
+impl Expected for Read {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self.0 {
-            1 => f.write_str("1 element in sequence"),
-            n => write!(f, "{n} elements in sequence"),
-        }
-    }
-}
-
-/// serde's wording for a map with entries left over.
-struct InMap(usize);
-
-impl Expected for InMap {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self.0 {
-            1 => f.write_str("1 element in map"),
-            n => write!(f, "{n} elements in map"),
+            1 => write!(f, "1 element in {}", self.1),
+            n => write!(f, "{n} elements in {}", self.1),
         }
     }
 }
