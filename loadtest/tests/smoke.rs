@@ -1,5 +1,6 @@
-//! Smoke runs of `presence-loadtest` against the real gateway binary: short `idle`, `churn` and
-//! `storm` runs must connect everything, fail nothing and count something.
+//! Smoke runs of `presence-loadtest` against the real gateway binary: short `idle`, `churn`,
+//! `storm`, `fanout` and `private` runs must connect everything, fail nothing and count something;
+//! non-loopback targets must be refused.
 //!
 //! The gateway is another package's binary, so Cargo does not build it for this test: `make test`
 //! builds it first (or run `cargo build -p presence-gateway`). The test looks for it next to the

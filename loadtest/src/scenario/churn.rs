@@ -16,7 +16,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, pace, per_sec, percent, share, slice};
+use super::{CLOSE_WAIT, Outcome, count_undecodable, pace, per_sec, percent, share, slice};
 use crate::{
     cli::ChurnArgs,
     client::{Conn, Incoming},
@@ -24,7 +24,6 @@ use crate::{
     workers::{Phase, Shared, WorkerCtx, epoch_us, wait_flag, wait_phase},
 };
 
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(15);
 const ONLINE: u8 = 1;
 const OFFLINE: u8 = 2;
@@ -225,11 +224,7 @@ async fn client(
         tokio::select! {
             incoming = conn.recv() => match incoming {
                 Incoming::Frame(_) => {}
-                Incoming::Undecodable(e) => {
-                    let mut rec = shared.rec.lock();
-                    rec.add("decode_errors", 1);
-                    rec.sample("decode_error", &e);
-                }
+                Incoming::Undecodable(e) => count_undecodable(&mut shared.rec.lock(), &e),
                 Incoming::Closed(_) | Incoming::Failed(_) => break true,
             },
             _ = tokio::time::sleep_until(until) => break false,
@@ -282,10 +277,7 @@ impl Observer {
             tokio::select! {
                 incoming = conn.recv() => match incoming {
                     Incoming::Frame(frame) => self.on_frame(frame, &mut seen, &mut local),
-                    Incoming::Undecodable(e) => {
-                        local.add("decode_errors", 1);
-                        local.sample("decode_error", &e);
-                    }
+                    Incoming::Undecodable(e) => count_undecodable(&mut local, &e),
                     Incoming::Closed(_) | Incoming::Failed(_) => {
                         local.add("observer_dropped", 1);
                         alive = false;

@@ -40,20 +40,18 @@ pub async fn worker(args: &FanoutArgs, ctx: WorkerCtx) -> anyhow::Result<Stats> 
     let rate = messaging::connect_rate(&args.messaging, n as u64, total);
     let prefix = ctx.shared.prefix.clone();
     let senders = args.groups * args.senders_per_group;
-    let messaging_args = args.messaging.clone();
-    let a = args.clone();
-    messaging::worker(&messaging_args, ctx, n, rate, move |k| {
+    messaging::worker(&args.messaging, ctx, n, rate, move |k| {
         let i = range.start + k as u64;
-        let (g, m) = (i / a.members, i % a.members);
+        let (g, m) = (i / args.members, i % args.members);
         let group = group_id(&prefix, g);
-        let send = (m < a.senders_per_group).then(|| {
+        let send = (m < args.senders_per_group).then(|| {
             messaging::sending(
                 Destination::Group {
                     group: group.clone(),
                 },
-                a.messaging.rate,
+                args.messaging.rate,
                 senders,
-                g * a.senders_per_group + m,
+                g * args.senders_per_group + m,
             )
         });
         messaging::Member {

@@ -6,7 +6,10 @@ use std::{sync::Arc, time::Duration};
 use serde_json::json;
 use tokio::{sync::watch, time::Instant};
 
-use super::{Outcome, gate, pace, per_sec, percent, share, slice};
+use super::{
+    CLOSE_WAIT, Outcome, connect_member, count_undecodable, gate, join_connections, pace, per_sec,
+    percent, setup_and_run, share, slice,
+};
 use crate::{
     cli::IdleArgs,
     client::Incoming,
@@ -14,9 +17,6 @@ use crate::{
     report::{Section, Stats, Summary, round},
     workers::{Phase, Shared, WorkerCtx, epoch_us, wait_phase},
 };
-
-/// Longest a connection waits for the server's close.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn worker(args: &IdleArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stats> {
     let range = slice(args.connections, ctx.worker, ctx.workers, 1);
@@ -42,22 +42,11 @@ pub async fn worker(args: &IdleArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stats
         )));
     }
     drop(gate_tx);
-    let bound = Duration::from_millis(args.common.connect_timeout_ms) + Duration::from_secs(5);
-    gate.wait(tasks.len(), bound).await;
-    ctx.ready(None);
-    if ctx
-        .wait_go(Duration::from_secs(120) + Duration::from_millis(args.settle_ms))
-        .await
-    {
-        ctx.sleep_unless_stopped(Duration::from_secs(args.hold))
-            .await;
-    }
-    ctx.run_done();
+    let settle = Duration::from_millis(args.settle_ms);
+    let hold = Duration::from_secs(args.hold);
+    setup_and_run(&mut ctx, &mut gate, tasks.len(), settle, hold).await;
     ctx.wait_stop(Duration::from_secs(120)).await;
-    let closing = futures_util::future::join_all(tasks);
-    if tokio::time::timeout(CLOSE_WAIT * 5, closing).await.is_err() {
-        shared.rec.add("close_timeouts", 1);
-    }
+    join_connections(&shared, tasks).await;
     Ok(shared.rec.take())
 }
 
@@ -69,21 +58,15 @@ async fn connection(
     gate: tokio::sync::mpsc::UnboundedSender<bool>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let Some(connected) = shared
-        .connect_counted(index, &user, "connect_failed", Some(&gate))
-        .await
-    else {
+    let Some(connected) = connect_member(&shared, index, &user, &gate).await else {
         return;
     };
     {
         let mut rec = shared.rec.lock();
-        rec.add("connected", 1);
-        rec.record("connect", connected.latency.as_micros() as u64);
         rec.vec_add("connected_by_url", connected.url_index, 1);
         rec.add(&format!("welcome_node.{}", connected.welcome.node), 1);
         rec.max("ramp_end_us", epoch_us());
     }
-    shared.counters.opened();
     let _ = gate.send(true);
     let url_index = connected.url_index;
     let mut conn = connected.conn;
@@ -91,11 +74,7 @@ async fn connection(
         tokio::select! {
             incoming = conn.recv() => match incoming {
                 Incoming::Frame(_) => shared.rec.add("frames_in", 1),
-                Incoming::Undecodable(e) => {
-                    let mut rec = shared.rec.lock();
-                    rec.add("decode_errors", 1);
-                    rec.sample("decode_error", &e);
-                }
+                Incoming::Undecodable(e) => count_undecodable(&mut shared.rec.lock(), &e),
                 Incoming::Closed(code) => {
                     let mut rec = shared.rec.lock();
                     rec.add("dropped", 1);
@@ -182,6 +161,8 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
         }
     }
     let mut nodes_json = Vec::new();
+    // Per node: what the ramp added to its gauge, when both readings exist.
+    let mut ramp_added: Vec<Option<i64>> = Vec::new();
     let mut nodes = Section::new("nodes (presence_connections from /metrics)");
     for (e, node) in o.after_run.nodes.iter().enumerate() {
         let gauge = |snap: &Snapshot| -> Option<f64> {
@@ -194,6 +175,7 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
         let before = gauge(o.before);
         let ramped = gauge(o.after_setup);
         let held = gauge(o.after_run);
+        ramp_added.push(ramped.zip(before).map(|(a, b)| (a - b) as i64));
         let mine = ours.get(e).copied().unwrap_or(0);
         let delta = match (before, held) {
             (Some(b), Some(h)) => Some(h - b),
@@ -232,21 +214,19 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
     summary.sections.push(nodes);
 
     let mut memory_json = Vec::new();
-    if !o.probe.pids().is_empty() {
+    let pids = o.probe.pids();
+    if !pids.is_empty() {
         let mut mem = Section::new("gateway memory (VmRSS)");
-        let pids = o.probe.pids();
         let total_ours: i64 = ours.iter().sum();
         for (k, &pid) in pids.iter().enumerate() {
             let conns = if pids.len() == endpoints {
-                let e = k;
-                let gauge = nodes_json
-                    .get(e)
-                    .and_then(|n| n["gauge_after_ramp"].as_f64())
-                    .zip(nodes_json.get(e).and_then(|n| n["gauge_before"].as_f64()))
-                    .map(|(a, b)| (a - b) as i64);
-                gauge
+                // The node's own count of what the ramp added, else ours.
+                ramp_added
+                    .get(k)
+                    .copied()
+                    .flatten()
                     .filter(|g| *g > 0)
-                    .unwrap_or(ours.get(e).copied().unwrap_or(0))
+                    .unwrap_or(ours.get(k).copied().unwrap_or(0))
             } else if pids.len() == 1 {
                 total_ours
             } else {

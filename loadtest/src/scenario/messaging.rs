@@ -19,7 +19,10 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, gate, pace, per_sec, percent, share};
+use super::{
+    CLOSE_WAIT, Outcome, connect_member, count_undecodable, gate, join_connections, pace, per_sec,
+    percent, share,
+};
 use crate::{
     cli::MessagingArgs,
     client::{Conn, Incoming},
@@ -27,7 +30,6 @@ use crate::{
     workers::{Phase, Shared, WorkerCtx, epoch_us, wait_flag, wait_phase},
 };
 
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 const JOIN_WAIT: Duration = Duration::from_secs(15);
 /// Latency samples a member keeps before adding them to the worker's histograms.
 const SAMPLE_BATCH: usize = 256;
@@ -132,7 +134,7 @@ pub async fn worker(
         )));
     }
     drop(gate_tx);
-    let bound = Duration::from_millis(ctx_connect_ms(&shared)) + JOIN_WAIT;
+    let bound = shared.env.connect_timeout + JOIN_WAIT;
     gate.wait(tasks.len(), bound).await;
     let unavailable = board.unavailable();
     ctx.ready(unavailable.clone());
@@ -146,19 +148,10 @@ pub async fn worker(
     }
     ctx.run_done();
     ctx.wait_stop(Duration::from_secs(120)).await;
-    if tokio::time::timeout(CLOSE_WAIT * 5, futures_util::future::join_all(tasks))
-        .await
-        .is_err()
-    {
-        shared.rec.add("close_timeouts", 1);
-    }
+    join_connections(&shared, tasks).await;
     let mut stats = shared.rec.take();
     stats.unavailable = board.unavailable();
     Ok(stats)
-}
-
-fn ctx_connect_ms(shared: &Shared) -> u64 {
-    shared.env.connect_timeout.as_millis() as u64
 }
 
 /// A member's counters, merged into the worker's statistics at the end.
@@ -291,18 +284,9 @@ async fn run_member(
     gate: UnboundedSender<bool>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let Some(connected) = shared
-        .connect_counted(m.index, &m.user, "connect_failed", Some(&gate))
-        .await
-    else {
+    let Some(connected) = connect_member(&shared, m.index, &m.user, &gate).await else {
         return;
     };
-    shared.counters.opened();
-    {
-        let mut rec = shared.rec.lock();
-        rec.add("connected", 1);
-        rec.record("connect", connected.latency.as_micros() as u64);
-    }
     if let Some(w) = board.welcomed.get(m.local) {
         w.store(true, Ordering::Relaxed);
     }
@@ -471,6 +455,13 @@ pub fn error_label(code: ErrorCode) -> &'static str {
     }
 }
 
+/// Counts an `error` answer by its code (`error.<code>`), keeping the first message of each code.
+pub fn count_error(stats: &mut Stats, code: ErrorCode, message: &str) {
+    let key = format!("error.{}", error_label(code));
+    stats.add(&key, 1);
+    stats.sample(&key, message);
+}
+
 /// Every ack result, in `result_index` order.
 const RESULTS: [RouteResult; 4] = [
     RouteResult::Delivered,
@@ -510,8 +501,7 @@ fn handle(
     let frame = match incoming {
         Incoming::Frame(f) => f,
         Incoming::Undecodable(e) => {
-            local.stats.add("decode_errors", 1);
-            local.stats.sample("decode_error", &e);
+            count_undecodable(&mut local.stats, &e);
             return true;
         }
         Incoming::Closed(code) => {
@@ -580,9 +570,7 @@ fn handle(
             }
         }
         ServerFrame::Error { id, code, message } => {
-            let label = error_label(code);
-            local.stats.add(&format!("error.{label}"), 1);
-            local.stats.sample(&format!("error.{label}"), &message);
+            count_error(&mut local.stats, code, &message);
             shared.counters.errors.fetch_add(1, Ordering::Relaxed);
             if let Some(id) = id {
                 local.pending.remove(&id);

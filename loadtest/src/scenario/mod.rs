@@ -1,5 +1,6 @@
 //! The scenarios, what the coordinator needs to know of each (sockets, phase timing, gateway
-//! probes), and helpers they share (slicing users over workers, pacing, setup gates).
+//! probes), and helpers they share (slicing users over workers, pacing, setup gates, connecting
+//! and closing connection tasks).
 
 pub mod churn;
 pub mod fanout;
@@ -11,15 +12,18 @@ pub mod storm;
 use std::{ops::Range, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
     cli::{ChurnArgs, CommonArgs, FanoutArgs, IdleArgs, PrivateArgs, StormArgs},
-    client::ClientEnv,
+    client::{ClientEnv, Connected},
     probe::{Probe, Snapshot},
     report::{Stats, Summary},
-    workers::WorkerCtx,
+    workers::{Shared, WorkerCtx},
 };
+
+/// Longest a connection waits for the server's close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A scenario with its options.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -270,6 +274,62 @@ impl Gate {
             }
         }
         ok
+    }
+}
+
+/// Connects client `index` as `user` for a scenario's setup: a failure is counted
+/// (`connect_failed`) and reported to `gate`; a success is counted as `connected`, with its
+/// latency in the `connect` histogram. The caller reports the success to `gate` when its own
+/// setup is done.
+pub async fn connect_member(
+    shared: &Shared,
+    index: usize,
+    user: &str,
+    gate: &mpsc::UnboundedSender<bool>,
+) -> Option<Connected> {
+    let connected = shared
+        .connect_counted(index, user, "connect_failed", Some(gate))
+        .await?;
+    shared.counters.opened();
+    let mut rec = shared.rec.lock();
+    rec.add("connected", 1);
+    rec.record("connect", connected.latency.as_micros() as u64);
+    drop(rec);
+    Some(connected)
+}
+
+/// Counts a message that did not decode, keeping the first as an example.
+pub fn count_undecodable(stats: &mut Stats, error: &str) {
+    stats.add("decode_errors", 1);
+    stats.sample("decode_error", error);
+}
+
+/// Setup and measured phase of a worker whose connection tasks run by themselves: waits for the
+/// tasks' `steps` setup steps (at most the connect timeout plus 5 s), reports ready, waits for go
+/// (at most 120 s plus `pre_go`, the coordinator's pause before it), lets the tasks run for
+/// `run` (less when told to stop) and reports the run done.
+pub async fn setup_and_run(
+    ctx: &mut WorkerCtx,
+    gate: &mut Gate,
+    steps: usize,
+    pre_go: Duration,
+    run: Duration,
+) {
+    let bound = ctx.shared.env.connect_timeout + Duration::from_secs(5);
+    gate.wait(steps, bound).await;
+    ctx.ready(None);
+    if ctx.wait_go(Duration::from_secs(120) + pre_go).await {
+        ctx.sleep_unless_stopped(run).await;
+    }
+    ctx.run_done();
+}
+
+/// Waits for a worker's connection tasks to close, at most five close waits; counts
+/// `close_timeouts` when they take longer.
+pub async fn join_connections(shared: &Shared, tasks: Vec<JoinHandle<()>>) {
+    let closing = futures_util::future::join_all(tasks);
+    if tokio::time::timeout(CLOSE_WAIT * 5, closing).await.is_err() {
+        shared.rec.add("close_timeouts", 1);
     }
 }
 

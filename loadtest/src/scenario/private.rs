@@ -35,7 +35,7 @@ pub async fn worker(args: &PrivateArgs, ctx: WorkerCtx) -> anyhow::Result<Stats>
     let rate = messaging::connect_rate(&args.messaging, n as u64, total);
     let prefix = ctx.shared.prefix.clone();
     let send_rate = args.messaging.rate;
-    messaging::worker(&args.messaging.clone(), ctx, n, rate, move |k| {
+    messaging::worker(&args.messaging, ctx, n, rate, move |k| {
         let i = range.start + k as u64;
         let partner = i ^ 1;
         let user = format!("{prefix}-p{i}");

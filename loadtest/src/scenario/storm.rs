@@ -15,7 +15,10 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, gate, messaging::error_label, pace, per_sec, percent, share, slice};
+use super::{
+    CLOSE_WAIT, Outcome, connect_member, count_undecodable, gate, join_connections,
+    messaging::count_error, pace, per_sec, percent, setup_and_run, share, slice,
+};
 use crate::{
     cli::StormArgs,
     client::Incoming,
@@ -24,7 +27,6 @@ use crate::{
     workers::{Phase, Shared, WorkerCtx, wait_phase},
 };
 
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Time after the last change for its `ok` to arrive.
 const REPLY_WAIT: Duration = Duration::from_secs(2);
 const CYCLE: [Status; 3] = [Status::Away, Status::Busy, Status::Online];
@@ -73,24 +75,11 @@ pub async fn worker(args: &StormArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stat
         )));
     }
     drop(gate_tx);
-    let bound = Duration::from_millis(args.common.connect_timeout_ms) + Duration::from_secs(5);
-    gate.wait(tasks.len(), bound).await;
-    ctx.ready(None);
-    if ctx
-        .wait_go(Duration::from_secs(120) + Duration::from_millis(args.flush_wait_ms))
-        .await
-    {
-        ctx.sleep_unless_stopped(duration + REPLY_WAIT).await;
-    }
-    ctx.run_done();
-    ctx.wait_stop(Duration::from_secs(120) + Duration::from_millis(args.flush_wait_ms))
-        .await;
-    if tokio::time::timeout(CLOSE_WAIT * 5, futures_util::future::join_all(tasks))
-        .await
-        .is_err()
-    {
-        shared.rec.add("close_timeouts", 1);
-    }
+    let flush_wait = Duration::from_millis(args.flush_wait_ms);
+    let run = duration + REPLY_WAIT;
+    setup_and_run(&mut ctx, &mut gate, tasks.len(), flush_wait, run).await;
+    ctx.wait_stop(Duration::from_secs(120) + flush_wait).await;
+    join_connections(&shared, tasks).await;
     Ok(shared.rec.take())
 }
 
@@ -108,18 +97,9 @@ async fn user(
     gate: UnboundedSender<bool>,
     phase: watch::Receiver<Phase>,
 ) {
-    let Some(connected) = shared
-        .connect_counted(plan.index, &plan.user, "connect_failed", Some(&gate))
-        .await
-    else {
+    let Some(connected) = connect_member(&shared, plan.index, &plan.user, &gate).await else {
         return;
     };
-    shared.counters.opened();
-    {
-        let mut rec = shared.rec.lock();
-        rec.add("connected", 1);
-        rec.record("connect", connected.latency.as_micros() as u64);
-    }
     let _ = gate.send(true);
     let mut conn = connected.conn;
     let mut local = Stats::default();
@@ -156,9 +136,7 @@ async fn user(
                         }
                     }
                     ServerFrame::Error { id, code, message } => {
-                        let label = error_label(code);
-                        local.add(&format!("error.{label}"), 1);
-                        local.sample(&format!("error.{label}"), &message);
+                        count_error(&mut local, code, &message);
                         shared.counters.errors.fetch_add(1, Ordering::Relaxed);
                         if let Some(id) = id {
                             pending.remove(&id);
@@ -166,10 +144,7 @@ async fn user(
                     }
                     _ => {}
                 },
-                Incoming::Undecodable(e) => {
-                    local.add("decode_errors", 1);
-                    local.sample("decode_error", &e);
-                }
+                Incoming::Undecodable(e) => count_undecodable(&mut local, &e),
                 Incoming::Closed(_) | Incoming::Failed(_) => {
                     local.add("dropped", 1);
                     alive = false;
