@@ -17,16 +17,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Authenticator,
-    backend::{
-        Audience, Backend, BackendEvent, BackendSettings, MemoryBackend, MessageSettings,
-        RedisBackend, RedisTarget,
-    },
+    backend::{BackendSettings, MemoryBackend, MessageSettings, RedisBackend, RedisTarget, Roles},
     clock::now_ms,
     config::{BackendChoice, Config},
     hooks::ChangeHooks,
-    metrics as m, registry,
+    metrics as m,
+    registry::Heartbeat,
     router::Router,
-    shard::{ShardCmd, ShardSettings, Shards},
+    shard::{ShardSettings, Shards, route_events},
 };
 
 /// Backend events waiting to be routed to shards.
@@ -40,7 +38,7 @@ pub struct App {
     pub node_id: Arc<str>,
     pub ws_url: String,
     pub started_at: u64,
-    pub backend: Arc<dyn Backend>,
+    pub backend: Roles,
     pub shards: Shards,
     pub router: Router,
     pub auth: Authenticator,
@@ -50,7 +48,8 @@ pub struct App {
     /// False until started and again once draining: `/readyz` answers 503.
     pub ready: AtomicBool,
     next_conn_id: AtomicU64,
-    connections: AtomicI64,
+    /// Open connections; the registry heartbeat announces it.
+    connections: Arc<AtomicI64>,
     by_platform: [AtomicI64; 9],
     /// Every session task, so shutdown can wait for them to close.
     pub sessions: TaskTracker,
@@ -110,9 +109,9 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         BackendChoice::Redis(url) => Some(RedisTarget::Single(url)),
         BackendChoice::RedisCluster(seeds) => Some(RedisTarget::Cluster(seeds)),
     };
-    let backend: Arc<dyn Backend> = match redis_target {
-        None => Arc::new(MemoryBackend::new(settings, events_tx)),
-        Some(target) => Arc::new(
+    let backend = match redis_target {
+        None => Roles::of(Arc::new(MemoryBackend::new(settings, events_tx))),
+        Some(target) => Roles::of(Arc::new(
             RedisBackend::connect(
                 target,
                 &config.key_prefix,
@@ -123,7 +122,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
                 stop_background.clone(),
             )
             .await?,
-        ),
+        )),
     };
 
     let hooks = match &config.webhook_secret {
@@ -149,7 +148,8 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             max_conns_per_user: config.max_conns_per_user,
             mailbox: SHARD_MAILBOX,
         },
-        backend.clone(),
+        backend.presence.clone(),
+        backend.subscriptions.clone(),
         hooks.clone(),
         &shards_tracker,
         stop_shards.clone(),
@@ -157,7 +157,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
 
     let router = Router::spawn(
         config.shard_count(),
-        backend.clone(),
+        backend.messages.clone(),
         &shards_tracker,
         stop_shards.clone(),
     );
@@ -166,7 +166,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         ws_url: config.ws_url(bound),
         node_id,
         started_at: now_ms(),
-        auth: Authenticator::new(config.jwt_secret.as_deref(), backend.clone()),
+        auth: Authenticator::new(config.jwt_secret.as_deref(), backend.tokens.clone()),
         api_key: config.effective_api_key(),
         allowed_origins: config.allowed_origins(),
         backend,
@@ -175,7 +175,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         metrics: m::install(),
         ready: AtomicBool::new(false),
         next_conn_id: AtomicU64::new(1),
-        connections: AtomicI64::new(0),
+        connections: Arc::new(AtomicI64::new(0)),
         by_platform: Default::default(),
         sessions: TaskTracker::new(),
         closing: CancellationToken::new(),
@@ -189,7 +189,22 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         app.announce_now.clone(),
         stop_background.clone(),
     ));
-    background.spawn(registry::run(app.clone(), hooks, stop_background.clone()));
+    let heartbeat = Heartbeat {
+        registry: app.backend.registry.clone(),
+        presence: app.backend.presence.clone(),
+        hooks,
+        node_id: app.node_id.clone(),
+        ws_url: app.ws_url.clone(),
+        started_at: app.started_at,
+        connections: app.connections.clone(),
+        interval: app.config.renew_interval(),
+        now: app.announce_now.clone(),
+    };
+    // In the registry before ready, so the first token answer can already name this node.
+    if let Err(e) = heartbeat.announce().await {
+        tracing::warn!(error = %e, "could not announce the node; the heartbeat will retry");
+    }
+    background.spawn(heartbeat.run(stop_background.clone()));
     if let Some(handle) = app.metrics.clone() {
         let stop = stop_background.clone();
         background.spawn(async move {
@@ -202,10 +217,6 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             }
         });
     }
-    // In the registry before ready, so the first token answer can already name this node.
-    if let Err(e) = registry::announce(&app).await {
-        tracing::warn!(error = %e, "could not announce the node; the heartbeat will retry");
-    }
     app.ready.store(true, Ordering::Release);
     Ok(Running {
         app,
@@ -214,66 +225,6 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         stop_shards,
         stop_background,
     })
-}
-
-/// Sends each backend event to the shard that owns its user.
-async fn route_events(
-    mut events: mpsc::Receiver<BackendEvent>,
-    shards: Shards,
-    announce_now: Arc<tokio::sync::Notify>,
-    stop: CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            e = events.recv() => match e { Some(e) => e, None => break },
-            _ = stop.cancelled() => break,
-        };
-        match event {
-            BackendEvent::Presence(record) => {
-                let user = record.user.clone();
-                shards.send(&user, ShardCmd::Presence(record)).await;
-            }
-            BackendEvent::Resync => {
-                announce_now.notify_one();
-                for index in 0..shards.count() {
-                    shards.send_to(index, ShardCmd::Resync).await;
-                }
-            }
-            BackendEvent::Message(delivery) => match &delivery.audience {
-                Audience::User(key) | Audience::Group(key) => {
-                    let key = key.clone();
-                    shards
-                        .send(&key, ShardCmd::Deliver(Arc::new(delivery)))
-                        .await;
-                }
-                Audience::All => {
-                    let delivery = Arc::new(delivery);
-                    for index in 0..shards.count() {
-                        shards
-                            .send_to(index, ShardCmd::Deliver(delivery.clone()))
-                            .await;
-                    }
-                }
-            },
-            BackendEvent::Membership {
-                user,
-                group,
-                joined,
-            } => {
-                let key = user.clone();
-                shards
-                    .send(
-                        &key,
-                        ShardCmd::Membership {
-                            user,
-                            group,
-                            joined,
-                        },
-                    )
-                    .await;
-            }
-        }
-    }
 }
 
 impl Running {
@@ -299,7 +250,7 @@ impl Running {
         {
             tracing::warn!("shards still flushing at the end of the grace period");
         }
-        if let Err(e) = app.backend.leave_node(&app.node_id).await {
+        if let Err(e) = app.backend.registry.leave_node(&app.node_id).await {
             tracing::warn!(error = %e, "could not leave the node registry");
         }
         self.stop_background.cancel();

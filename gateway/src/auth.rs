@@ -8,7 +8,7 @@ use serde::Deserialize;
 use shared::{Platform, ids};
 use subtle::ConstantTimeEq;
 
-use crate::{backend::Backend, clock::now_ms};
+use crate::{backend::TokenStore, clock::now_ms};
 
 /// A connection's authenticated identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,18 +35,18 @@ struct JwtClaims {
 
 pub struct Authenticator {
     jwt: Option<(DecodingKey, Validation)>,
-    backend: Arc<dyn Backend>,
+    tokens: Arc<dyn TokenStore>,
 }
 
 impl Authenticator {
-    pub fn new(jwt_secret: Option<&str>, backend: Arc<dyn Backend>) -> Self {
+    pub fn new(jwt_secret: Option<&str>, tokens: Arc<dyn TokenStore>) -> Self {
         let jwt = jwt_secret.map(|secret| {
             let mut validation = Validation::new(Algorithm::HS256);
             validation.leeway = 5;
             validation.set_required_spec_claims(&["exp", "sub"]);
             (DecodingKey::from_secret(secret.as_bytes()), validation)
         });
-        Authenticator { jwt, backend }
+        Authenticator { jwt, tokens }
     }
 
     /// Checks a token of either kind. A JWT has three dot-separated parts; anything else is looked
@@ -66,7 +66,7 @@ impl Authenticator {
             }
         } else {
             let claims = self
-                .backend
+                .tokens
                 .get_token(token)
                 .await
                 .map_err(|_| AuthError::Unavailable)?

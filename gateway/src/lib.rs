@@ -2,6 +2,7 @@
 //! signal, and is what both `main` and the tests call.
 
 pub mod api;
+pub mod api_error;
 pub mod app;
 pub mod auth;
 pub mod backend;
@@ -58,7 +59,7 @@ pub async fn serve(
         node = %app.node_id,
         addr = %bound,
         ws_url = %app.ws_url,
-        backend = app.backend.kind(),
+        backend = app.backend.kind,
         shards = app.shards.count(),
         "listening"
     );

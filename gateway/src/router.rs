@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::{Backend, BackendError, Outgoing, SendOutcome, SendRefused},
+    backend::{BackendError, MessageStore, Outgoing, SendOutcome, SendRefused},
     conn::handle::ConnHandle,
     metrics as m,
 };
@@ -44,14 +44,14 @@ pub struct Router {
 impl Router {
     pub fn spawn(
         count: usize,
-        backend: Arc<dyn Backend>,
+        messages: Arc<dyn MessageStore>,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Router {
         let senders: Vec<_> = (0..count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(MAILBOX);
-                tracker.spawn(run(rx, backend.clone(), stop.clone()));
+                tracker.spawn(run(rx, messages.clone(), stop.clone()));
                 tx
             })
             .collect();
@@ -72,7 +72,7 @@ impl Router {
 
 async fn run(
     mut jobs: mpsc::Receiver<RouteJob>,
-    backend: Arc<dyn Backend>,
+    messages: Arc<dyn MessageStore>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -89,7 +89,7 @@ async fn run(
             }
         }
         let outs = batch.iter().map(|j| j.out.clone()).collect();
-        match backend.send(outs).await {
+        match messages.send(outs).await {
             Ok(results) => {
                 for (job, result) in batch.drain(..).zip(results) {
                     answer(job, Ok(result));
@@ -98,7 +98,7 @@ async fn run(
             Err(e) => {
                 tracing::warn!(error = %e, messages = batch.len(), "message routing failed");
                 for job in batch.drain(..) {
-                    answer(job, Err(BackendError::Unavailable(e.to_string())));
+                    answer(job, Err(e.clone()));
                 }
             }
         }

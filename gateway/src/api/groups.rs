@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use shared::{Message, ids};
 
 use super::{ApiError, ApiJson, page_cursor, page_limit};
-use crate::{app::App, backend::parse_msg_id, conn::online_members};
+use crate::{
+    app::App,
+    backend::{online_members, parse_msg_id},
+};
 
 fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
     ids::check_id("group", group).map_err(ApiError::bad_request)?;
@@ -26,7 +29,7 @@ pub async fn add_member(
     Path((group, user)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     check(&group, Some(&user))?;
-    app.backend.add_member(&group, &user).await?;
+    app.backend.groups.add_member(&group, &user).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -35,7 +38,7 @@ pub async fn remove_member(
     Path((group, user)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     check(&group, Some(&user))?;
-    app.backend.remove_member(&group, &user).await?;
+    app.backend.groups.remove_member(&group, &user).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -61,6 +64,7 @@ pub async fn members(
     let cursor = page_cursor(params.cursor)?;
     let (users, next_cursor) = app
         .backend
+        .groups
         .members(&group, cursor.as_deref(), limit)
         .await?;
     Ok(Json(UserPage { users, next_cursor }))
@@ -73,7 +77,12 @@ pub struct Users {
 
 pub async fn online(State(app): State<Arc<App>>, Path(group): Path<String>) -> ApiJson<Users> {
     check(&group, None)?;
-    let users = online_members(app.backend.as_ref(), &group).await?;
+    let users = online_members(
+        app.backend.groups.as_ref(),
+        app.backend.presence.as_ref(),
+        &group,
+    )
+    .await?;
     Ok(Json(Users { users }))
 }
 
@@ -100,6 +109,10 @@ pub async fn history(
     if since.as_deref().is_some_and(|s| parse_msg_id(s).is_none()) {
         return Err(ApiError::bad_request("since must be a message id"));
     }
-    let (messages, more) = app.backend.history(&group, since.as_deref(), limit).await?;
+    let (messages, more) = app
+        .backend
+        .messages
+        .history(&group, since.as_deref(), limit)
+        .await?;
     Ok(Json(History { messages, more }))
 }

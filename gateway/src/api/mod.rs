@@ -15,57 +15,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use serde_json::json;
 use shared::ErrorCode;
 
-use crate::{app::App, auth, backend::BackendError, conn};
-
-/// An error answer: `{"error": {"code", "message"}}` with an HTTP status.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: ErrorCode,
-    message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
-    }
-}
-
-impl From<BackendError> for ApiError {
-    fn from(e: BackendError) -> Self {
-        tracing::warn!(error = %e, "backend call failed");
-        match e {
-            BackendError::Unavailable(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                "backend unavailable",
-            ),
-            BackendError::Internal(_) => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                "backend error",
-            ),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
-    }
-}
+pub use crate::api_error::ApiError;
+use crate::{app::App, auth, conn};
 
 /// Largest page any list endpoint answers.
 const MAX_PAGE: usize = 1000;

@@ -17,7 +17,11 @@ const MAX_USERS: usize = 1000;
 
 pub async fn one(State(app): State<Arc<App>>, Path(user): Path<String>) -> ApiJson<Presence> {
     ids::check_id("user", &user).map_err(ApiError::bad_request)?;
-    let records = app.backend.presence(std::slice::from_ref(&user)).await?;
+    let records = app
+        .backend
+        .presence
+        .presence(std::slice::from_ref(&user))
+        .await?;
     let presence = records
         .first()
         .map(|r| r.public_view())
@@ -48,7 +52,7 @@ pub async fn query(
     for user in &req.users {
         ids::check_id("user", user).map_err(ApiError::bad_request)?;
     }
-    let records = app.backend.presence(&req.users).await?;
+    let records = app.backend.presence.presence(&req.users).await?;
     Ok(Json(Items {
         items: records.iter().map(|r| r.public_view()).collect(),
     }))
@@ -80,6 +84,7 @@ pub async fn online(
     let cursor = page_cursor(params.cursor)?;
     let (users, next_cursor) = app
         .backend
+        .presence
         .online_users(cursor.as_deref(), limit, params.platform)
         .await?;
     Ok(Json(OnlinePage { users, next_cursor }))
@@ -94,8 +99,8 @@ pub struct Stats {
 }
 
 pub async fn stats(State(app): State<Arc<App>>) -> ApiJson<Stats> {
-    let counts = app.backend.counts().await?;
-    let nodes = app.backend.nodes().await?;
+    let counts = app.backend.presence.counts().await?;
+    let nodes = app.backend.registry.nodes().await?;
     // Other nodes' counts are as of their last heartbeat; this node's is live.
     let others: u64 = nodes
         .iter()
@@ -122,6 +127,6 @@ pub struct Nodes {
 
 pub async fn nodes(State(app): State<Arc<App>>) -> ApiJson<Nodes> {
     Ok(Json(Nodes {
-        nodes: app.backend.nodes().await?,
+        nodes: app.backend.registry.nodes().await?,
     }))
 }

@@ -54,11 +54,12 @@ pub async fn create(
         platform: req.platform,
         expires_at: now_ms() + ttl * 1000,
     };
-    app.backend.put_token(&token, &claims).await?;
+    app.backend.tokens.put_token(&token, &claims).await?;
     // The least-loaded node, for deployments without a load balancer; a registry hiccup only
     // leaves it out.
     let node = app
         .backend
+        .registry
         .nodes()
         .await
         .ok()

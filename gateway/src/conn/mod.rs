@@ -5,8 +5,6 @@ pub mod handle;
 mod requests;
 mod session;
 
-pub use requests::online_members;
-
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use axum::{
@@ -19,7 +17,7 @@ use serde::Deserialize;
 use shared::{Encoding, ErrorCode};
 
 use crate::{
-    api::ApiError,
+    api_error::ApiError,
     app::App,
     auth::{AuthError, bearer},
     metrics as m,

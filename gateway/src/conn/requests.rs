@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use super::handle::ConnHandle;
 use crate::{
     app::App,
-    backend::{Backend, BackendError, Origin, Outgoing, parse_msg_id},
+    backend::{BackendError, Origin, Outgoing, Roles, online_members, parse_msg_id},
     clock::now_ms,
     metrics as m,
     presence::ChosenStatus,
@@ -45,17 +45,7 @@ impl Requests {
     }
 
     pub fn reply_error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
-        let label = match code {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
-        };
-        metrics::counter!(m::CLIENT_ERRORS, "code" => label).increment(1);
+        metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
         self.conn.push_frame(ServerFrame::error(id, code, message));
     }
 
@@ -182,13 +172,15 @@ impl Requests {
                 ids::check_id("group", &group).map_err(bad)?;
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
-                    if !backend.is_member(&group, &user).await? {
+                    if !backend.groups.is_member(&group, &user).await? {
                         return Ok(forbidden(
                             id,
                             "only members may list a group's online members",
                         ));
                     }
-                    let users = online_members(backend.as_ref(), &group).await?;
+                    let users =
+                        online_members(backend.groups.as_ref(), backend.presence.as_ref(), &group)
+                            .await?;
                     Ok(ServerFrame::MemberList { id, group, users })
                 })?;
             }
@@ -228,7 +220,7 @@ impl Requests {
                 check_msg_id(&up_to)?;
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
-                    backend.ack_offline(&user, &up_to).await?;
+                    backend.messages.ack_offline(&user, &up_to).await?;
                     Ok(ServerFrame::Ok { id })
                 })?;
             }
@@ -248,14 +240,17 @@ impl Requests {
                 }
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
-                    if !backend.is_member(&group, &user).await? {
+                    if !backend.groups.is_member(&group, &user).await? {
                         return Ok(forbidden(id, "only members may read a group's messages"));
                     }
                     let since = match since {
                         Some(since) => Some(since),
-                        None => backend.read_position(&user, &group).await?,
+                        None => backend.messages.read_position(&user, &group).await?,
                     };
-                    let (messages, more) = backend.history(&group, since.as_deref(), limit).await?;
+                    let (messages, more) = backend
+                        .messages
+                        .history(&group, since.as_deref(), limit)
+                        .await?;
                     Ok(ServerFrame::History {
                         id,
                         group,
@@ -269,14 +264,17 @@ impl Requests {
                 check_msg_id(&up_to)?;
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
-                    backend.set_read_position(&user, &group, &up_to).await?;
+                    backend
+                        .messages
+                        .set_read_position(&user, &group, &up_to)
+                        .await?;
                     Ok(ServerFrame::Ok { id })
                 })?;
             }
             ClientFrame::Unread { id } => {
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
-                    let groups = backend.unread(&user).await?;
+                    let groups = backend.messages.unread(&user).await?;
                     Ok(ServerFrame::UnreadCounts { id, groups })
                 })?;
             }
@@ -298,9 +296,9 @@ impl Requests {
         let shards = self.app.shards.clone();
         self.spawn(id, move |backend| async move {
             if joined {
-                backend.add_member(&group, &user).await?;
+                backend.groups.add_member(&group, &user).await?;
             } else {
-                backend.remove_member(&group, &user).await?;
+                backend.groups.remove_member(&group, &user).await?;
             }
             shards.follow_group(&conn, &group, joined).await;
             Ok(ServerFrame::Ok { id })
@@ -311,7 +309,7 @@ impl Requests {
     /// and queues its answer; a backend failure answers `unavailable`.
     fn spawn<F, Fut>(&self, id: Option<u64>, work: F) -> Result<(), (ErrorCode, String)>
     where
-        F: FnOnce(Arc<dyn Backend>) -> Fut + Send + 'static,
+        F: FnOnce(Roles) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
     {
         self.spawn_or(id, "backend unavailable", work)
@@ -325,7 +323,7 @@ impl Requests {
         work: F,
     ) -> Result<(), (ErrorCode, String)>
     where
-        F: FnOnce(Arc<dyn Backend>) -> Fut + Send + 'static,
+        F: FnOnce(Roles) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
     {
         let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
@@ -357,7 +355,7 @@ impl Requests {
             id,
             "presence store unavailable",
             move |backend| async move {
-                let records = backend.presence(&users).await?;
+                let records = backend.presence.presence(&users).await?;
                 Ok(ServerFrame::PresenceList {
                     id,
                     items: records.iter().map(|r| r.view_for(Some(&viewer))).collect(),
@@ -383,24 +381,8 @@ impl Requests {
     }
 }
 
-/// Group members `group_online` looks at, at most.
-pub const MAX_GROUP_SCAN: usize = 10_000;
 /// Messages one `sync` may ask for.
 const MAX_SYNC: usize = 500;
-
-/// Visibly online members of a group (of its first `MAX_GROUP_SCAN` members).
-pub async fn online_members(
-    backend: &dyn Backend,
-    group: &str,
-) -> Result<Vec<String>, BackendError> {
-    let (members, _) = backend.members(group, None, MAX_GROUP_SCAN).await?;
-    let records = backend.presence(&members).await?;
-    Ok(records
-        .into_iter()
-        .filter(|r| crate::presence::visibly_online(r.status))
-        .map(|r| r.user)
-        .collect())
-}
 
 fn forbidden(id: Option<u64>, message: &str) -> ServerFrame {
     ServerFrame::error(id, ErrorCode::Forbidden, message)

@@ -59,7 +59,7 @@ pub async fn run(
     };
     // The user's groups and stored messages are read before the connection is registered, so
     // that `welcome` and the stored messages are the first frames, in that order.
-    let ConnectState { groups, offline } = app.backend.connect_state(&conn.user).await;
+    let ConnectState { groups, offline } = app.backend.messages.connect_state(&conn.user).await;
     let groups = groups.unwrap_or_else(|e| {
         tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
         Vec::new()

@@ -2,7 +2,10 @@
 //! who here watches them, what this node last wrote for them) and batches their presence changes
 //! to the backend. Everyone else holds a [`Shards`] handle and sends commands.
 
+mod route;
 mod worker;
+
+pub use route::route_events;
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::{Backend, Delivery},
+    backend::{Delivery, PresenceStore, Subscriptions},
     conn::handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
@@ -89,7 +92,8 @@ impl Shards {
     pub fn spawn(
         count: usize,
         settings: ShardSettings,
-        backend: Arc<dyn Backend>,
+        presence: Arc<dyn PresenceStore>,
+        subscriptions: Arc<dyn Subscriptions>,
         hooks: ChangeHooks,
         tracker: &TaskTracker,
         stop: CancellationToken,
@@ -103,7 +107,8 @@ impl Shards {
             let worker = worker::Worker::new(
                 index,
                 settings.clone(),
-                backend.clone(),
+                presence.clone(),
+                subscriptions.clone(),
                 hooks.clone(),
                 shards.clone(),
                 mailbox,

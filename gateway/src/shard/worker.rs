@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ShardCmd, ShardSettings, Shards};
 use crate::{
-    backend::{Audience, Backend, BackendError, Changed, Delivery, PresenceWrite, Renewal},
+    backend::{
+        Audience, BackendError, Changed, Delivery, PresenceStore, PresenceWrite, Renewal,
+        Subscriptions, Topic,
+    },
     clock::now_ms,
     conn::handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
@@ -111,7 +114,8 @@ struct JobDone {
 pub(super) struct Worker {
     index: usize,
     settings: ShardSettings,
-    backend: Arc<dyn Backend>,
+    presence: Arc<dyn PresenceStore>,
+    subscriptions: Arc<dyn Subscriptions>,
     hooks: ChangeHooks,
     /// Other shards, for membership changes that touch a group owned elsewhere.
     shards: Shards,
@@ -138,7 +142,8 @@ impl Worker {
     pub(super) fn new(
         index: usize,
         settings: ShardSettings,
-        backend: Arc<dyn Backend>,
+        presence: Arc<dyn PresenceStore>,
+        subscriptions: Arc<dyn Subscriptions>,
         hooks: ChangeHooks,
         shards: Shards,
         mailbox: mpsc::Receiver<ShardCmd>,
@@ -146,7 +151,8 @@ impl Worker {
         Worker {
             index,
             settings,
-            backend,
+            presence,
+            subscriptions,
             hooks,
             shards,
             mailbox,
@@ -238,7 +244,7 @@ impl Worker {
                     conn.push(message);
                 }
                 if slot.conns.is_empty() {
-                    self.backend.watch_inboxes(vec![user.clone()]);
+                    self.subscriptions.watch(vec![Topic::Inbox(user.clone())]);
                 }
                 slot.conns.push(conn);
                 let _ = reply.send(true);
@@ -250,7 +256,7 @@ impl Worker {
                     let had = !slot.conns.is_empty();
                     slot.conns.retain(|c| c.id != conn);
                     if had && slot.conns.is_empty() {
-                        self.backend.unwatch_inboxes(vec![user.clone()]);
+                        self.subscriptions.unwatch(vec![Topic::Inbox(user.clone())]);
                     }
                     self.refresh_idle(&user);
                     self.mark_dirty(user);
@@ -268,12 +274,12 @@ impl Worker {
                 for user in users {
                     let slot = self.users.entry(user.clone()).or_default();
                     if slot.watchers.is_empty() {
-                        new.push(user);
+                        new.push(Topic::Presence(user));
                     }
                     slot.watchers.insert(conn.id, conn.clone());
                 }
                 if !new.is_empty() {
-                    self.backend.watch(new);
+                    self.subscriptions.watch(new);
                 }
             }
             ShardCmd::Unwatch { users, conn } => {
@@ -283,13 +289,13 @@ impl Worker {
                         if slot.watchers.remove(&conn).is_some() && slot.watchers.is_empty() {
                             slot.seen_version = 0;
                             slot.last_public = None;
-                            gone.push(user.clone());
+                            gone.push(Topic::Presence(user.clone()));
                         }
                         self.forget_if_done(&user);
                     }
                 }
                 if !gone.is_empty() {
-                    self.backend.unwatch(gone);
+                    self.subscriptions.unwatch(gone);
                 }
             }
             ShardCmd::Presence(record) => self.fan_out(record),
@@ -309,7 +315,7 @@ impl Worker {
                 }
                 let members = self.groups.entry(group.clone()).or_default();
                 if members.is_empty() {
-                    self.backend.watch_groups(vec![group]);
+                    self.subscriptions.watch(vec![Topic::Group(group.clone())]);
                 }
                 members.insert(conn.id, conn);
             }
@@ -322,7 +328,8 @@ impl Worker {
             members.remove(&conn);
             if members.is_empty() {
                 self.groups.remove(group);
-                self.backend.unwatch_groups(vec![group.to_string()]);
+                self.subscriptions
+                    .unwatch(vec![Topic::Group(group.to_string())]);
             }
         }
     }
@@ -520,13 +527,13 @@ impl Worker {
 
     fn spawn_job(&mut self, job: Job) {
         self.retry_at = None;
-        let backend = self.backend.clone();
+        let presence = self.presence.clone();
         let node = self.settings.node.clone();
         self.job = Some(tokio::spawn(async move {
             let started = Instant::now();
             let result = match &job {
-                Job::Flush(writes) => backend.write_presence(&node, writes.clone()).await,
-                Job::Renew(entries) => backend.renew_presence(&node, entries.clone()).await,
+                Job::Flush(writes) => presence.write_presence(&node, writes.clone()).await,
+                Job::Renew(entries) => presence.renew_presence(&node, entries.clone()).await,
             };
             JobDone {
                 job,

@@ -10,13 +10,14 @@ use futures_util::future::join_all;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::RedisBackend;
 use super::{
     envelope::{self, Published},
     keys::{ChannelKind, Keys},
     record,
 };
 use crate::{
-    backend::{Audience, BackendEvent, Delivery, EventSink},
+    backend::{Audience, BackendEvent, Delivery, EventSink, Subscriptions, Topic},
     metrics as m,
 };
 
@@ -210,6 +211,28 @@ fn to_event(kind: ChannelKind<'_>, payload: &[u8]) -> Option<BackendEvent> {
             Published::Message(message, origin) => Some(delivery(Audience::All, message, origin)),
             _ => None,
         },
+    }
+}
+
+impl Subscriptions for RedisBackend {
+    fn watch(&self, topics: Vec<Topic>) {
+        let channels = topics.iter().map(|t| self.channel(t)).collect();
+        let _ = self.subscriptions.send(SubCmd::Watch(channels));
+    }
+
+    fn unwatch(&self, topics: Vec<Topic>) {
+        let channels = topics.iter().map(|t| self.channel(t)).collect();
+        let _ = self.subscriptions.send(SubCmd::Unwatch(channels));
+    }
+}
+
+impl RedisBackend {
+    fn channel(&self, topic: &Topic) -> String {
+        match topic {
+            Topic::Presence(user) => self.keys.user_channel(user),
+            Topic::Inbox(user) => self.keys.inbox_channel(user),
+            Topic::Group(group) => self.keys.group_channel(group),
+        }
     }
 }
 

@@ -1,14 +1,18 @@
-//! Messaging on Redis: group membership, sends (one script call per message, pipelined), offline
-//! storage, history, read positions and unread counts. Key layout in docs/ARCHITECTURE.md.
+//! Messages on Redis: sends (one script call per message, pipelined), offline storage and group
+//! history in capped streams, read positions and unread counts. Key layout in
+//! docs/ARCHITECTURE.md.
 
 use std::collections::{BTreeMap, HashMap};
 
+use async_trait::async_trait;
 use fred::{prelude::*, types::Value};
 use shared::{Destination, Message, RouteResult};
 
-use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, unavailable};
+use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, scripts::ScriptCall};
 use crate::{
-    backend::{BackendError, ConnectState, Outgoing, SendOutcome, SendRefused, parse_msg_id},
+    backend::{
+        BackendError, ConnectState, MessageStore, Outgoing, SendOutcome, SendRefused, parse_msg_id,
+    },
     clock::now_ms,
 };
 
@@ -16,48 +20,9 @@ fn int(n: u64) -> Value {
     Value::Integer(n as i64)
 }
 
-impl RedisBackend {
-    pub(super) async fn add_member_impl(
-        &self,
-        group: &str,
-        user: &str,
-        joined: bool,
-    ) -> Result<(), BackendError> {
-        let pipeline = self.client.pipeline();
-        let (zcmd, scmd, tag) = if joined {
-            ("ZADD", "SADD", "J")
-        } else {
-            ("ZREM", "SREM", "L")
-        };
-        let mut zargs = vec![self.keys.members(group)];
-        if joined {
-            zargs.push("0".into());
-        }
-        zargs.push(user.to_string());
-        let _: () = pipeline
-            .custom(cmd(zcmd), zargs)
-            .await
-            .map_err(unavailable)?;
-        let _: () = pipeline
-            .custom(
-                cmd(scmd),
-                vec![self.keys.user_groups(user), group.to_string()],
-            )
-            .await
-            .map_err(unavailable)?;
-        let _: () = pipeline
-            .custom(
-                cmd(self.publish_command()),
-                vec![self.keys.inbox_channel(user), format!("{tag}{group}")],
-            )
-            .await
-            .map_err(unavailable)?;
-        Self::count_round_trip("groups");
-        let _: Vec<Value> = pipeline.all().await.map_err(|e| Self::error("groups", e))?;
-        Ok(())
-    }
-
-    pub(super) async fn send_impl(
+#[async_trait]
+impl MessageStore for RedisBackend {
+    async fn send(
         &self,
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError> {
@@ -67,11 +32,11 @@ impl RedisBackend {
         let mut calls = Vec::with_capacity(messages.len());
         let mut envelopes = Vec::with_capacity(messages.len());
         for out in &messages {
-            let env = envelope::encode(out).map_err(BackendError::Internal)?;
+            let env = envelope::encode(out).map_err(|e| BackendError::internal("send", e))?;
             let env_value = Value::Bytes(env.clone().into());
             let call = match &out.to {
                 Destination::User { user } => (
-                    &self.private_send,
+                    &self.scripts.private_send,
                     vec![
                         self.keys.user(user).into(),
                         self.keys.offline(user).into(),
@@ -86,7 +51,7 @@ impl RedisBackend {
                     ],
                 ),
                 Destination::Group { group } => (
-                    &self.group_send,
+                    &self.scripts.group_send,
                     vec![
                         self.keys.members(group).into(),
                         self.keys.group_meta(group).into(),
@@ -104,7 +69,7 @@ impl RedisBackend {
                     ],
                 ),
                 Destination::All { .. } => (
-                    &self.broadcast,
+                    &self.scripts.broadcast,
                     vec![
                         self.keys.broadcast_seq().into(),
                         self.keys.broadcast_channel().into(),
@@ -124,8 +89,9 @@ impl RedisBackend {
             let parts: Vec<Value> = match result {
                 Value::Array(parts) => parts,
                 _ => {
-                    return Err(BackendError::Internal(
-                        "unexpected send script reply".into(),
+                    return Err(BackendError::internal(
+                        "send",
+                        "unexpected send script reply",
                     ));
                 }
             };
@@ -145,7 +111,7 @@ impl RedisBackend {
                         let _: () = copies
                             .custom(cmd(self.publish_command()), args)
                             .await
-                            .map_err(unavailable)?;
+                            .map_err(|e| Self::error("send", e))?;
                         any_copy = true;
                     }
                     let result = if stored > 0 {
@@ -182,34 +148,7 @@ impl RedisBackend {
         }
         Ok(outcomes)
     }
-
-    /// Reads stream entries into messages (oldest first), skipping anything unreadable.
-    fn stream_messages(entries: Vec<Value>) -> Vec<Message> {
-        let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let Value::Array(mut parts) = entry else {
-                continue;
-            };
-            if parts.len() != 2 {
-                continue;
-            }
-            let fields = parts.pop();
-            let id = parts.pop().and_then(|v| v.as_string());
-            let (Some(id), Some(Value::Array(fields))) = (id, fields) else {
-                continue;
-            };
-            let Some(id) = envelope::padded(&id) else {
-                continue;
-            };
-            let bytes = fields.get(1).and_then(|v| v.as_bytes()).map(|b| b.to_vec());
-            if let Some((message, _)) = bytes.and_then(|b| envelope::decode(id, &b)) {
-                out.push(message);
-            }
-        }
-        out
-    }
-
-    pub(super) async fn offline_impl(&self, user: &str) -> Result<Vec<Message>, BackendError> {
+    async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError> {
         Self::count_round_trip("offline");
         let entries: Vec<Value> = self
             .client
@@ -218,9 +157,8 @@ impl RedisBackend {
             .map_err(|e| Self::error("offline", e))?;
         Ok(Self::offline_from(entries))
     }
-
     /// Groups and stored messages in one pipeline: a connect costs one round trip, not two.
-    pub(super) async fn connect_state_impl(&self, user: &str) -> ConnectState {
+    async fn connect_state(&self, user: &str) -> ConnectState {
         let pipeline = self.client.pipeline();
         let queued: Result<(), fred::error::Error> = async {
             let _: () = pipeline
@@ -257,35 +195,9 @@ impl RedisBackend {
         });
         ConnectState { groups, offline }
     }
-
-    /// XRANGE arguments for a user's stored messages, oldest first, at most the cap.
-    fn offline_range(&self, user: &str) -> Vec<String> {
-        vec![
-            self.keys.offline(user),
-            "-".into(),
-            "+".into(),
-            "COUNT".into(),
-            self.settings.messages.offline_cap.to_string(),
-        ]
-    }
-
-    fn offline_from(entries: Vec<Value>) -> Vec<Message> {
-        Self::stream_messages(entries)
-            .into_iter()
-            .map(|mut m| {
-                m.offline = Some(true);
-                m
-            })
-            .collect()
-    }
-
-    pub(super) async fn ack_offline_impl(
-        &self,
-        user: &str,
-        up_to: &str,
-    ) -> Result<(), BackendError> {
-        let (ms, seq) =
-            parse_msg_id(up_to).ok_or_else(|| BackendError::Internal("bad message id".into()))?;
+    async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {
+        let (ms, seq) = parse_msg_id(up_to)
+            .ok_or_else(|| BackendError::internal("offline", "bad message id"))?;
         Self::count_round_trip("offline");
         let _: Value = self
             .client
@@ -301,8 +213,7 @@ impl RedisBackend {
             .map_err(|e| Self::error("offline", e))?;
         Ok(())
     }
-
-    pub(super) async fn history_impl(
+    async fn history(
         &self,
         group: &str,
         since: Option<&str>,
@@ -337,19 +248,41 @@ impl RedisBackend {
         Ok((messages, more))
     }
 
-    pub(super) async fn unread_impl(
+    async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError> {
+        Self::count_round_trip("read");
+        self.client
+            .custom(
+                cmd("HGET"),
+                vec![self.keys.read_positions(user), group.to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("read", e))
+    }
+
+    async fn set_read_position(
         &self,
         user: &str,
-    ) -> Result<BTreeMap<String, u64>, BackendError> {
+        group: &str,
+        up_to: &str,
+    ) -> Result<(), BackendError> {
+        let call: ScriptCall<'_> = (
+            &self.scripts.read,
+            vec![self.keys.read_positions(user).into()],
+            vec![group.into(), up_to.into()],
+        );
+        self.run_scripts("read", &[call]).await?;
+        Ok(())
+    }
+    async fn unread(&self, user: &str) -> Result<BTreeMap<String, u64>, BackendError> {
         let pipeline = self.client.pipeline();
         let _: () = pipeline
             .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| Self::error("unread", e))?;
         let _: () = pipeline
             .custom(cmd("HGETALL"), vec![self.keys.read_positions(user)])
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| Self::error("unread", e))?;
         Self::count_round_trip("unread");
         let (groups, positions): (Vec<String>, HashMap<String, String>) =
             pipeline.all().await.map_err(|e| Self::error("unread", e))?;
@@ -361,11 +294,11 @@ impl RedisBackend {
             let _: () = pipeline
                 .custom(cmd("HGET"), vec![self.keys.group_meta(group), "seq".into()])
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| Self::error("unread", e))?;
             let _: () = pipeline
                 .custom(cmd("XLEN"), vec![self.keys.history(group)])
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| Self::error("unread", e))?;
         }
         Self::count_round_trip("unread");
         let values: Vec<Value> = pipeline.all().await.map_err(|e| Self::error("unread", e))?;
@@ -381,5 +314,54 @@ impl RedisBackend {
             counts.insert(group.clone(), last_seq.saturating_sub(read_seq).min(kept));
         }
         Ok(counts)
+    }
+}
+
+impl RedisBackend {
+    /// Reads stream entries into messages (oldest first), skipping anything unreadable.
+    fn stream_messages(entries: Vec<Value>) -> Vec<Message> {
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(mut parts) = entry else {
+                continue;
+            };
+            if parts.len() != 2 {
+                continue;
+            }
+            let fields = parts.pop();
+            let id = parts.pop().and_then(|v| v.as_string());
+            let (Some(id), Some(Value::Array(fields))) = (id, fields) else {
+                continue;
+            };
+            let Some(id) = envelope::padded(&id) else {
+                continue;
+            };
+            let bytes = fields.get(1).and_then(|v| v.as_bytes()).map(|b| b.to_vec());
+            if let Some((message, _)) = bytes.and_then(|b| envelope::decode(id, &b)) {
+                out.push(message);
+            }
+        }
+        out
+    }
+
+    /// XRANGE arguments for a user's stored messages, oldest first, at most the cap.
+    fn offline_range(&self, user: &str) -> Vec<String> {
+        vec![
+            self.keys.offline(user),
+            "-".into(),
+            "+".into(),
+            "COUNT".into(),
+            self.settings.messages.offline_cap.to_string(),
+        ]
+    }
+
+    fn offline_from(entries: Vec<Value>) -> Vec<Message> {
+        Self::stream_messages(entries)
+            .into_iter()
+            .map(|mut m| {
+                m.offline = Some(true);
+                m
+            })
+            .collect()
     }
 }

@@ -1,0 +1,143 @@
+//! The embedded backend: every role in this process, for one node with nothing to install. It
+//! keeps the same contracts as Redis, expiry included, so one suite per role runs against both.
+//! This file holds the state; each role's `impl` is in the file named after it.
+
+mod events;
+mod groups;
+mod messages;
+mod presence;
+mod registry;
+mod tokens;
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use shared::Message;
+use tokio::time::Instant;
+
+use super::{BackendEvent, BackendSettings, Changed, EventSink, NodeInfo, TokenClaims, Topic};
+use crate::{
+    clock::now_ms,
+    presence::{
+        ChosenStatus, NodeEntry, PresenceRecord, fold_entries, next_record, visibly_online,
+    },
+};
+
+/// In-process backend. The lock is held only for map updates, never across an await.
+pub struct MemoryBackend {
+    settings: BackendSettings,
+    state: Mutex<State>,
+    events: EventSink,
+}
+
+#[derive(Default)]
+struct State {
+    users: HashMap<String, UserState>,
+    /// Visibly online users, ordered for cursor pagination.
+    online: BTreeSet<String>,
+    tokens: HashMap<String, TokenClaims>,
+    nodes: HashMap<String, (NodeInfo, Instant)>,
+    /// Listeners per topic on the node, so events go only where someone listens, as with Redis;
+    /// a user whose inbox nobody listens to gets private messages stored instead.
+    listening: HashMap<Topic, usize>,
+    groups: HashMap<String, GroupState>,
+    user_groups: HashMap<String, BTreeSet<String>>,
+    stored: HashMap<String, Inbox>,
+    read_positions: HashMap<String, HashMap<String, String>>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    members: BTreeSet<String>,
+    history: VecDeque<Message>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Inbox {
+    messages: VecDeque<Message>,
+    seq: u64,
+}
+
+struct UserState {
+    entries: HashMap<String, (NodeEntry, Instant)>,
+    chosen: ChosenStatus,
+    record: PresenceRecord,
+}
+
+impl UserState {
+    fn new(user: &str) -> Self {
+        UserState {
+            entries: HashMap::new(),
+            chosen: ChosenStatus::default(),
+            record: PresenceRecord::unknown(user),
+        }
+    }
+}
+
+impl MemoryBackend {
+    pub fn new(settings: BackendSettings, events: EventSink) -> Self {
+        MemoryBackend {
+            settings,
+            state: Mutex::new(State::default()),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than losing the node, so a poisoned lock is taken over as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn publish(&self, changed: &[Changed], watched: Vec<bool>) {
+        for (change, watched) in changed.iter().zip(watched) {
+            if watched {
+                // The node is shutting down when the sink is closed; nobody is left to tell.
+                let _ = self
+                    .events
+                    .send(BackendEvent::Presence(change.record.clone()))
+                    .await;
+            }
+        }
+    }
+}
+
+impl State {
+    /// Drops expired entries of `user` and recomputes the record; returns it when it changed.
+    fn recompute(&mut self, user: &str, now: Instant) -> Option<Changed> {
+        let state = self.users.get_mut(user)?;
+        let before_platforms = state.record.platforms;
+        state.entries.retain(|_, (_, expires)| *expires > now);
+        let (mask, idle) = fold_entries(state.entries.values().map(|(e, _)| *e));
+        let next = next_record(&state.record, mask, idle, &state.chosen, now_ms());
+        if let Some(next) = &next {
+            state.record = next.clone();
+            if visibly_online(next.status) {
+                self.online.insert(user.to_string());
+            } else {
+                self.online.remove(user);
+            }
+        }
+        next.map(|record| Changed {
+            before_platforms,
+            record,
+        })
+    }
+
+    fn is_watched(&self, user: &str) -> bool {
+        self.listens(Topic::Presence(user.to_string()))
+    }
+
+    fn listens(&self, topic: Topic) -> bool {
+        self.listening.contains_key(&topic)
+    }
+}
+
+impl super::Backend for MemoryBackend {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}

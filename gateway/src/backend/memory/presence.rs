@@ -1,0 +1,129 @@
+//! Presence on the embedded backend: entries with an expiry per (user, node), kept in `State`.
+
+use async_trait::async_trait;
+use shared::Platform;
+use tokio::time::Instant;
+
+use super::{MemoryBackend, UserState};
+use crate::{
+    backend::{BackendError, Changed, Counts, PresenceStore, PresenceWrite, Renewal},
+    presence::{self, PresenceRecord, platform_bit},
+};
+
+#[async_trait]
+impl PresenceStore for MemoryBackend {
+    async fn write_presence(
+        &self,
+        node: &str,
+        writes: Vec<PresenceWrite>,
+    ) -> Result<Vec<Changed>, BackendError> {
+        let now = Instant::now();
+        let expires = now + self.settings.presence_ttl;
+        let (changed, watched) = {
+            let mut state = self.lock();
+            let mut changed = Vec::new();
+            for write in writes {
+                let user = state
+                    .users
+                    .entry(write.user.clone())
+                    .or_insert_with(|| UserState::new(&write.user));
+                match write.entry {
+                    Some(entry) => {
+                        user.entries.insert(node.to_string(), (entry, expires));
+                    }
+                    None => {
+                        user.entries.remove(node);
+                    }
+                }
+                if let Some(status) = write.status {
+                    user.chosen = status;
+                }
+                changed.extend(state.recompute(&write.user, now));
+            }
+            let watched = changed
+                .iter()
+                .map(|c| state.is_watched(&c.record.user))
+                .collect();
+            (changed, watched)
+        };
+        self.publish(&changed, watched).await;
+        Ok(changed)
+    }
+
+    async fn renew_presence(
+        &self,
+        node: &str,
+        entries: Vec<Renewal>,
+    ) -> Result<Vec<Changed>, BackendError> {
+        let writes = entries
+            .into_iter()
+            .map(|r| PresenceWrite {
+                user: r.user,
+                entry: Some(r.entry),
+                before: Some(r.entry),
+                status: None,
+            })
+            .collect();
+        self.write_presence(node, writes).await
+    }
+
+    async fn presence(&self, users: &[String]) -> Result<Vec<PresenceRecord>, BackendError> {
+        let state = self.lock();
+        Ok(users
+            .iter()
+            .map(|u| match state.users.get(u) {
+                Some(s) => s.record.clone(),
+                None => PresenceRecord::unknown(u),
+            })
+            .collect())
+    }
+
+    async fn online_users(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        platform: Option<Platform>,
+    ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        let state = self.lock();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        for user in state.online.range((start, std::ops::Bound::Unbounded)) {
+            let on_platform = platform.is_none_or(|p| {
+                state
+                    .users
+                    .get(user)
+                    .is_some_and(|s| s.record.platforms & platform_bit(p) != 0)
+            });
+            if !on_platform {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push(user.clone());
+        }
+        let next = if more { page.last().cloned() } else { None };
+        Ok((page, next))
+    }
+
+    async fn counts(&self) -> Result<Counts, BackendError> {
+        let state = self.lock();
+        let mut counts = Counts {
+            online_users: state.online.len() as u64,
+            ..Counts::default()
+        };
+        for user in &state.online {
+            if let Some(s) = state.users.get(user) {
+                for p in presence::platforms_of(s.record.platforms) {
+                    *counts.by_platform.entry(p).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,68 @@
+//! The node registry on the embedded backend: one process holds every node, so reaping sweeps expired entries (and expired tokens).
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::MemoryBackend;
+use crate::{
+    backend::{BackendError, Changed, NodeInfo, Registry},
+    clock::now_ms,
+};
+
+#[async_trait]
+impl Registry for MemoryBackend {
+    async fn announce_node(&self, info: &NodeInfo) -> Result<(), BackendError> {
+        let expires = Instant::now() + self.settings.node_ttl;
+        self.lock()
+            .nodes
+            .insert(info.id.clone(), (info.clone(), expires));
+        Ok(())
+    }
+
+    async fn leave_node(&self, node: &str) -> Result<(), BackendError> {
+        self.lock().nodes.remove(node);
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError> {
+        let now = Instant::now();
+        let mut nodes: Vec<NodeInfo> = self
+            .lock()
+            .nodes
+            .values()
+            .filter(|(_, expires)| *expires > now)
+            .map(|(info, _)| info.clone())
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn reap_dead_nodes(&self, _me: &str) -> Result<Vec<Changed>, BackendError> {
+        // One process holds every node here, so "dead" means "entries past their expiry": sweep
+        // them, and expired tokens with them.
+        let now = Instant::now();
+        let (changed, watched) = {
+            let mut state = self.lock();
+            state.nodes.retain(|_, (_, expires)| *expires > now);
+            let now_wall = now_ms();
+            state.tokens.retain(|_, c| c.expires_at > now_wall);
+            let expired: Vec<String> = state
+                .users
+                .iter()
+                .filter(|(_, s)| s.entries.values().any(|(_, e)| *e <= now))
+                .map(|(u, _)| u.clone())
+                .collect();
+            let mut changed = Vec::new();
+            for user in expired {
+                changed.extend(state.recompute(&user, now));
+            }
+            let watched = changed
+                .iter()
+                .map(|c| state.is_watched(&c.record.user))
+                .collect();
+            (changed, watched)
+        };
+        self.publish(&changed, watched).await;
+        Ok(changed)
+    }
+}

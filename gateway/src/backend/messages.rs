@@ -1,0 +1,115 @@
+//! The messaging role: routing a message, storing it for offline users and in group history, and
+//! each user's read positions.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use async_trait::async_trait;
+use shared::{Body, Destination, Message, RouteResult};
+
+use super::BackendError;
+use super::events::Origin;
+
+/// Messages and what is kept of them.
+///
+/// - A group message is published once on the group's topic and written once to its history
+///   (capped by count and age); a private message is published once on the recipient's inbox
+///   (and on the sender's, for their other devices), or stored when the recipient has no
+///   connection anywhere (capped per user) until `ack_offline`.
+/// - Message ids grow per destination and sort as strings ([`super::msg_id`]); one `send` call
+///   keeps its messages in order, and callers keep one sender's messages in one call or in
+///   successive calls.
+/// - Live delivery is at most once (pub/sub); history and stored messages are what a client
+///   catches up from.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Routes messages in the order given.
+    async fn send(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError>;
+
+    /// Stored private messages of `user`, oldest first, marked `offline`.
+    async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError>;
+    /// Drops stored private messages up to and including `up_to`.
+    async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError>;
+    /// What a new connection needs before its welcome: the user's groups and stored messages.
+    async fn connect_state(&self, user: &str) -> ConnectState;
+
+    /// A group's messages after `since` (or from the oldest kept), at most `limit`, oldest
+    /// first; true when more follow.
+    async fn history(
+        &self,
+        group: &str,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), BackendError>;
+    async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError>;
+    /// Moves the read position forward (never back).
+    async fn set_read_position(
+        &self,
+        user: &str,
+        group: &str,
+        up_to: &str,
+    ) -> Result<(), BackendError>;
+    /// Messages after the read position, per group of the user.
+    async fn unread(&self, user: &str) -> Result<BTreeMap<String, u64>, BackendError>;
+}
+
+/// A message to route, from a client (`send`) or the app backend (`POST /v1/messages`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub from: String,
+    pub to: Destination,
+    pub body: Body,
+    pub sent_at: u64,
+    pub origin: Option<Origin>,
+    /// Client sends to a group must come from a member; the app backend may send anywhere.
+    pub check_membership: bool,
+}
+
+/// How one message was routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub msg_id: String,
+    pub result: RouteResult,
+    /// Private: nodes holding a connection of the recipient that got it live. Group and broadcast:
+    /// nodes it was published to.
+    pub delivered: u64,
+    /// Recipients it was stored for (offline private message: 1).
+    pub stored: u64,
+}
+
+impl SendOutcome {
+    pub fn new(msg_id: String, result: RouteResult, delivered: u64, stored: u64) -> Self {
+        SendOutcome {
+            msg_id,
+            result,
+            delivered,
+            stored,
+        }
+    }
+}
+
+/// Why a message was not routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendRefused {
+    #[error("only members may send to this group")]
+    NotMember,
+}
+
+/// The reads a connection waits for before its welcome; each may fail on its own.
+pub struct ConnectState {
+    pub groups: Result<Vec<String>, BackendError>,
+    pub offline: Result<Vec<Message>, BackendError>,
+}
+
+/// Limits of stored messages.
+#[derive(Debug, Clone)]
+pub struct MessageSettings {
+    /// Private messages kept per offline user.
+    pub offline_cap: usize,
+    /// Messages kept per group.
+    pub history_cap: usize,
+    /// Oldest message kept per group.
+    pub history_age: Duration,
+}

@@ -1,0 +1,112 @@
+//! Group membership on Redis: a sorted set of members per group (paged by id), a set of groups per
+//! user, and a membership event on the user's inbox channel.
+
+use async_trait::async_trait;
+use fred::prelude::*;
+
+use super::{RedisBackend, cmd};
+use crate::backend::{BackendError, Groups};
+
+#[async_trait]
+impl Groups for RedisBackend {
+    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        self.change_member(group, user, true).await
+    }
+
+    async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        self.change_member(group, user, false).await
+    }
+
+    async fn members(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        let min = after.map(|a| format!("({a}")).unwrap_or_else(|| "-".into());
+        Self::count_round_trip("groups");
+        let mut page: Vec<String> = self
+            .client
+            .custom(
+                cmd("ZRANGE"),
+                vec![
+                    self.keys.members(group),
+                    min,
+                    "+".into(),
+                    "BYLEX".into(),
+                    "LIMIT".into(),
+                    "0".into(),
+                    (limit + 1).to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more { page.last().cloned() } else { None };
+        Ok((page, next))
+    }
+
+    async fn is_member(&self, group: &str, user: &str) -> Result<bool, BackendError> {
+        Self::count_round_trip("groups");
+        let score: Option<f64> = self
+            .client
+            .custom(
+                cmd("ZSCORE"),
+                vec![self.keys.members(group), user.to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        Ok(score.is_some())
+    }
+
+    async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        Self::count_round_trip("groups");
+        self.client
+            .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])
+            .await
+            .map_err(|e| Self::error("groups", e))
+    }
+}
+
+impl RedisBackend {
+    async fn change_member(
+        &self,
+        group: &str,
+        user: &str,
+        joined: bool,
+    ) -> Result<(), BackendError> {
+        let pipeline = self.client.pipeline();
+        let (zcmd, scmd, tag) = if joined {
+            ("ZADD", "SADD", "J")
+        } else {
+            ("ZREM", "SREM", "L")
+        };
+        let mut zargs = vec![self.keys.members(group)];
+        if joined {
+            zargs.push("0".into());
+        }
+        zargs.push(user.to_string());
+        let _: () = pipeline
+            .custom(cmd(zcmd), zargs)
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        let _: () = pipeline
+            .custom(
+                cmd(scmd),
+                vec![self.keys.user_groups(user), group.to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        let _: () = pipeline
+            .custom(
+                cmd(self.publish_command()),
+                vec![self.keys.inbox_channel(user), format!("{tag}{group}")],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        Self::count_round_trip("groups");
+        let _: Vec<Value> = pipeline.all().await.map_err(|e| Self::error("groups", e))?;
+        Ok(())
+    }
+}
