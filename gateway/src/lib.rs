@@ -9,6 +9,7 @@ pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod conn_handle;
 pub mod frame;
 pub mod hooks;
 pub mod metrics;

@@ -10,7 +10,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     backend::{BackendError, MessageStore, Outgoing, SendOutcome, SendRefused},
-    conn::handle::ConnHandle,
+    conn_handle::ConnHandle,
     metrics as m,
 };
 

@@ -1,7 +1,6 @@
 //! WebSocket connections: the upgrade (authentication, encoding, limits), the session that reads
 //! and writes one socket, and the handling of client requests.
 
-pub mod handle;
 mod requests;
 mod session;
 

@@ -7,7 +7,7 @@ use std::{collections::HashSet, sync::Arc, time::Instant};
 use shared::{ClientFrame, Destination, ErrorCode, ServerFrame, Status, ids};
 use tokio::sync::Semaphore;
 
-use super::handle::ConnHandle;
+use crate::conn_handle::ConnHandle;
 use crate::{
     app::App,
     backend::{BackendError, Origin, Outgoing, Roles, online_members, parse_msg_id},

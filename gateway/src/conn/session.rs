@@ -14,12 +14,14 @@ use futures_util::{
 use shared::{Encoding, ErrorCode, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    handle::{ConnHandle, close_code},
-    requests::Requests,
-};
+use super::requests::Requests;
 use crate::{
-    app::App, auth::Identity, backend::ConnectState, clock::now_ms, frame::EncodedFrame,
+    app::App,
+    auth::Identity,
+    backend::ConnectState,
+    clock::now_ms,
+    conn_handle::{ConnHandle, close_code},
+    frame::EncodedFrame,
     metrics as m, shard::ShardCmd,
 };
 
@@ -139,7 +141,7 @@ async fn finish(
         None => "client",
     };
     metrics::counter!(m::DISCONNECTS, "reason" => reason).increment(1);
-    conn.close(1000);
+    conn.close(close_code::NORMAL);
     let _ = writer.await;
     tracing::debug!(conn = conn.id, user = %conn.user, reason, "disconnected");
 }
@@ -184,11 +186,12 @@ async fn read_loop(
             None => return,
             Some(Ok(message)) => message,
             Some(Err(e)) => {
+                let failure = ReadFailure::of(e);
                 // Oversized frames end here (the protocol layer refuses them); so do broken sockets.
-                if is_capacity_error(&e) {
+                if let ReadFailure::TooLarge(_) = failure {
                     conn.close(close_code::POLICY);
                 }
-                tracing::debug!(conn = conn.id, error = %e, "read failed");
+                tracing::debug!(conn = conn.id, error = %failure, "read failed");
                 return;
             }
         };
@@ -230,9 +233,35 @@ async fn read_loop(
     }
 }
 
-fn is_capacity_error(e: &axum::Error) -> bool {
-    let text = e.to_string();
-    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity")
+/// Why reading the socket failed, told apart by the protocol layer's error type.
+#[derive(Debug, thiserror::Error)]
+enum ReadFailure {
+    /// A frame or message over the size limit.
+    #[error("too large: {0}")]
+    TooLarge(tungstenite::error::CapacityError),
+    /// The client broke the WebSocket protocol (reserved bits, bad opcode, bad close frame, …).
+    #[error("protocol violation: {0}")]
+    Protocol(tungstenite::error::ProtocolError),
+    /// A text frame that is not UTF-8.
+    #[error("text frame is not UTF-8")]
+    Utf8,
+    /// The socket itself failed (reset, closed mid-frame).
+    #[error("socket: {0}")]
+    Socket(String),
+}
+
+impl ReadFailure {
+    fn of(e: axum::Error) -> Self {
+        match e.into_inner().downcast::<tungstenite::Error>() {
+            Ok(e) => match *e {
+                tungstenite::Error::Capacity(c) => ReadFailure::TooLarge(c),
+                tungstenite::Error::Protocol(p) => ReadFailure::Protocol(p),
+                tungstenite::Error::Utf8(_) => ReadFailure::Utf8,
+                other => ReadFailure::Socket(other.to_string()),
+            },
+            Err(other) => ReadFailure::Socket(other.to_string()),
+        }
+    }
 }
 
 fn note_rtt(conn: &ConnHandle, payload: &[u8], now: u64) {
@@ -266,7 +295,7 @@ async fn write_loop(
                     _ = closer.cancelled() => false,
                 };
                 if !sent {
-                    conn.close(1000);
+                    conn.close(close_code::NORMAL);
                     break;
                 }
             }
@@ -279,13 +308,13 @@ async fn write_loop(
                 }
                 let ping = Message::Ping(Bytes::copy_from_slice(&now.to_be_bytes()));
                 if sink.send(ping).await.is_err() {
-                    conn.close(1000);
+                    conn.close(close_code::NORMAL);
                     break;
                 }
             }
         }
     }
-    let code = conn.requested_close_code().unwrap_or(1000);
+    let code = conn.requested_close_code().unwrap_or(close_code::NORMAL);
     Box::pin(close_socket(sink, out, conn.encoding, code)).await;
 }
 

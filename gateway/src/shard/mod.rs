@@ -15,7 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     backend::{Delivery, PresenceStore, Subscriptions},
-    conn::handle::{ConnHandle, ConnId},
+    conn_handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
     presence::{ChosenStatus, PresenceRecord},

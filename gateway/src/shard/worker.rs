@@ -26,7 +26,7 @@ use crate::{
         Subscriptions, Topic,
     },
     clock::now_ms,
-    conn::handle::{ConnHandle, ConnId},
+    conn_handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
     metrics as m,

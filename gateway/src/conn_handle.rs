@@ -19,6 +19,8 @@ pub type ConnId = u64;
 
 /// Close codes of the contract.
 pub mod close_code {
+    /// The session ended (the client left, or the socket broke).
+    pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const POLICY: u16 = 4008;
