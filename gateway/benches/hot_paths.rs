@@ -15,9 +15,9 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gateway::{
-    backend::{Backend, BackendEvent, BackendSettings, MemoryBackend, MessageSettings},
+    backend::{BackendEvent, BackendSettings, MemoryBackend, MessageSettings, PresenceStore},
     clock::now_ms,
-    conn::handle::ConnHandle,
+    conn_handle::ConnHandle,
     frame::EncodedFrame,
     hooks::ChangeHooks,
     shard::{ShardCmd, ShardSettings, Shards},
@@ -127,6 +127,7 @@ impl ShardFixture {
                     mailbox: 16_384,
                 },
                 backend.clone(),
+                backend.clone(),
                 ChangeHooks::metrics_only(),
                 &tracker,
                 stop.clone(),
@@ -187,6 +188,7 @@ impl ShardNode {
                     conn: conn.clone(),
                     welcome: welcome.clone(),
                     offline: Vec::new(),
+                    groups: Vec::new(),
                     reply,
                 }
             } else {

@@ -43,9 +43,6 @@ pub struct ConnHandle {
     pub last_heard: AtomicU64,
     /// Last measured WebSocket ping round trip, in ms.
     pub rtt_ms: AtomicU64,
-    /// Groups this connection gets messages of (the user's groups, kept in step by membership
-    /// events); read at close to detach from each group's shard. Per connection, not shared.
-    pub groups: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Frames on their way to the socket's writer; bounded so one slow client costs bounded memory.
     outbound: mpsc::Sender<Arc<EncodedFrame>>,
     /// Tells the session to close the socket with `close_code`.
@@ -77,7 +74,6 @@ impl ConnHandle {
             last_activity: AtomicU64::new(now),
             last_heard: AtomicU64::new(now),
             rtt_ms: AtomicU64::new(0),
-            groups: Default::default(),
             outbound,
             closer: CancellationToken::new(),
             close_code: AtomicU16::new(0),
@@ -124,23 +120,6 @@ impl ConnHandle {
         match self.close_code.load(Ordering::Acquire) {
             0 => None,
             code => Some(code),
-        }
-    }
-
-    /// The groups this connection gets messages of.
-    pub fn group_list(&self) -> Vec<String> {
-        self.groups
-            .lock()
-            .map(|g| g.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Records a group joined (true) or left (false); true when that changed anything.
-    pub fn note_group(&self, group: &str, joined: bool) -> bool {
-        match self.groups.lock() {
-            Ok(mut groups) if joined => groups.insert(group.to_string()),
-            Ok(mut groups) => groups.remove(group),
-            Err(_) => false,
         }
     }
 

@@ -300,7 +300,7 @@ impl Requests {
             } else {
                 backend.groups.remove_member(&group, &user).await?;
             }
-            shards.follow_group(&conn, &group, joined).await;
+            shards.follow(&conn, &group, joined).await;
             Ok(ServerFrame::Ok { id })
         })
     }

@@ -22,7 +22,8 @@ use crate::{
     clock::now_ms,
     conn_handle::{ConnHandle, close_code},
     frame::EncodedFrame,
-    metrics as m, shard::ShardCmd,
+    metrics as m,
+    shard::ShardCmd,
 };
 
 /// Bounds one write burst (see `send_burst`): enough to make one syscall carry a backlog, small
@@ -76,7 +77,14 @@ pub async fn run(
         .collect();
     // Setup and teardown are boxed: a task is as large as its largest await point, and these are
     // larger than the read loop that an idle connection sits in.
-    let accepted = Box::pin(register(&app, &conn, EncodedFrame::new(welcome), offline)).await;
+    let accepted = Box::pin(register(
+        &app,
+        &conn,
+        EncodedFrame::new(welcome),
+        offline,
+        groups,
+    ))
+    .await;
     let writer = tokio::spawn(write_loop(
         sink,
         out_rx,
@@ -99,12 +107,6 @@ pub async fn run(
     }
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     app.count_connection(conn.platform, 1);
-    Box::pin(async {
-        for group in groups {
-            app.shards.follow_group(&conn, &group, true).await;
-        }
-    })
-    .await;
     tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
 
     let mut requests = Requests::new(app.clone(), conn.clone());
@@ -112,7 +114,8 @@ pub async fn run(
     Box::pin(finish(app, conn, requests, writer)).await;
 }
 
-/// Whatever ended the session, the shard hears of it, and watches are dropped.
+/// Whatever ended the session, the shard hears of it (and detaches the connection from its
+/// groups), and watches are dropped.
 async fn finish(
     app: Arc<App>,
     conn: Arc<ConnHandle>,
@@ -120,9 +123,6 @@ async fn finish(
     writer: tokio::task::JoinHandle<()>,
 ) {
     requests.release().await;
-    for group in conn.group_list() {
-        app.shards.follow_group(&conn, &group, false).await;
-    }
     app.shards
         .send(
             &conn.user,
@@ -152,12 +152,14 @@ async fn register(
     conn: &Arc<ConnHandle>,
     welcome: Arc<EncodedFrame>,
     offline: Vec<Arc<EncodedFrame>>,
+    groups: Vec<String>,
 ) -> Option<bool> {
     let (reply, answer) = oneshot::channel();
     let cmd = ShardCmd::Connect {
         conn: conn.clone(),
         welcome,
         offline,
+        groups,
         reply,
     };
     if !app.shards.send(&conn.user, cmd).await {

@@ -31,6 +31,8 @@ pub enum ShardCmd {
         welcome: Arc<EncodedFrame>,
         /// Stored private messages, queued right after `welcome`.
         offline: Vec<Arc<EncodedFrame>>,
+        /// The user's groups: the connection follows each from the start.
+        groups: Vec<String>,
         reply: oneshot::Sender<bool>,
     },
     /// A connection closed; always sent, whatever ended it.
@@ -58,6 +60,14 @@ pub enum ShardCmd {
         user: String,
         group: String,
         joined: bool,
+    },
+    /// A client joined or left a group: `conn` (of a user of this shard) follows it or stops.
+    /// `done` fires once the group's shard has the change queued.
+    Follow {
+        conn: Arc<ConnHandle>,
+        group: String,
+        joined: bool,
+        done: oneshot::Sender<()>,
     },
     /// `conn` gets this group's messages (the group is on this shard).
     GroupAttach {
@@ -139,25 +149,45 @@ impl Shards {
         }
     }
 
-    /// Makes `conn` get (`joined`) or stop getting a group's messages: records it on the
-    /// connection and attaches or detaches it at the group's shard. Nothing happens when the
-    /// connection already is (or is not) following the group.
-    pub async fn follow_group(&self, conn: &Arc<ConnHandle>, group: &str, joined: bool) {
-        if !conn.note_group(group, joined) {
-            return;
-        }
-        let cmd = if joined {
-            ShardCmd::GroupAttach {
-                group: group.to_string(),
-                conn: conn.clone(),
-            }
-        } else {
-            ShardCmd::GroupDetach {
-                group: group.to_string(),
-                conn: conn.id,
-            }
+    /// Makes `conn` follow (or stop following) a group; returns once the group's shard has it
+    /// queued (at once if the node is stopping).
+    pub async fn follow(&self, conn: &Arc<ConnHandle>, group: &str, joined: bool) {
+        let (done, queued) = oneshot::channel();
+        let cmd = ShardCmd::Follow {
+            conn: conn.clone(),
+            group: group.to_string(),
+            joined,
+            done,
         };
-        self.send(group, cmd).await;
+        if self.send(&conn.user, cmd).await {
+            let _ = queued.await;
+        }
+    }
+
+    /// Passes a command from one shard to another without waiting: shards never wait on each
+    /// other (two full mailboxes would deadlock). Order is kept unless the target's mailbox is
+    /// full, when a task waits for room. `done` fires once the command is queued.
+    pub(crate) fn forward(&self, index: usize, cmd: ShardCmd, done: Option<oneshot::Sender<()>>) {
+        let Some(tx) = self.senders.get(index) else {
+            return;
+        };
+        match tx.try_send(cmd) {
+            Ok(()) => {
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(cmd).await;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     /// Groups `users` by owning shard.

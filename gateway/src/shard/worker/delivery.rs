@@ -1,0 +1,158 @@
+//! What the shard passes to local connections: presence events to watchers (once per version),
+//! messages to a user's or a group's connections, and which connections follow which group.
+
+use std::sync::Arc;
+
+use shared::ServerFrame;
+use tokio::sync::oneshot;
+
+use super::{super::ShardCmd, Worker};
+use crate::{
+    backend::{Audience, Delivery, Topic},
+    clock::now_ms,
+    conn_handle::{ConnHandle, ConnId},
+    frame::EncodedFrame,
+    metrics as m,
+    presence::PresenceRecord,
+};
+
+impl Worker {
+    /// Passes a message to the local connections it is for; the sending connection gets an `ack`
+    /// instead, every other connection (the sender's other devices included) a copy.
+    pub(super) fn deliver(&mut self, delivery: &Delivery) {
+        let frame = EncodedFrame::new(ServerFrame::Message(delivery.message.clone()));
+        let node = &*self.settings.node;
+        let is_origin = |c: &ConnHandle| {
+            delivery
+                .origin
+                .as_ref()
+                .is_some_and(|o| o.conn == c.id && o.node == node)
+        };
+        let mut sent = 0u64;
+        let mut push = |c: &Arc<ConnHandle>| {
+            if !is_origin(c) && c.push(&frame) {
+                sent += 1;
+            }
+        };
+        match &delivery.audience {
+            Audience::User(user) => {
+                if let Some(slot) = self.users.get(user) {
+                    slot.conns.iter().for_each(&mut push);
+                }
+            }
+            Audience::Group(group) => {
+                let mut closed = Vec::new();
+                if let Some(members) = self.groups.get(group) {
+                    for conn in members.values() {
+                        if conn.is_closing() {
+                            closed.push(conn.id);
+                        } else {
+                            push(conn);
+                        }
+                    }
+                }
+                for conn in closed {
+                    self.detach(group, conn);
+                }
+            }
+            Audience::All => {
+                for slot in self.users.values() {
+                    slot.conns.iter().for_each(&mut push);
+                }
+            }
+        }
+        metrics::counter!(m::DELIVERIES).increment(sent);
+        let age = now_ms().saturating_sub(delivery.message.sent_at);
+        metrics::histogram!(m::DELIVERY_SECONDS).record(age as f64 / 1000.0);
+    }
+
+    /// Passes a presence change to this node's watchers of the user, once per version.
+    pub(super) fn fan_out(&mut self, record: PresenceRecord) {
+        let Some(slot) = self.users.get_mut(&record.user) else {
+            return;
+        };
+        if slot.watchers.is_empty() || record.version <= slot.seen_version {
+            return;
+        }
+        slot.seen_version = record.version;
+        let public = record.public_view();
+        let public_changed = slot.last_public.as_ref().is_none_or(|p| {
+            p.status != public.status || p.platforms != public.platforms || p.text != public.text
+        });
+        let own_view = (record.status == shared::Status::Invisible)
+            .then(|| EncodedFrame::new(ServerFrame::Presence(record.view_for(Some(&record.user)))));
+        let public_frame = EncodedFrame::new(ServerFrame::Presence(public.clone()));
+        slot.last_public = Some(public);
+        let mut sent = 0u64;
+        for watcher in slot.watchers.values() {
+            let frame = match &own_view {
+                Some(own) if watcher.user == record.user => own,
+                _ if public_changed || watcher.user == record.user => &public_frame,
+                _ => continue,
+            };
+            if watcher.push(frame) {
+                sent += 1;
+            }
+        }
+        metrics::counter!(m::PRESENCE_EVENTS_DELIVERED).increment(sent);
+    }
+
+    pub(super) fn detach(&mut self, group: &str, conn: ConnId) {
+        if let Some(members) = self.groups.get_mut(group) {
+            members.remove(&conn);
+            if members.is_empty() {
+                self.groups.remove(group);
+                self.subscriptions
+                    .unwatch(vec![Topic::Group(group.to_string())]);
+            }
+        }
+    }
+
+    /// Makes a local connection of one of this shard's users follow (or stop following) a
+    /// group: records it here, the one owner of a connection's groups, and attaches it at (or
+    /// detaches it from) the group's shard. `done` fires once that shard has the command queued,
+    /// so a message sent after it reaches the connection. A connection already gone follows
+    /// nothing.
+    pub(super) fn follow(
+        &mut self,
+        conn: &Arc<ConnHandle>,
+        group: String,
+        joined: bool,
+        done: Option<oneshot::Sender<()>>,
+    ) {
+        let Some(slot) = self.users.get_mut(&conn.user) else {
+            return;
+        };
+        if !slot.conns.iter().any(|c| c.id == conn.id) {
+            return;
+        }
+        let followed = slot.groups.entry(conn.id).or_default();
+        let changed = if joined {
+            followed.insert(group.clone())
+        } else {
+            followed.remove(&group)
+        };
+        if followed.is_empty() {
+            slot.groups.remove(&conn.id);
+        }
+        if !changed {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+            return;
+        }
+        let index = self.shards.index_of(&group);
+        let cmd = if joined {
+            ShardCmd::GroupAttach {
+                group,
+                conn: conn.clone(),
+            }
+        } else {
+            ShardCmd::GroupDetach {
+                group,
+                conn: conn.id,
+            }
+        };
+        self.shards.forward(index, cmd, done);
+    }
+}
