@@ -1,19 +1,20 @@
-//! Group endpoints for the app backend: membership, members, online members, history.
+//! Group endpoints for the app backend: the join policy, membership, members, online members,
+//! history.
 
 use std::sync::Arc;
 
 use axum::{
     Json,
-    extract::{Path, Query, State},
+    extract::{Path, Query, State, rejection::JsonRejection},
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
 use shared::{Message, ids};
 
-use super::{ApiError, ApiJson, page_cursor, page_limit};
+use super::{ApiError, ApiJson, json_body, page_cursor, page_limit};
 use crate::{
     app::App,
-    backend::{online_members, parse_msg_id},
+    backend::{JoinPolicy, online_members, parse_msg_id},
 };
 
 fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
@@ -22,6 +23,51 @@ fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
         ids::check_id("user", user).map_err(ApiError::bad_request)?;
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSettings {
+    join: JoinPolicy,
+}
+
+/// `PUT /v1/groups/{group}`: sets the join policy (creating the group's settings).
+pub async fn configure(
+    State(app): State<Arc<App>>,
+    Path(group): Path<String>,
+    body: Result<Json<GroupSettings>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    check(&group, None)?;
+    let Json(settings) = json_body(body)?;
+    app.backend
+        .groups
+        .set_join_policy(&group, settings.join)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct GroupState {
+    group: String,
+    join: JoinPolicy,
+    members: u64,
+    last_message_at: Option<u64>,
+}
+
+/// `GET /v1/groups/{group}`: policy, member count, last message time. A group nobody set up
+/// reads as closed and empty.
+pub async fn describe(
+    State(app): State<Arc<App>>,
+    Path(group): Path<String>,
+) -> ApiJson<GroupState> {
+    check(&group, None)?;
+    let info = app.backend.groups.group_info(&group).await?;
+    Ok(Json(GroupState {
+        group,
+        join: info.join,
+        members: info.members,
+        last_message_at: info.last_message_at,
+    }))
 }
 
 pub async fn add_member(

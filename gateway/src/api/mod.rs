@@ -62,6 +62,10 @@ pub fn router(app: Arc<App>) -> Router {
             "/groups/{group}/members/{user}",
             put(groups::add_member).delete(groups::remove_member),
         )
+        .route(
+            "/groups/{group}",
+            get(groups::describe).put(groups::configure),
+        )
         .route("/groups/{group}/members", get(groups::members))
         .route("/groups/{group}/online", get(groups::online))
         .route("/groups/{group}/history", get(groups::history))

@@ -1,11 +1,15 @@
 //! The membership role: who is in which group, and who of them is online.
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use super::{BackendError, PresenceStore};
 
-/// Group membership, kept both ways (a group's members, a user's groups).
+/// Group membership, kept both ways (a group's members, a user's groups), and each group's join
+/// policy.
 ///
+/// - A group is `closed` until the app backend opens it: only `open` groups take a client's
+///   `join`. The policy outlives the group's members (setting it creates the group).
 /// - A change is visible to every reader once the call returns, and is announced with
 ///   [`super::BackendEvent::Membership`] to every node that watches the user's inbox, so their
 ///   connections start or stop getting the group's messages.
@@ -24,6 +28,49 @@ pub trait Groups: Send + Sync + 'static {
     ) -> Result<(Vec<String>, Option<String>), BackendError>;
     async fn is_member(&self, group: &str, user: &str) -> Result<bool, BackendError>;
     async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError>;
+    async fn set_join_policy(&self, group: &str, join: JoinPolicy) -> Result<(), BackendError>;
+    /// The group's policy; `closed` for a group nobody set up.
+    async fn join_policy(&self, group: &str) -> Result<JoinPolicy, BackendError>;
+    /// Policy, member count and last message time, in one read.
+    async fn group_info(&self, group: &str) -> Result<GroupInfo, BackendError>;
+}
+
+/// Who may add members to a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinPolicy {
+    /// Only the app backend, over REST.
+    #[default]
+    Closed,
+    /// Any authenticated client, with `join`.
+    Open,
+}
+
+impl JoinPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinPolicy::Closed => "closed",
+            JoinPolicy::Open => "open",
+        }
+    }
+
+    /// The policy stored as text; anything unknown is `closed`, which fails safe.
+    pub fn parse(text: &str) -> Self {
+        if text == "open" {
+            JoinPolicy::Open
+        } else {
+            JoinPolicy::Closed
+        }
+    }
+}
+
+/// What the app backend sees of a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub join: JoinPolicy,
+    pub members: u64,
+    /// Ms since the epoch of the newest message sent to it.
+    pub last_message_at: Option<u64>,
 }
 
 /// Group members `online_members` looks at, at most.

@@ -16,7 +16,7 @@ pub mod tokens;
 use std::{sync::Arc, time::Duration};
 
 pub use events::{Audience, BackendEvent, Delivery, EventSink, Origin, Subscriptions, Topic};
-pub use groups::{Groups, MAX_GROUP_SCAN, online_members};
+pub use groups::{GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members};
 pub use memory::MemoryBackend;
 pub use messages::{
     ConnectState, MessageSettings, MessageStore, Outgoing, SendOutcome, SendRefused,

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use crate::conn_handle::ConnHandle;
 use crate::{
     app::App,
-    backend::{BackendError, Origin, Outgoing, Roles, online_members, parse_msg_id},
+    backend::{BackendError, JoinPolicy, Origin, Outgoing, Roles, online_members, parse_msg_id},
     clock::now_ms,
     metrics as m,
     presence::ChosenStatus,
@@ -264,6 +264,9 @@ impl Requests {
                 check_msg_id(&up_to)?;
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
+                    if !backend.groups.is_member(&group, &user).await? {
+                        return Ok(forbidden(id, "only members may mark a group read"));
+                    }
                     backend
                         .messages
                         .set_read_position(&user, &group, &up_to)
@@ -296,6 +299,11 @@ impl Requests {
         let shards = self.app.shards.clone();
         self.spawn(id, move |backend| async move {
             if joined {
+                // A member joining again is not refused, whatever the policy.
+                let open = backend.groups.join_policy(&group).await? == JoinPolicy::Open;
+                if !open && !backend.groups.is_member(&group, &user).await? {
+                    return Ok(forbidden(id, "this group is closed: members are added by the app"));
+                }
                 backend.groups.add_member(&group, &user).await?;
             } else {
                 backend.groups.remove_member(&group, &user).await?;

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::MemoryBackend;
-use crate::backend::{BackendError, BackendEvent, Groups};
+use crate::backend::{BackendError, BackendEvent, GroupInfo, Groups, JoinPolicy};
 
 #[async_trait]
 impl Groups for MemoryBackend {
@@ -79,6 +79,33 @@ impl Groups for MemoryBackend {
             .groups
             .get(group)
             .is_some_and(|g| g.members.contains(user)))
+    }
+
+    async fn set_join_policy(&self, group: &str, join: JoinPolicy) -> Result<(), BackendError> {
+        self.lock().groups.entry(group.to_string()).or_default().join = join;
+        Ok(())
+    }
+
+    async fn join_policy(&self, group: &str) -> Result<JoinPolicy, BackendError> {
+        Ok(self
+            .lock()
+            .groups
+            .get(group)
+            .map(|g| g.join)
+            .unwrap_or_default())
+    }
+
+    async fn group_info(&self, group: &str) -> Result<GroupInfo, BackendError> {
+        Ok(self
+            .lock()
+            .groups
+            .get(group)
+            .map(|g| GroupInfo {
+                join: g.join,
+                members: g.members.len() as u64,
+                last_message_at: g.last_message_at,
+            })
+            .unwrap_or_default())
     }
 
     async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError> {

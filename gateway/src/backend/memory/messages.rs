@@ -60,6 +60,7 @@ impl MessageStore for MemoryBackend {
                             let live = state.listens(Topic::Group(group.clone()));
                             let g = state.groups.entry(group.clone()).or_default();
                             g.seq += 1;
+                            g.last_message_at = Some(now);
                             let message = message_of(&out, msg_id(now, g.seq));
                             g.history.push_back(message.clone());
                             let oldest = now.saturating_sub(limits.history_age.as_millis() as u64);

@@ -17,7 +17,7 @@ use std::{
 use shared::Message;
 use tokio::time::Instant;
 
-use super::{BackendEvent, BackendSettings, Changed, EventSink, NodeInfo, TokenClaims, Topic};
+use super::{JoinPolicy, BackendEvent, BackendSettings, Changed, EventSink, NodeInfo, TokenClaims, Topic};
 use crate::{
     clock::now_ms,
     presence::{
@@ -50,6 +50,9 @@ struct State {
 
 #[derive(Default)]
 struct GroupState {
+    join: JoinPolicy,
+    /// Ms of the newest message sent to the group.
+    last_message_at: Option<u64>,
     members: BTreeSet<String>,
     history: VecDeque<Message>,
     seq: u64,

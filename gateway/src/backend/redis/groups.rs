@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use fred::prelude::*;
 
 use super::{RedisBackend, cmd};
-use crate::backend::{BackendError, Groups};
+use crate::backend::{BackendError, GroupInfo, Groups, JoinPolicy};
 
 #[async_trait]
 impl Groups for RedisBackend {
@@ -58,6 +58,61 @@ impl Groups for RedisBackend {
             .await
             .map_err(|e| Self::error("groups", e))?;
         Ok(score.is_some())
+    }
+
+    async fn set_join_policy(&self, group: &str, join: JoinPolicy) -> Result<(), BackendError> {
+        Self::count_round_trip("groups");
+        let _: Value = self
+            .client
+            .custom(
+                cmd("HSET"),
+                vec![
+                    self.keys.group_meta(group),
+                    "join".into(),
+                    join.as_str().into(),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        Ok(())
+    }
+
+    async fn join_policy(&self, group: &str) -> Result<JoinPolicy, BackendError> {
+        Self::count_round_trip("groups");
+        let join: Option<String> = self
+            .client
+            .custom(cmd("HGET"), vec![self.keys.group_meta(group), "join".into()])
+            .await
+            .map_err(|e| Self::error("groups", e))?;
+        Ok(join.map(|j| JoinPolicy::parse(&j)).unwrap_or_default())
+    }
+
+    async fn group_info(&self, group: &str) -> Result<GroupInfo, BackendError> {
+        let pipeline = self.client.pipeline();
+        let queued: Result<(), fred::error::Error> = async {
+            let _: () = pipeline
+                .custom(
+                    cmd("HMGET"),
+                    vec![self.keys.group_meta(group), "join".into(), "ms".into()],
+                )
+                .await?;
+            pipeline
+                .custom(cmd("ZCARD"), vec![self.keys.members(group)])
+                .await
+        }
+        .await;
+        queued.map_err(|e| Self::error("groups", e))?;
+        Self::count_round_trip("groups");
+        let (meta, members): (Vec<Option<String>>, u64) =
+            pipeline.all().await.map_err(|e| Self::error("groups", e))?;
+        let mut meta = meta.into_iter();
+        let join = meta.next().flatten();
+        let last = meta.next().flatten();
+        Ok(GroupInfo {
+            join: join.map(|j| JoinPolicy::parse(&j)).unwrap_or_default(),
+            members,
+            last_message_at: last.and_then(|ms| ms.parse().ok()),
+        })
     }
 
     async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError> {
