@@ -3,13 +3,13 @@
 
 mod cli;
 mod client;
+mod fleet;
 mod probe;
 mod report;
 mod run;
 mod scenario;
 mod target;
 mod token;
-mod workers;
 
 use clap::Parser;
 
@@ -25,7 +25,7 @@ async fn main() {
     }
     let scenario = match cli.command {
         Command::Worker(args) => {
-            if let Err(e) = workers::worker_process(args).await {
+            if let Err(e) = fleet::worker_process(args).await {
                 eprintln!("worker error: {e:#}");
                 std::process::exit(run::EXIT_FAILED);
             }

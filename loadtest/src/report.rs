@@ -269,8 +269,140 @@ impl Section {
     }
 }
 
-/// What a scenario concluded: the table's sections, the figures for the JSON report, and
-/// problems that make the run a failure.
+/// A summary's figures: a serde struct, declared with `figures!`, whose fields are both the JSON
+/// report's `figures` and the rows of the summary table.
+pub trait Figures: Serialize {
+    /// The table's sections, each row named by its field (its key in the report).
+    fn sections(&self) -> Vec<Section>;
+}
+
+/// How a figure shows in the table: as rows named by its path in the report (`name`, then
+/// `name.key` for map entries, `name[i]` for list items, `name.field` for an entry's fields).
+pub trait Cell {
+    fn rows(&self, name: &str, section: &mut Section);
+}
+
+macro_rules! cell_by_display {
+    ($($t:ty),*) => {
+        $(impl Cell for $t {
+            fn rows(&self, name: &str, section: &mut Section) {
+                section.value(name, self);
+            }
+        })*
+    };
+}
+
+cell_by_display!(u64, i64, u32, usize, f64, bool, String);
+
+impl Cell for LatencySummary {
+    fn rows(&self, name: &str, section: &mut Section) {
+        section.latency(name, *self);
+    }
+}
+
+impl<T: Cell> Cell for Option<T> {
+    fn rows(&self, name: &str, section: &mut Section) {
+        match self {
+            Some(v) => v.rows(name, section),
+            None => {
+                section.value(name, "n/a");
+            }
+        }
+    }
+}
+
+impl<T: Cell> Cell for BTreeMap<String, T> {
+    fn rows(&self, name: &str, section: &mut Section) {
+        for (key, v) in self {
+            v.rows(&format!("{name}.{key}"), section);
+        }
+    }
+}
+
+impl<T: Cell> Cell for Vec<T> {
+    fn rows(&self, name: &str, section: &mut Section) {
+        for (i, v) in self.iter().enumerate() {
+            v.rows(&format!("{name}[{i}]"), section);
+        }
+    }
+}
+
+/// Declares a serde struct of figures, each field named once: its name is the key in the JSON
+/// report and the row in the table.
+///
+/// - `pub struct Name { "title" { field: Type, ... } ... }` is a summary (`Figures`): the fields
+///   are grouped into the table's titled sections, and `..field: Type` last flattens another
+///   summary into it (in the report; in the table its sections follow).
+/// - `pub struct Name { field: Type, ... }` is an entry of a list or map (`Cell`): its fields show
+///   as `name.field` rows.
+macro_rules! figures {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $title:literal { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? } )+
+            $( .. $inner:ident : $inner_ty:ty $(,)? )?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+        pub struct $name {
+            $( $( $(#[$fmeta])* pub $field: $ty, )* )+
+            $( #[serde(flatten)] pub $inner: $inner_ty, )?
+        }
+
+        impl $crate::report::Figures for $name {
+            fn sections(&self) -> Vec<$crate::report::Section> {
+                #[allow(unused_mut)]
+                let mut sections = vec![$({
+                    let mut section = $crate::report::Section::new($title);
+                    $( $crate::report::Cell::rows(&self.$field, stringify!($field), &mut section); )*
+                    section
+                }),+];
+                $( sections.extend($crate::report::Figures::sections(&self.$inner)); )?
+                sections
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl $crate::report::Cell for $name {
+            fn rows(&self, name: &str, section: &mut $crate::report::Section) {
+                $( $crate::report::Cell::rows(
+                    &self.$field,
+                    &format!("{name}.{}", stringify!($field)),
+                    section,
+                ); )*
+            }
+        }
+    };
+}
+
+pub(crate) use figures;
+
+figures! {
+    /// The run's own figures, at the top level of the JSON report.
+    pub struct RunFigures {
+        "run" {
+            processes: usize,
+            elapsed_secs: f64,
+            setup_secs: f64,
+            run_secs: f64,
+        }
+    }
+}
+
+/// What a scenario concluded: the table's sections and the report's figures (both from one
+/// `Figures`), and problems that make the run a failure.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub sections: Vec<Section>,
@@ -279,16 +411,28 @@ pub struct Summary {
     pub warnings: Vec<String>,
 }
 
+impl Summary {
+    pub fn new(figures: &impl Figures) -> Self {
+        Summary {
+            sections: figures.sections(),
+            figures: serde_json::to_value(figures)
+                .unwrap_or_else(|e| Value::String(format!("figures not serializable: {e}"))),
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
 /// Renders the summary table.
 pub fn table(title: &str, summary: &Summary) -> String {
     let mut lines: Vec<(String, String)> = Vec::new();
-    for section in &summary.sections {
+    for section in summary.sections.iter().filter(|s| !s.rows.is_empty()) {
         lines.push((format!("[{}]", section.title), String::new()));
         for row in &section.rows {
             match row {
                 Row::Value(name, value) => lines.push((format!("  {name}"), value.clone())),
                 Row::Latency(name, l) => lines.push((
-                    format!("  {name} (ms)"),
+                    format!("  {name}"),
                     if l.count == 0 {
                         "no samples".to_string()
                     } else {
@@ -446,6 +590,97 @@ mod tests {
         let t = table("idle", &summary);
         let widths: Vec<usize> = t.lines().map(|l| l.chars().count()).collect();
         assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
+    }
+
+    figures! {
+        /// An entry of a list.
+        pub struct TestEntry {
+            a: u64,
+            b: Option<f64>,
+        }
+    }
+
+    figures! {
+        pub struct TestInner {
+            "inner" {
+                x: u64,
+            }
+        }
+    }
+
+    figures! {
+        /// Sections, a map, a list of entries, a latency and a flattened part.
+        pub struct TestFigures {
+            "outer" {
+                n: u64,
+                kinds: BTreeMap<String, u64>,
+                list: Vec<TestEntry>,
+                wait_ms: LatencySummary,
+            }
+            "empty" {
+                none: Vec<TestEntry>,
+            }
+            ..inner: TestInner
+        }
+    }
+
+    #[test]
+    fn figures_are_named_once_in_table_and_report() -> anyhow::Result<()> {
+        let f = TestFigures {
+            n: 1,
+            kinds: [("timeout".to_string(), 2)].into(),
+            list: vec![TestEntry { a: 3, b: None }],
+            wait_ms: LatencySummary::default(),
+            none: Vec::new(),
+            inner: TestInner { x: 4 },
+        };
+        let summary = Summary::new(&f);
+        let shown: Vec<(String, Vec<String>)> = summary
+            .sections
+            .iter()
+            .map(|s| {
+                let rows = s.rows.iter().map(|r| match r {
+                    Row::Value(name, value) => format!("{name}={value}"),
+                    Row::Latency(name, l) => format!("{name}~{}", l.count),
+                });
+                (s.title.clone(), rows.collect())
+            })
+            .collect();
+        let expected = [
+            (
+                "outer",
+                &[
+                    "n=1",
+                    "kinds.timeout=2",
+                    "list[0].a=3",
+                    "list[0].b=n/a",
+                    "wait_ms~0",
+                ][..],
+            ),
+            ("empty", &[]),
+            ("inner", &["x=4"]),
+        ];
+        let expected: Vec<(String, Vec<String>)> = expected
+            .iter()
+            .map(|(t, rows)| (t.to_string(), rows.iter().map(|r| r.to_string()).collect()))
+            .collect();
+        assert_eq!(shown, expected);
+        assert_eq!(
+            summary.figures,
+            json!({
+                "n": 1,
+                "kinds": {"timeout": 2},
+                "list": [{"a": 3, "b": null}],
+                "wait_ms": LatencySummary::default(),
+                "none": [],
+                "x": 4,
+            })
+        );
+        let back: TestFigures = serde_json::from_value(summary.figures)?;
+        assert_eq!(back, f);
+        // Empty sections are left out of the table.
+        assert!(!table("t", &Summary::new(&f)).contains("[empty]"));
+        Ok(())
     }
 
     #[test]

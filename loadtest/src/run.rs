@@ -10,16 +10,16 @@ use std::{
 
 use anyhow::bail;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::json;
+use serde_json::{Value, json};
 use shared::ids;
 
 use crate::{
     client::ClientEnv,
+    fleet::{Event, Fleet, Phase, Progress, RunSpec},
     probe::Probe,
-    report::{self, Stats},
+    report::{self, Figures, RunFigures, Stats},
     scenario::{Outcome, Scenario},
     target::Target,
-    workers::{Event, Fleet, Phase, Progress, RunSpec},
 };
 
 /// Exit code when the gateway answered `unavailable` for a feature the scenario needs.
@@ -190,17 +190,22 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
         after_setup: &after_setup,
         after_run: &after_run,
         during: &during,
-        workers,
     };
     let mut summary = scenario.summarize(&outcome);
     summary.problems.extend(problems);
     warnings.append(&mut summary.warnings);
     summary.warnings = warnings;
+    let run_figures = RunFigures {
+        processes: workers,
+        elapsed_secs: report::round(t0.elapsed().as_secs_f64(), 3),
+        setup_secs: report::round(setup_secs, 3),
+        run_secs: report::round(run_secs, 3),
+    };
+    summary.sections.extend(run_figures.sections());
     let title = format!(
-        "presence-loadtest {} — {} ({:.1} s)",
+        "presence-loadtest {} — {}",
         scenario.name(),
-        scenario.plan(),
-        t0.elapsed().as_secs_f64()
+        scenario.plan()
     );
     print!("{}", report::table(&title, &summary));
 
@@ -217,18 +222,14 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
         if let Some(common) = params.get_mut("common").and_then(|c| c.as_object_mut()) {
             common.insert("jwt_secret".into(), json!("<redacted>"));
         }
-        let doc = json!({
+        let mut doc = json!({
             "tool": "presence-loadtest",
             "version": env!("CARGO_PKG_VERSION"),
             "scenario": scenario.name(),
             "command_line": argv,
             "command": report::shell_line(&argv),
             "started_at_ms": started_at_ms,
-            "elapsed_secs": report::round(t0.elapsed().as_secs_f64(), 3),
-            "setup_secs": report::round(setup_secs, 3),
-            "run_secs": report::round(run_secs, 3),
             "prefix": prefix,
-            "processes": workers,
             "urls": common.urls,
             "params": params,
             "ok": code == 0,
@@ -246,6 +247,11 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
                 "after_run": after_run,
             },
         });
+        if let (Some(doc), Value::Object(run)) =
+            (doc.as_object_mut(), serde_json::to_value(&run_figures)?)
+        {
+            doc.extend(run);
+        }
         report::write_json(path, &doc)?;
         if !common.quiet {
             eprintln!("report written to {}", path.display());

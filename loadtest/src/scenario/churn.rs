@@ -2,6 +2,7 @@
 //! measures presence propagation latency (online and offline) and missing or duplicate events.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -9,19 +10,24 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
 use shared::{ClientFrame, ServerFrame, Status};
 use tokio::{
     sync::{mpsc::UnboundedSender, watch},
     time::Instant,
 };
 
-use super::{CLOSE_WAIT, Outcome, count_undecodable, pace, per_sec, percent, share, slice};
+use super::{
+    Outcome,
+    support::{
+        CLOSE_WAIT, Shared, WorkerCtx, count_undecodable, epoch_us, gate, pace, per_sec, share,
+        slice, wait_flag, wait_phase,
+    },
+};
 use crate::{
     cli::ChurnArgs,
     client::{Conn, Incoming},
-    report::{Section, Stats, Summary, round},
-    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_flag, wait_phase},
+    fleet::Phase,
+    report::{LatencySummary, Stats, Summary, figures, round},
 };
 
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(15);
@@ -100,8 +106,8 @@ pub async fn worker(args: &ChurnArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stat
     });
 
     // Setup: observers subscribe to blocks of the users this worker will churn.
-    let (gate_tx, mut gate) = super::gate();
-    let (final_tx, mut final_gate) = super::gate();
+    let (final_tx, mut final_gate) = gate();
+    let (gate_tx, mut gate) = gate();
     let (done_tx, done_rx) = watch::channel(false);
     let mut observer_tasks = Vec::new();
     let block = args.users_per_observer as usize;
@@ -430,9 +436,46 @@ impl Observer {
     }
 }
 
+figures! {
+    /// What `churn` measured.
+    pub struct ChurnFigures {
+        "clients" {
+            clients_planned: u64,
+            clients_connected: u64,
+            clients_failed: u64,
+            failure_kinds: BTreeMap<String, u64>,
+            clients_dropped: u64,
+            target_rate: u64,
+            achieved_rate: f64,
+            connect_latency_ms: LatencySummary,
+        }
+        "observers" {
+            observers_planned: u64,
+            observers_subscribed: u64,
+            observer_failure_kinds: BTreeMap<String, u64>,
+            observers_dropped: u64,
+        }
+        "presence propagation" {
+            online_latency_from_connect_ms: LatencySummary,
+            online_latency_from_welcome_ms: LatencySummary,
+            offline_latency_from_close_ms: LatencySummary,
+            expected_online: u64,
+            missing_online: u64,
+            duplicate_online: u64,
+            expected_offline: u64,
+            missing_offline: u64,
+            duplicate_offline: u64,
+            /// Events about a user the observer did not subscribe to.
+            unexpected_events: u64,
+            online_before_start: u64,
+            offline_before_close: u64,
+            decode_errors: u64,
+        }
+    }
+}
+
 pub fn summarize(args: &ChurnArgs, o: &Outcome<'_>) -> Summary {
     let s = o.stats;
-    let planned = clients(args);
     let connected = s.get("client_connected");
     let failed = s.get("client_failed");
     let arrival_secs = match (s.mins.get("first_start_us"), s.maxs.get("last_start_us")) {
@@ -440,108 +483,39 @@ pub fn summarize(args: &ChurnArgs, o: &Outcome<'_>) -> Summary {
         _ => 0.0,
     };
     let started = connected + failed;
-    let online = s.hist("online_from_connect").summary();
-    let online_w = s.hist("online_from_welcome").summary();
-    let offline = s.hist("offline").summary();
-    let failures = s.with_prefix("connect_error.");
-    let observer_failures = s.with_prefix("observer_failed.");
-
-    let mut summary = Summary::default();
-    let mut c = Section::new("clients");
-    c.value("planned", planned)
-        .value("connected", connected)
-        .value(
-            "failed",
-            format!("{failed} ({:.2}%)", percent(failed, planned)),
-        );
-    for (kind, n) in &failures {
-        c.value(format!("  failed: {kind}"), n);
-    }
-    c.value("dropped by the server", s.get("client_dropped"))
-        .value("target rate (clients/s)", args.clients_per_sec)
-        .value(
-            "achieved rate (clients/s)",
-            format!("{:.1}", per_sec(started.saturating_sub(1), arrival_secs)),
-        )
-        .latency("connect latency (to welcome)", s.hist("connect").summary());
-    summary.sections.push(c);
-
-    let mut ob = Section::new("observers");
-    ob.value("planned", observers(args))
-        .value("subscribed", s.get("observers_subscribed"));
-    for (kind, n) in &observer_failures {
-        ob.value(format!("  failed: {kind}"), n);
-    }
-    ob.value("dropped by the server", s.get("observer_dropped"));
-    summary.sections.push(ob);
-
-    let mut p = Section::new("presence propagation");
-    p.latency("online, from connect start", online)
-        .latency("online, from welcome", online_w)
-        .latency("offline, from close", offline)
-        .value(
-            "online events: expected / missing / duplicate",
-            format!(
-                "{} / {} / {}",
-                s.get("expected_online"),
-                s.get("missing_online"),
-                s.get("duplicate_online")
-            ),
-        )
-        .value(
-            "offline events: expected / missing / duplicate",
-            format!(
-                "{} / {} / {}",
-                s.get("expected_offline"),
-                s.get("missing_offline"),
-                s.get("duplicate_offline")
-            ),
-        )
-        .value(
-            "unexpected (unknown user, before start, before close)",
-            format!(
-                "{} / {} / {}",
-                s.get("unexpected_events"),
-                s.get("online_before_start"),
-                s.get("offline_before_close")
-            ),
-        )
-        .value("undecodable frames", s.get("decode_errors"))
-        .value("processes", o.workers);
-    summary.sections.push(p);
-
+    let figures = ChurnFigures {
+        clients_planned: clients(args),
+        clients_connected: connected,
+        clients_failed: failed,
+        failure_kinds: s.with_prefix("connect_error."),
+        clients_dropped: s.get("client_dropped"),
+        target_rate: args.clients_per_sec,
+        achieved_rate: round(per_sec(started.saturating_sub(1), arrival_secs), 2),
+        connect_latency_ms: s.hist("connect").summary(),
+        observers_planned: observers(args),
+        observers_subscribed: s.get("observers_subscribed"),
+        observer_failure_kinds: s.with_prefix("observer_failed."),
+        observers_dropped: s.get("observer_dropped"),
+        online_latency_from_connect_ms: s.hist("online_from_connect").summary(),
+        online_latency_from_welcome_ms: s.hist("online_from_welcome").summary(),
+        offline_latency_from_close_ms: s.hist("offline").summary(),
+        expected_online: s.get("expected_online"),
+        missing_online: s.get("missing_online"),
+        duplicate_online: s.get("duplicate_online"),
+        expected_offline: s.get("expected_offline"),
+        missing_offline: s.get("missing_offline"),
+        duplicate_offline: s.get("duplicate_offline"),
+        unexpected_events: s.get("unexpected_events"),
+        online_before_start: s.get("online_before_start"),
+        offline_before_close: s.get("offline_before_close"),
+        decode_errors: s.get("decode_errors"),
+    };
+    let mut summary = Summary::new(&figures);
     if connected == 0 {
         summary.problems.push("no churn client connected".into());
     }
-    if s.get("observers_subscribed") == 0 {
+    if figures.observers_subscribed == 0 {
         summary.problems.push("no observer subscribed".into());
     }
-    summary.figures = json!({
-        "clients_planned": planned,
-        "clients_connected": connected,
-        "clients_failed": failed,
-        "failure_kinds": failures,
-        "clients_dropped": s.get("client_dropped"),
-        "target_rate": args.clients_per_sec,
-        "achieved_rate": round(per_sec(started.saturating_sub(1), arrival_secs), 2),
-        "connect_latency_ms": s.hist("connect").summary(),
-        "observers_planned": observers(args),
-        "observers_subscribed": s.get("observers_subscribed"),
-        "observer_failure_kinds": observer_failures,
-        "observers_dropped": s.get("observer_dropped"),
-        "online_latency_from_connect_ms": online,
-        "online_latency_from_welcome_ms": online_w,
-        "offline_latency_from_close_ms": offline,
-        "expected_online": s.get("expected_online"),
-        "missing_online": s.get("missing_online"),
-        "duplicate_online": s.get("duplicate_online"),
-        "expected_offline": s.get("expected_offline"),
-        "missing_offline": s.get("missing_offline"),
-        "duplicate_offline": s.get("duplicate_offline"),
-        "unexpected_events": s.get("unexpected_events"),
-        "online_before_start": s.get("online_before_start"),
-        "offline_before_close": s.get("offline_before_close"),
-        "decode_errors": s.get("decode_errors"),
-    });
     summary
 }

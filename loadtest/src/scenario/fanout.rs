@@ -1,14 +1,18 @@
 //! `fanout`: G groups of M members spread over the URLs; a few members of each group send to it
 //! at a target total rate; every member counts deliveries (latency, loss, duplicates).
 
-use serde_json::json;
+use std::collections::BTreeMap;
+
 use shared::Destination;
 
-use super::{Outcome, messaging, slice};
+use super::{
+    Outcome,
+    messaging::{self, MessagingFigures},
+    support::{WorkerCtx, slice},
+};
 use crate::{
     cli::FanoutArgs,
-    report::{Stats, Summary},
-    workers::WorkerCtx,
+    report::{Stats, Summary, figures},
 };
 
 pub fn validate(a: &FanoutArgs) -> anyhow::Result<Vec<String>> {
@@ -68,6 +72,21 @@ pub async fn worker(args: &FanoutArgs, ctx: WorkerCtx) -> anyhow::Result<Stats> 
     .await
 }
 
+figures! {
+    /// What `fanout` measured: its groups, and what both messaging scenarios measure.
+    pub struct FanoutFigures {
+        "groups" {
+            groups: u64,
+            members_per_group: u64,
+            senders_per_group: u64,
+            /// Members that joined their group.
+            joined: u64,
+            join_failure_kinds: BTreeMap<String, u64>,
+        }
+        ..messaging: MessagingFigures
+    }
+}
+
 pub fn summarize(args: &FanoutArgs, o: &Outcome<'_>) -> Summary {
     let s = o.stats;
     let joined = s.vector("joined");
@@ -78,30 +97,18 @@ pub fn summarize(args: &FanoutArgs, o: &Outcome<'_>) -> Summary {
         .enumerate()
         .map(|(g, a)| a * joined.get(g).copied().unwrap_or(0).saturating_sub(1))
         .sum();
-    let mut summary = Summary::default();
-    let joined_total: u64 = joined.iter().sum();
-    let join_failures = s.with_prefix("join_failed.");
-    let mut figures = messaging::summarize(
-        "group",
-        &args.messaging,
-        args.groups * args.members,
-        expected,
-        o,
-        &mut summary,
-    );
-    if let Some(first) = summary.sections.first_mut() {
-        first.value("joined", joined_total);
-        for (kind, n) in &join_failures {
-            first.value(format!("  join failed: {kind}"), n);
-        }
-    }
-    if let Some(map) = figures.as_object_mut() {
-        map.insert("groups".into(), json!(args.groups));
-        map.insert("members_per_group".into(), json!(args.members));
-        map.insert("senders_per_group".into(), json!(args.senders_per_group));
-        map.insert("joined".into(), json!(joined_total));
-        map.insert("join_failure_kinds".into(), json!(join_failures));
-    }
-    summary.figures = figures;
-    summary
+    let figures = FanoutFigures {
+        groups: args.groups,
+        members_per_group: args.members,
+        senders_per_group: args.senders_per_group,
+        joined: joined.iter().sum(),
+        join_failure_kinds: s.with_prefix("join_failed."),
+        messaging: messaging::common_figures(
+            &args.messaging,
+            args.groups * args.members,
+            expected,
+            s,
+        ),
+    };
+    messaging::summary("group", &figures, &figures.messaging)
 }

@@ -1,21 +1,23 @@
 //! `idle`: ramps to N connections at a target connect rate, holds them, and reports connect
 //! latency, failures, the achieved rate, each node's connection count and memory per connection.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use serde_json::json;
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    CLOSE_WAIT, Outcome, connect_member, count_undecodable, gate, join_connections, pace, per_sec,
-    percent, setup_and_run, share, slice,
+    Outcome,
+    support::{
+        CLOSE_WAIT, Shared, WorkerCtx, connect_member, count_undecodable, epoch_us, gate,
+        join_connections, pace, per_sec, setup_and_run, share, slice, wait_phase,
+    },
 };
 use crate::{
     cli::IdleArgs,
     client::Incoming,
+    fleet::Phase,
     probe::{CONNECTIONS, Snapshot},
-    report::{Section, Stats, Summary, round},
-    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_phase},
+    report::{LatencySummary, Stats, Summary, figures, round},
 };
 
 pub async fn worker(args: &IdleArgs, mut ctx: WorkerCtx) -> anyhow::Result<Stats> {
@@ -106,46 +108,70 @@ async fn connection(
     shared.counters.closed();
 }
 
+figures! {
+    /// What `idle` measured.
+    pub struct IdleFigures {
+        "connections" {
+            requested: u64,
+            connected: u64,
+            /// Connections by the node named in their `welcome`.
+            welcome_nodes: BTreeMap<String, u64>,
+            failed: u64,
+            failure_kinds: BTreeMap<String, u64>,
+            dropped_during_hold: u64,
+            decode_errors: u64,
+        }
+        "connect" {
+            connect_latency_ms: LatencySummary,
+            target_rate: u64,
+            achieved_rate: f64,
+            ramp_secs: f64,
+            hold_secs: u64,
+        }
+        "nodes (presence_connections from /metrics)" {
+            nodes: Vec<IdleNode>,
+        }
+        "gateway memory (VmRSS)" {
+            memory: Vec<IdleMemory>,
+        }
+    }
+}
+
+figures! {
+    /// A node's connections: ours (by URL) and its own gauge before the ramp, after it and at
+    /// the end of the hold.
+    pub struct IdleNode {
+        endpoint: String,
+        our_connections: i64,
+        gauge_before: Option<f64>,
+        gauge_after_ramp: Option<f64>,
+        gauge_end_of_hold: Option<f64>,
+        /// Whether the gauge grew by our connections during the run.
+        counts_match: Option<bool>,
+    }
+}
+
+figures! {
+    /// A gateway process's resident memory, and per connection.
+    pub struct IdleMemory {
+        pid: u32,
+        connections: i64,
+        rss_kib_before: Option<u64>,
+        rss_kib_after_ramp: Option<u64>,
+        rss_kib_end_of_hold: Option<u64>,
+        kib_per_connection_after_ramp: Option<f64>,
+        kib_per_connection_end_of_hold: Option<f64>,
+    }
+}
+
 pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
     let s = o.stats;
-    let connected = s.get("connected");
-    let failed = s.get("connect_failed");
-    let dropped = s.get("dropped");
+    let mut warnings = Vec::new();
     let ramp_secs = match (s.mins.get("ramp_start_us"), s.maxs.get("ramp_end_us")) {
         (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e6,
         _ => 0.0,
     };
-    let achieved = per_sec(connected, ramp_secs);
-    let latency = s.hist("connect").summary();
-    let failures = s.with_prefix("connect_error.");
-
-    let mut summary = Summary::default();
-    let mut conns = Section::new("connections");
-    conns
-        .value("requested", args.connections)
-        .value("connected", connected);
-    for (node, n) in s.with_prefix("welcome_node.") {
-        conns.value(format!("  welcomed by node {node}"), n);
-    }
-    conns.value(
-        "failed",
-        format!("{failed} ({:.2}%)", percent(failed, args.connections)),
-    );
-    for (kind, n) in &failures {
-        conns.value(format!("  failed: {kind}"), n);
-    }
-    conns
-        .value("closed by the server during the hold", dropped)
-        .value("undecodable frames", s.get("decode_errors"))
-        .value("processes", o.workers);
-    summary.sections.push(conns);
-
-    let mut rate = Section::new("connect");
-    rate.latency("connect latency (to welcome)", latency)
-        .value("target rate (connects/s)", args.rate)
-        .value("achieved rate (connects/s)", format!("{achieved:.0}"))
-        .value("ramp (s)", format!("{ramp_secs:.2}"));
-    summary.sections.push(rate);
+    let connected = s.get("connected");
 
     // Connections per node: ours (by URL) and the node's own gauge.
     let endpoints = o.probe.endpoint_count();
@@ -160,10 +186,7 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
             *slot += n;
         }
     }
-    let mut nodes_json = Vec::new();
-    // Per node: what the ramp added to its gauge, when both readings exist.
-    let mut ramp_added: Vec<Option<i64>> = Vec::new();
-    let mut nodes = Section::new("nodes (presence_connections from /metrics)");
+    let mut nodes = Vec::new();
     for (e, node) in o.after_run.nodes.iter().enumerate() {
         let gauge = |snap: &Snapshot| -> Option<f64> {
             let n = snap.nodes.get(e)?;
@@ -172,128 +195,83 @@ pub fn summarize(args: &IdleArgs, o: &Outcome<'_>) -> Summary {
             }
             Some(n.metrics.get(CONNECTIONS).copied().unwrap_or(0.0))
         };
-        let before = gauge(o.before);
-        let ramped = gauge(o.after_setup);
-        let held = gauge(o.after_run);
-        ramp_added.push(ramped.zip(before).map(|(a, b)| (a - b) as i64));
+        let (before, held) = (gauge(o.before), gauge(o.after_run));
         let mine = ours.get(e).copied().unwrap_or(0);
-        let delta = match (before, held) {
-            (Some(b), Some(h)) => Some(h - b),
+        if let Some(err) = &node.error {
+            warnings.push(format!("{}: cannot read /metrics: {err}", node.endpoint));
+        }
+        nodes.push(IdleNode {
+            endpoint: node.endpoint.clone(),
+            our_connections: mine,
+            gauge_before: before,
+            gauge_after_ramp: gauge(o.after_setup),
+            gauge_end_of_hold: held,
+            counts_match: before
+                .zip(held)
+                .map(|(b, h)| (h - b - mine as f64).abs() < 0.5),
+        });
+    }
+
+    let mut memory = Vec::new();
+    let pids = o.probe.pids();
+    let total_ours: i64 = ours.iter().sum();
+    for (k, &pid) in pids.iter().enumerate() {
+        let conns = if pids.len() == endpoints {
+            // The node's own count of what the ramp added, else ours.
+            nodes
+                .get(k)
+                .and_then(|n| n.gauge_after_ramp.zip(n.gauge_before))
+                .map(|(a, b)| (a - b) as i64)
+                .filter(|g| *g > 0)
+                .unwrap_or(ours.get(k).copied().unwrap_or(0))
+        } else if pids.len() == 1 {
+            total_ours
+        } else {
+            total_ours / pids.len() as i64
+        };
+        let rss = |snap: &Snapshot| snap.pids.get(k).and_then(|p| p.rss_kib);
+        let (before, ramped, held) = (rss(o.before), rss(o.after_setup), rss(o.after_run));
+        let per_conn = |after: Option<u64>| match (before, after) {
+            (Some(b), Some(a)) if conns > 0 => Some(round((a as f64 - b as f64) / conns as f64, 3)),
             _ => None,
         };
-        let confirmed = delta.map(|d| (d - mine as f64).abs() < 0.5);
-        let shown = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
-        nodes.value(
-            node.endpoint.clone(),
-            format!(
-                "ours {mine} | gauge before {} after ramp {} end of hold {} | {}",
-                shown(before),
-                shown(ramped),
-                shown(held),
-                match confirmed {
-                    Some(true) => "counts match",
-                    Some(false) => "COUNTS DIFFER",
-                    None => "unreadable",
-                }
-            ),
-        );
-        if let Some(err) = &node.error {
-            summary
-                .warnings
-                .push(format!("{}: cannot read /metrics: {err}", node.endpoint));
-        }
-        nodes_json.push(json!({
-            "endpoint": node.endpoint,
-            "our_connections": mine,
-            "gauge_before": before,
-            "gauge_after_ramp": ramped,
-            "gauge_end_of_hold": held,
-            "counts_match": confirmed,
-        }));
-    }
-    summary.sections.push(nodes);
-
-    let mut memory_json = Vec::new();
-    let pids = o.probe.pids();
-    if !pids.is_empty() {
-        let mut mem = Section::new("gateway memory (VmRSS)");
-        let total_ours: i64 = ours.iter().sum();
-        for (k, &pid) in pids.iter().enumerate() {
-            let conns = if pids.len() == endpoints {
-                // The node's own count of what the ramp added, else ours.
-                ramp_added
-                    .get(k)
-                    .copied()
-                    .flatten()
-                    .filter(|g| *g > 0)
-                    .unwrap_or(ours.get(k).copied().unwrap_or(0))
-            } else if pids.len() == 1 {
-                total_ours
-            } else {
-                total_ours / pids.len() as i64
-            };
-            let rss = |snap: &Snapshot| snap.pids.get(k).and_then(|p| p.rss_kib);
-            let (before, ramped, held) = (rss(o.before), rss(o.after_setup), rss(o.after_run));
-            let per_conn = |after: Option<u64>| match (before, after) {
-                (Some(b), Some(a)) if conns > 0 => Some((a as f64 - b as f64) / conns as f64),
-                _ => None,
-            };
-            let mib =
-                |v: Option<u64>| v.map_or("n/a".into(), |v| format!("{:.1}", v as f64 / 1024.0));
-            let kib = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}"));
-            mem.value(
-                format!("pid {pid} RSS MiB"),
-                format!(
-                    "before {} | after ramp {} | end of hold {}",
-                    mib(before),
-                    mib(ramped),
-                    mib(held)
-                ),
-            );
-            mem.value(
-                format!("pid {pid} KiB per connection ({conns} conns)"),
-                format!(
-                    "after ramp {} | end of hold {}",
-                    kib(per_conn(ramped)),
-                    kib(per_conn(held))
-                ),
-            );
-            for snap in [o.before, o.after_setup, o.after_run] {
-                if let Some(err) = snap.pids.get(k).and_then(|p| p.error.as_ref()) {
-                    summary.warnings.push(format!("pid {pid}: {err}"));
-                    break;
-                }
+        for snap in [o.before, o.after_setup, o.after_run] {
+            if let Some(err) = snap.pids.get(k).and_then(|p| p.error.as_ref()) {
+                warnings.push(format!("pid {pid}: {err}"));
+                break;
             }
-            memory_json.push(json!({
-                "pid": pid,
-                "connections": conns,
-                "rss_kib_before": before,
-                "rss_kib_after_ramp": ramped,
-                "rss_kib_end_of_hold": held,
-                "kib_per_connection_after_ramp": per_conn(ramped).map(|v| round(v, 3)),
-                "kib_per_connection_end_of_hold": per_conn(held).map(|v| round(v, 3)),
-            }));
         }
-        summary.sections.push(mem);
+        memory.push(IdleMemory {
+            pid,
+            connections: conns,
+            rss_kib_before: before,
+            rss_kib_after_ramp: ramped,
+            rss_kib_end_of_hold: held,
+            kib_per_connection_after_ramp: per_conn(ramped),
+            kib_per_connection_end_of_hold: per_conn(held),
+        });
     }
 
+    let figures = IdleFigures {
+        requested: args.connections,
+        connected,
+        welcome_nodes: s.with_prefix("welcome_node."),
+        failed: s.get("connect_failed"),
+        failure_kinds: s.with_prefix("connect_error."),
+        dropped_during_hold: s.get("dropped"),
+        decode_errors: s.get("decode_errors"),
+        connect_latency_ms: s.hist("connect").summary(),
+        target_rate: args.rate,
+        achieved_rate: round(per_sec(connected, ramp_secs), 1),
+        ramp_secs: round(ramp_secs, 3),
+        hold_secs: args.hold,
+        nodes,
+        memory,
+    };
+    let mut summary = Summary::new(&figures);
+    summary.warnings = warnings;
     if connected == 0 {
         summary.problems.push("no connection succeeded".to_string());
     }
-    summary.figures = json!({
-        "requested": args.connections,
-        "connected": connected,
-        "failed": failed,
-        "failure_kinds": failures,
-        "dropped_during_hold": dropped,
-        "decode_errors": s.get("decode_errors"),
-        "connect_latency_ms": latency,
-        "target_rate": args.rate,
-        "achieved_rate": round(achieved, 1),
-        "ramp_secs": round(ramp_secs, 3),
-        "hold_secs": args.hold,
-        "nodes": nodes_json,
-        "memory": memory_json,
-    });
     summary
 }

@@ -3,6 +3,7 @@
 //! acks and errors; and the delivery part of their summaries.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -12,22 +13,22 @@ use std::{
 
 use futures_util::FutureExt;
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde_json::{Value, json};
+use serde_json::Value;
 use shared::{Body, ClientFrame, Destination, ErrorCode, RouteResult, ServerFrame};
 use tokio::{
     sync::{mpsc::UnboundedSender, watch},
     time::Instant,
 };
 
-use super::{
-    CLOSE_WAIT, Outcome, connect_member, count_undecodable, gate, join_connections, pace, per_sec,
-    percent, share,
+use super::support::{
+    CLOSE_WAIT, Shared, WorkerCtx, connect_member, count_undecodable, epoch_us, gate,
+    join_connections, pace, per_sec, percent, share, wait_flag, wait_phase,
 };
 use crate::{
     cli::MessagingArgs,
     client::{Conn, Incoming},
-    report::{Section, Stats, Summary, round},
-    workers::{Phase, Shared, WorkerCtx, epoch_us, wait_flag, wait_phase},
+    fleet::Phase,
+    report::{Figures, LatencySummary, Stats, Summary, figures, round},
 };
 
 const JOIN_WAIT: Duration = Duration::from_secs(15);
@@ -404,7 +405,7 @@ async fn join(conn: &mut Conn, group: &str) -> Result<(), (String, String)> {
                 Incoming::Frame(f) => match f {
                     ServerFrame::Ok { id: Some(1) } => return Ok(()),
                     ServerFrame::Error { code, message, .. } => {
-                        return Err((error_label(code).to_string(), message));
+                        return Err((code_name(code), message));
                     }
                     _ => {}
                 },
@@ -442,22 +443,17 @@ pub fn body_timestamp(body: &Body) -> Option<u64> {
         .and_then(|(_, v)| v.as_u64())
 }
 
-pub fn error_label(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::BadRequest => "bad_request",
-        ErrorCode::Unauthorized => "unauthorized",
-        ErrorCode::Forbidden => "forbidden",
-        ErrorCode::NotFound => "not_found",
-        ErrorCode::TooLarge => "too_large",
-        ErrorCode::RateLimited => "rate_limited",
-        ErrorCode::Unavailable => "unavailable",
-        ErrorCode::Internal => "internal",
+/// An error code's name on the wire (`rate_limited`): its serde name.
+fn code_name(code: ErrorCode) -> String {
+    match serde_json::to_value(code) {
+        Ok(Value::String(name)) => name,
+        _ => format!("{code:?}"),
     }
 }
 
 /// Counts an `error` answer by its code (`error.<code>`), keeping the first message of each code.
 pub fn count_error(stats: &mut Stats, code: ErrorCode, message: &str) {
-    let key = format!("error.{}", error_label(code));
+    let key = format!("error.{}", code_name(code));
     stats.add(&key, 1);
     stats.sample(&key, message);
 }
@@ -597,25 +593,56 @@ pub fn connect_rate(args: &MessagingArgs, part: u64, total: u64) -> f64 {
     share(args.connect_rate, part, total)
 }
 
-/// The connection, send and delivery sections common to both messaging scenarios, and their
-/// JSON figures. `expected` is the number of deliveries the acks call for.
-pub fn summarize(
-    what: &str,
+figures! {
+    /// What `fanout` and `private` both measure.
+    pub struct MessagingFigures {
+        "connections" {
+            connections_planned: u64,
+            connected: u64,
+            connect_failed: u64,
+            failure_kinds: BTreeMap<String, u64>,
+            dropped: u64,
+        }
+        "messages" {
+            sent: u64,
+            target_rate: u64,
+            achieved_send_rate: f64,
+            acked: u64,
+            ack_results: BTreeMap<String, u64>,
+            errors: BTreeMap<String, u64>,
+            ack_latency_ms: LatencySummary,
+        }
+        "deliveries" {
+            /// What the acks call for.
+            expected_deliveries: u64,
+            /// Unique deliveries.
+            received: u64,
+            lost: u64,
+            loss_percent: f64,
+            duplicates: u64,
+            beyond_expected: u64,
+            misrouted: u64,
+            self_copies: u64,
+            deliveries_per_sec: f64,
+            delivery_latency_ms: LatencySummary,
+            decode_errors: u64,
+            /// The gateway's message when it answered `unavailable`.
+            unavailable: Option<String>,
+        }
+    }
+}
+
+/// The figures common to both messaging scenarios. `expected` is the number of deliveries the
+/// acks call for.
+pub fn common_figures(
     args: &MessagingArgs,
     planned: u64,
     expected: u64,
-    o: &Outcome<'_>,
-    summary: &mut Summary,
-) -> Value {
-    let s = o.stats;
-    let connected = s.get("connected");
-    let failed = s.get("connect_failed");
+    s: &Stats,
+) -> MessagingFigures {
     let sent = s.get("sent");
-    let acked: u64 = s.vector("acked").iter().sum();
     let received: u64 = s.vector("received").iter().sum();
-    let duplicates = s.get("duplicates");
     let lost = expected.saturating_sub(received);
-    let extra = received.saturating_sub(expected);
     let span = match (
         s.mins.get("first_delivery_us"),
         s.maxs.get("last_delivery_us"),
@@ -623,93 +650,48 @@ pub fn summarize(
         (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e6,
         _ => 0.0,
     };
-    let latency = s.hist("delivery").summary();
-    let ack_latency = s.hist("ack").summary();
-    let errors = s.with_prefix("error.");
-    let acks = s.with_prefix("ack.");
-    let failures = s.with_prefix("connect_error.");
-
-    let mut c = Section::new("connections");
-    c.value("planned", planned)
-        .value("connected", connected)
-        .value(
-            "failed",
-            format!("{failed} ({:.2}%)", percent(failed, planned)),
-        );
-    for (kind, n) in &failures {
-        c.value(format!("  failed: {kind}"), n);
+    MessagingFigures {
+        connections_planned: planned,
+        connected: s.get("connected"),
+        connect_failed: s.get("connect_failed"),
+        failure_kinds: s.with_prefix("connect_error."),
+        dropped: s.get("dropped"),
+        sent,
+        target_rate: args.rate,
+        achieved_send_rate: round(per_sec(sent, args.duration as f64), 2),
+        acked: s.vector("acked").iter().sum(),
+        ack_results: s.with_prefix("ack."),
+        errors: s.with_prefix("error."),
+        ack_latency_ms: s.hist("ack").summary(),
+        expected_deliveries: expected,
+        received,
+        lost,
+        loss_percent: round(percent(lost, expected), 4),
+        duplicates: s.get("duplicates"),
+        beyond_expected: received.saturating_sub(expected),
+        misrouted: s.get("misrouted"),
+        self_copies: s.get("self_copies"),
+        deliveries_per_sec: round(per_sec(received, span), 1),
+        delivery_latency_ms: s.hist("delivery").summary(),
+        decode_errors: s.get("decode_errors"),
+        unavailable: s.unavailable.clone(),
     }
-    c.value("closed by the server", s.get("dropped"))
-        .value("processes", o.workers);
-    summary.sections.push(c);
+}
 
-    let mut m = Section::new(format!("{what} messages"));
-    m.value("sent", sent)
-        .value("target rate (msg/s)", args.rate)
-        .value(
-            "achieved send rate (msg/s)",
-            format!("{:.1}", per_sec(sent, args.duration as f64)),
-        )
-        .value("acked", acked);
-    for (result, n) in &acks {
-        m.value(format!("  ack: {result}"), n);
-    }
-    for (code, n) in &errors {
-        m.value(format!("  error: {code}"), n);
-    }
-    m.latency("ack latency", ack_latency);
-    summary.sections.push(m);
-
-    let mut d = Section::new("deliveries");
-    d.value("expected", expected)
-        .value("received (unique)", received)
-        .value("lost", format!("{lost} ({:.3}%)", percent(lost, expected)))
-        .value("duplicates", duplicates)
-        .value("beyond expected", extra)
-        .value(
-            "misrouted / self copies",
-            format!("{} / {}", s.get("misrouted"), s.get("self_copies")),
-        )
-        .value("deliveries/s", format!("{:.0}", per_sec(received, span)))
-        .latency("delivery latency", latency)
-        .value("undecodable frames", s.get("decode_errors"));
-    summary.sections.push(d);
-
-    if connected == 0 {
+/// The summary of a messaging scenario (`what`: `group` or `private`) from its `figures`, which
+/// hold the common `messaging` ones.
+pub fn summary(what: &str, figures: &impl Figures, messaging: &MessagingFigures) -> Summary {
+    let mut summary = Summary::new(figures);
+    if messaging.connected == 0 {
         summary.problems.push("no member connected".into());
     }
-    if let Some(message) = &s.unavailable {
+    if let Some(message) = &messaging.unavailable {
         summary.problems.push(format!(
             "{what} messaging is unavailable on the gateway (error code `unavailable`: \
              {message}); nothing was measured"
         ));
     }
-    json!({
-        "connections_planned": planned,
-        "connected": connected,
-        "connect_failed": failed,
-        "failure_kinds": failures,
-        "dropped": s.get("dropped"),
-        "sent": sent,
-        "target_rate": args.rate,
-        "achieved_send_rate": round(per_sec(sent, args.duration as f64), 2),
-        "acked": acked,
-        "ack_results": acks,
-        "errors": errors,
-        "ack_latency_ms": ack_latency,
-        "expected_deliveries": expected,
-        "received": received,
-        "lost": lost,
-        "loss_percent": round(percent(lost, expected), 4),
-        "duplicates": duplicates,
-        "beyond_expected": extra,
-        "misrouted": s.get("misrouted"),
-        "self_copies": s.get("self_copies"),
-        "deliveries_per_sec": round(per_sec(received, span), 1),
-        "delivery_latency_ms": latency,
-        "decode_errors": s.get("decode_errors"),
-        "unavailable": s.unavailable,
-    })
+    summary
 }
 
 #[cfg(test)]

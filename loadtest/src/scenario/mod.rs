@@ -1,6 +1,5 @@
-//! The scenarios, what the coordinator needs to know of each (sockets, phase timing, gateway
-//! probes), and helpers they share (slicing users over workers, pacing, setup gates, connecting
-//! and closing connection tasks).
+//! The scenarios and what the coordinator needs to know of each (sockets, phase timing, gateway
+//! probes); what their workers share is in `support`.
 
 pub mod churn;
 pub mod fanout;
@@ -8,22 +7,19 @@ pub mod idle;
 pub mod messaging;
 pub mod private;
 pub mod storm;
+pub mod support;
 
-use std::{ops::Range, time::Duration};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
     cli::{ChurnArgs, CommonArgs, FanoutArgs, IdleArgs, PrivateArgs, StormArgs},
-    client::{ClientEnv, Connected},
+    client::ClientEnv,
     probe::{Probe, Snapshot},
     report::{Stats, Summary},
-    workers::{Shared, WorkerCtx},
 };
-
-/// Longest a connection waits for the server's close.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
+use support::WorkerCtx;
 
 /// A scenario with its options.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -49,7 +45,6 @@ pub struct Outcome<'a> {
     pub after_run: &'a Snapshot,
     /// Taken every second during the measured phase, for scenarios that ask for it.
     pub during: &'a [Snapshot],
-    pub workers: usize,
 }
 
 impl Scenario {
@@ -222,150 +217,191 @@ impl Scenario {
     }
 }
 
-/// Worker `worker`'s contiguous part of `0..total`, cut at multiples of `align`.
-pub fn slice(total: u64, worker: usize, workers: usize, align: u64) -> Range<u64> {
-    let align = align.max(1);
-    let units = total.div_ceil(align);
-    let workers = workers.max(1) as u64;
-    let w = (worker as u64).min(workers);
-    let start = (units * w / workers * align).min(total);
-    let end = (units * (w + 1) / workers * align).min(total);
-    start..end
-}
-
-/// A worker's share of a total rate, by its share of the items.
-pub fn share(rate: u64, part: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        rate as f64 * part as f64 / total as f64
-    }
-}
-
-/// Sleeps until item `k` of a paced sequence is due: `start + k / per_sec`.
-pub async fn pace(start: Instant, k: u64, per_sec: f64) {
-    if per_sec > 0.0 {
-        tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / per_sec)).await;
-    }
-}
-
-/// Counts finished setup steps (a connect, a join, a subscribe) of a worker's tasks.
-pub struct Gate {
-    rx: mpsc::UnboundedReceiver<bool>,
-}
-
-/// Each task holds a clone of the sender and sends once.
-pub fn gate() -> (mpsc::UnboundedSender<bool>, Gate) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (tx, Gate { rx })
-}
-
-impl Gate {
-    /// Waits for `n` steps (or for every sender to be gone, or the deadline); the number that
-    /// succeeded.
-    pub async fn wait(&mut self, n: usize, within: Duration) -> usize {
-        let deadline = Instant::now() + within;
-        let mut ok = 0;
-        for _ in 0..n {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(true)) => ok += 1,
-                Ok(Some(false)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        ok
-    }
-}
-
-/// Connects client `index` as `user` for a scenario's setup: a failure is counted
-/// (`connect_failed`) and reported to `gate`; a success is counted as `connected`, with its
-/// latency in the `connect` histogram. The caller reports the success to `gate` when its own
-/// setup is done.
-pub async fn connect_member(
-    shared: &Shared,
-    index: usize,
-    user: &str,
-    gate: &mpsc::UnboundedSender<bool>,
-) -> Option<Connected> {
-    let connected = shared
-        .connect_counted(index, user, "connect_failed", Some(gate))
-        .await?;
-    shared.counters.opened();
-    let mut rec = shared.rec.lock();
-    rec.add("connected", 1);
-    rec.record("connect", connected.latency.as_micros() as u64);
-    drop(rec);
-    Some(connected)
-}
-
-/// Counts a message that did not decode, keeping the first as an example.
-pub fn count_undecodable(stats: &mut Stats, error: &str) {
-    stats.add("decode_errors", 1);
-    stats.sample("decode_error", error);
-}
-
-/// Setup and measured phase of a worker whose connection tasks run by themselves: waits for the
-/// tasks' `steps` setup steps (at most the connect timeout plus 5 s), reports ready, waits for go
-/// (at most 120 s plus `pre_go`, the coordinator's pause before it), lets the tasks run for
-/// `run` (less when told to stop) and reports the run done.
-pub async fn setup_and_run(
-    ctx: &mut WorkerCtx,
-    gate: &mut Gate,
-    steps: usize,
-    pre_go: Duration,
-    run: Duration,
-) {
-    let bound = ctx.shared.env.connect_timeout + Duration::from_secs(5);
-    gate.wait(steps, bound).await;
-    ctx.ready(None);
-    if ctx.wait_go(Duration::from_secs(120) + pre_go).await {
-        ctx.sleep_unless_stopped(run).await;
-    }
-    ctx.run_done();
-}
-
-/// Waits for a worker's connection tasks to close, at most five close waits; counts
-/// `close_timeouts` when they take longer.
-pub async fn join_connections(shared: &Shared, tasks: Vec<JoinHandle<()>>) {
-    let closing = futures_util::future::join_all(tasks);
-    if tokio::time::timeout(CLOSE_WAIT * 5, closing).await.is_err() {
-        shared.rec.add("close_timeouts", 1);
-    }
-}
-
-/// Per second, guarded against a zero interval.
-pub fn per_sec(n: u64, secs: f64) -> f64 {
-    if secs > 0.0 { n as f64 / secs } else { 0.0 }
-}
-
-/// `part / whole` as a percentage, 0 when `whole` is 0.
-pub fn percent(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        100.0 * part as f64 / whole as f64
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use serde::Serialize;
+    use serde_json::Value;
+
+    use super::{churn, fanout, idle, messaging, storm};
+
+    /// The keys of `figures` in the JSON report.
+    fn keys(figures: &impl Serialize) -> Vec<String> {
+        match serde_json::to_value(figures) {
+            Ok(Value::Object(map)) => map.keys().cloned().collect(),
+            other => panic!("figures are not a JSON object: {other:?}"),
+        }
+    }
+
+    /// The report's keys are what `bench/` and the smoke tests read: renaming a field breaks them.
+    #[test]
+    fn figures_keep_their_report_keys() {
+        assert_eq!(
+            keys(&idle::IdleFigures::default()),
+            [
+                "achieved_rate",
+                "connect_latency_ms",
+                "connected",
+                "decode_errors",
+                "dropped_during_hold",
+                "failed",
+                "failure_kinds",
+                "hold_secs",
+                "memory",
+                "nodes",
+                "ramp_secs",
+                "requested",
+                "target_rate",
+                "welcome_nodes",
+            ]
+        );
+        assert_eq!(
+            keys(&idle::IdleNode::default()),
+            [
+                "counts_match",
+                "endpoint",
+                "gauge_after_ramp",
+                "gauge_before",
+                "gauge_end_of_hold",
+                "our_connections",
+            ]
+        );
+        assert_eq!(
+            keys(&idle::IdleMemory::default()),
+            [
+                "connections",
+                "kib_per_connection_after_ramp",
+                "kib_per_connection_end_of_hold",
+                "pid",
+                "rss_kib_after_ramp",
+                "rss_kib_before",
+                "rss_kib_end_of_hold",
+            ]
+        );
+        assert_eq!(
+            keys(&churn::ChurnFigures::default()),
+            [
+                "achieved_rate",
+                "clients_connected",
+                "clients_dropped",
+                "clients_failed",
+                "clients_planned",
+                "connect_latency_ms",
+                "decode_errors",
+                "duplicate_offline",
+                "duplicate_online",
+                "expected_offline",
+                "expected_online",
+                "failure_kinds",
+                "missing_offline",
+                "missing_online",
+                "observer_failure_kinds",
+                "observers_dropped",
+                "observers_planned",
+                "observers_subscribed",
+                "offline_before_close",
+                "offline_latency_from_close_ms",
+                "online_before_start",
+                "online_latency_from_connect_ms",
+                "online_latency_from_welcome_ms",
+                "target_rate",
+                "unexpected_events",
+            ]
+        );
+        assert_eq!(
+            keys(&storm::StormFigures::default()),
+            [
+                "achieved_rate",
+                "backend_round_trips",
+                "changes_ok",
+                "changes_sent",
+                "connect_failed",
+                "connected",
+                "decode_errors",
+                "dropped",
+                "errors",
+                "failure_kinds",
+                "flush_series",
+                "flushed_per_sec",
+                "nodes",
+                "peak_flushed_per_sec",
+                "presence_writes",
+                "round_trips_per_change",
+                "set_status_latency_ms",
+                "target_rate",
+                "users",
+                "writes_per_change_sent",
+            ]
+        );
+        assert_eq!(
+            keys(&storm::StormNode::default()),
+            [
+                "backend_round_trips",
+                "endpoint",
+                "error",
+                "presence_writes"
+            ]
+        );
+        let messaging = [
+            "achieved_send_rate",
+            "ack_latency_ms",
+            "ack_results",
+            "acked",
+            "beyond_expected",
+            "connect_failed",
+            "connected",
+            "connections_planned",
+            "decode_errors",
+            "deliveries_per_sec",
+            "delivery_latency_ms",
+            "dropped",
+            "duplicates",
+            "errors",
+            "expected_deliveries",
+            "failure_kinds",
+            "loss_percent",
+            "lost",
+            "misrouted",
+            "received",
+            "self_copies",
+            "sent",
+            "target_rate",
+            "unavailable",
+        ];
+        assert_eq!(keys(&messaging::MessagingFigures::default()), messaging);
+        let mut fanout: Vec<&str> = messaging.to_vec();
+        fanout.extend([
+            "groups",
+            "join_failure_kinds",
+            "joined",
+            "members_per_group",
+            "senders_per_group",
+        ]);
+        fanout.sort_unstable();
+        assert_eq!(keys(&fanout::FanoutFigures::default()), fanout);
+    }
 
     #[test]
-    fn slices_cover_everything_once() {
-        for total in [0u64, 1, 7, 100, 1001] {
-            for workers in 1..6 {
-                for align in [1u64, 2] {
-                    let mut next = 0;
-                    for w in 0..workers {
-                        let r = slice(total, w, workers, align);
-                        assert_eq!(r.start, next, "{total} {workers} {align}");
-                        assert!(r.start.is_multiple_of(align) || r.start == total);
-                        next = r.end;
-                    }
-                    assert_eq!(next, total);
-                }
-            }
-        }
+    fn figures_survive_json() -> anyhow::Result<()> {
+        let mut f = fanout::FanoutFigures {
+            groups: 3,
+            joined: 14,
+            ..Default::default()
+        };
+        f.join_failure_kinds.insert("forbidden".into(), 1);
+        f.messaging.delivery_latency_ms.count = 7;
+        f.messaging.unavailable = Some("no groups".into());
+        let back: fanout::FanoutFigures = serde_json::from_str(&serde_json::to_string(&f)?)?;
+        assert_eq!(back, f);
+        let mut s = storm::StormFigures {
+            presence_writes: Some(40.0),
+            ..Default::default()
+        };
+        s.flush_series.0.push(storm::FlushPoint {
+            at_ms: 5,
+            writes_per_sec: 1.5,
+        });
+        let back: storm::StormFigures = serde_json::from_str(&serde_json::to_string(&s)?)?;
+        assert_eq!(back, s);
+        Ok(())
     }
 }

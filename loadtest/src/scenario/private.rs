@@ -3,11 +3,13 @@
 
 use shared::Destination;
 
-use super::{Outcome, messaging, slice};
+use super::{
+    Outcome, messaging,
+    support::{WorkerCtx, slice},
+};
 use crate::{
     cli::PrivateArgs,
     report::{Stats, Summary},
-    workers::WorkerCtx,
 };
 
 /// Users of the run: `--users` rounded up to even.
@@ -61,15 +63,7 @@ pub async fn worker(args: &PrivateArgs, ctx: WorkerCtx) -> anyhow::Result<Stats>
 }
 
 pub fn summarize(args: &PrivateArgs, o: &Outcome<'_>) -> Summary {
-    let mut summary = Summary::default();
     let expected = o.stats.get("expected");
-    summary.figures = messaging::summarize(
-        "private",
-        &args.messaging,
-        users(args),
-        expected,
-        o,
-        &mut summary,
-    );
-    summary
+    let figures = messaging::common_figures(&args.messaging, users(args), expected, o.stats);
+    messaging::summary("private", &figures, &figures)
 }

@@ -3,12 +3,13 @@
 //! from `/metrics` read before and after.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use rustc_hash::FxHashMap;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use shared::{ClientFrame, ServerFrame, Status};
 use tokio::{
     sync::{mpsc::UnboundedSender, watch},
@@ -16,15 +17,19 @@ use tokio::{
 };
 
 use super::{
-    CLOSE_WAIT, Outcome, connect_member, count_undecodable, gate, join_connections,
-    messaging::count_error, pace, per_sec, percent, setup_and_run, share, slice,
+    Outcome,
+    messaging::count_error,
+    support::{
+        CLOSE_WAIT, Shared, WorkerCtx, connect_member, count_undecodable, gate, join_connections,
+        pace, per_sec, setup_and_run, share, slice, wait_phase,
+    },
 };
 use crate::{
     cli::StormArgs,
     client::Incoming,
+    fleet::Phase,
     probe::{ROUND_TRIPS, Snapshot, WRITES},
-    report::{Section, Stats, Summary, round},
-    workers::{Phase, Shared, WorkerCtx, wait_phase},
+    report::{Cell, LatencySummary, Section, Stats, Summary, figures, round},
 };
 
 /// Time after the last change for its `ok` to arrive.
@@ -211,19 +216,78 @@ fn delta(a: &Snapshot, b: &Snapshot, metric: &str) -> Option<f64> {
     Some(b.total(metric)? - a.total(metric).unwrap_or(0.0))
 }
 
+figures! {
+    /// What `storm` measured.
+    pub struct StormFigures {
+        "connections" {
+            users: u64,
+            connected: u64,
+            connect_failed: u64,
+            failure_kinds: BTreeMap<String, u64>,
+            dropped: u64,
+        }
+        "status changes sent" {
+            changes_sent: u64,
+            changes_ok: u64,
+            errors: BTreeMap<String, u64>,
+            target_rate: u64,
+            achieved_rate: f64,
+            set_status_latency_ms: LatencySummary,
+            decode_errors: u64,
+        }
+        "gateway (/metrics, summed over nodes)" {
+            /// `presence_writes_total` flushed during the storm.
+            presence_writes: Option<f64>,
+            flushed_per_sec: Option<f64>,
+            /// The highest rate of the 1 s samples.
+            peak_flushed_per_sec: Option<f64>,
+            writes_per_change_sent: Option<f64>,
+            /// `presence_backend_round_trips_total` during the storm.
+            backend_round_trips: Option<f64>,
+            round_trips_per_change: Option<f64>,
+            flush_series: FlushSeries,
+        }
+        "nodes (/metrics)" {
+            nodes: Vec<StormNode>,
+        }
+    }
+}
+
+figures! {
+    /// What one node's counters grew by during the storm.
+    pub struct StormNode {
+        endpoint: String,
+        presence_writes: Option<f64>,
+        backend_round_trips: Option<f64>,
+        error: Option<String>,
+    }
+}
+
+/// The flush rate between `/metrics` samples (every second of the storm).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlushPoint {
+    pub at_ms: u64,
+    pub writes_per_sec: f64,
+}
+
+/// The flush rate over time: in the report, and counted in the table (one row for all).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FlushSeries(pub Vec<FlushPoint>);
+
+impl Cell for FlushSeries {
+    fn rows(&self, name: &str, section: &mut Section) {
+        section.value(name, format!("{} samples (in the report)", self.0.len()));
+    }
+}
+
 pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
     let s = o.stats;
     let connected = s.get("connected");
-    let failed = s.get("connect_failed");
     let sent = s.get("sent");
-    let ok = s.get("ok");
-    let errors = s.with_prefix("error.");
-    let failures = s.with_prefix("connect_error.");
-    let latency = s.hist("set_status").summary();
     let writes = delta(o.after_setup, o.after_run, WRITES);
     let trips = delta(o.after_setup, o.after_run, ROUND_TRIPS);
     let secs = args.duration as f64;
-    let flushed_per_sec = writes.map(|w| w / secs);
     let mut peak: Option<f64> = None;
     let mut series = Vec::new();
     let mut points: Vec<&Snapshot> = vec![o.after_setup];
@@ -235,59 +299,64 @@ pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
         if let (Some(w), true) = (delta(a, b, WRITES), dt > 0.2) {
             let rate = w / dt;
             peak = Some(peak.map_or(rate, |p: f64| p.max(rate)));
-            series.push(json!({"at_ms": b.at_ms, "writes_per_sec": round(rate, 1)}));
+            series.push(FlushPoint {
+                at_ms: b.at_ms,
+                writes_per_sec: round(rate, 1),
+            });
         }
     }
     let per_change = match (trips, writes) {
         (Some(t), Some(w)) if w > 0.0 => Some(t / w),
         _ => None,
     };
+    let nodes = o
+        .after_run
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(e, n)| {
+            let before = o.after_setup.nodes.get(e);
+            let d = |m: &str| {
+                let b = before
+                    .and_then(|b| b.metrics.get(m))
+                    .copied()
+                    .unwrap_or(0.0);
+                n.metrics.get(m).map(|a| a - b)
+            };
+            StormNode {
+                endpoint: n.endpoint.clone(),
+                presence_writes: d(WRITES),
+                backend_round_trips: d(ROUND_TRIPS),
+                error: n.error.clone(),
+            }
+        })
+        .collect();
+    let figures = StormFigures {
+        users: args.users,
+        connected,
+        connect_failed: s.get("connect_failed"),
+        failure_kinds: s.with_prefix("connect_error."),
+        dropped: s.get("dropped"),
+        changes_sent: sent,
+        changes_ok: s.get("ok"),
+        errors: s.with_prefix("error."),
+        target_rate: args.rate,
+        achieved_rate: round(per_sec(sent, secs), 1),
+        set_status_latency_ms: s.hist("set_status").summary(),
+        decode_errors: s.get("decode_errors"),
+        presence_writes: writes,
+        flushed_per_sec: writes.map(|w| round(w / secs, 1)),
+        peak_flushed_per_sec: peak.map(|v| round(v, 1)),
+        writes_per_change_sent: writes
+            .filter(|_| sent > 0)
+            .map(|w| round(w / sent as f64, 4)),
+        backend_round_trips: trips,
+        round_trips_per_change: per_change.map(|v| round(v, 5)),
+        flush_series: FlushSeries(series),
+        nodes,
+    };
 
-    let mut summary = Summary::default();
-    let mut c = Section::new("connections");
-    c.value("planned", args.users)
-        .value("connected", connected)
-        .value(
-            "failed",
-            format!("{failed} ({:.2}%)", percent(failed, args.users)),
-        );
-    for (kind, n) in &failures {
-        c.value(format!("  failed: {kind}"), n);
-    }
-    c.value("closed by the server", s.get("dropped"))
-        .value("processes", o.workers);
-    summary.sections.push(c);
-
-    let mut st = Section::new("status changes sent");
-    st.value("sent", sent)
-        .value("ok", ok)
-        .value("target rate (changes/s)", args.rate)
-        .value(
-            "achieved rate (changes/s)",
-            format!("{:.0}", per_sec(sent, secs)),
-        );
-    for (code, n) in &errors {
-        st.value(format!("  error: {code}"), n);
-    }
-    st.latency("set_status → ok latency", latency)
-        .value("undecodable frames", s.get("decode_errors"));
-    summary.sections.push(st);
-
-    let shown = |v: Option<f64>, d: usize| v.map_or("n/a".to_string(), |v| format!("{v:.d$}"));
-    let mut g = Section::new("gateway (/metrics, summed over nodes)");
-    g.value(
-        "presence writes flushed (presence_writes_total Δ)",
-        shown(writes, 0),
-    )
-    .value("flushed per second of storm", shown(flushed_per_sec, 0))
-    .value("peak flushed per second (1 s samples)", shown(peak, 0))
-    .value(
-        "writes per status change sent",
-        shown(writes.filter(|_| sent > 0).map(|w| w / sent as f64), 3),
-    )
-    .value("backend round trips (Δ)", shown(trips, 0))
-    .value("round trips per change", shown(per_change, 4));
-    summary.sections.push(g);
+    let mut summary = Summary::new(&figures);
     for node in &o.after_run.nodes {
         if let Some(err) = &node.error {
             summary
@@ -309,49 +378,5 @@ pub fn summarize(args: &StormArgs, o: &Outcome<'_>) -> Summary {
     if connected == 0 {
         summary.problems.push("no connection succeeded".into());
     }
-    let nodes: Vec<_> = o
-        .after_run
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(e, n)| {
-            let before = o.after_setup.nodes.get(e);
-            let d = |m: &str| {
-                let b = before
-                    .and_then(|b| b.metrics.get(m))
-                    .copied()
-                    .unwrap_or(0.0);
-                n.metrics.get(m).map(|a| a - b)
-            };
-            json!({
-                "endpoint": n.endpoint,
-                "presence_writes": d(WRITES),
-                "backend_round_trips": d(ROUND_TRIPS),
-                "error": n.error,
-            })
-        })
-        .collect();
-    summary.figures = json!({
-        "users": args.users,
-        "connected": connected,
-        "connect_failed": failed,
-        "failure_kinds": failures,
-        "dropped": s.get("dropped"),
-        "changes_sent": sent,
-        "changes_ok": ok,
-        "errors": errors,
-        "target_rate": args.rate,
-        "achieved_rate": round(per_sec(sent, secs), 1),
-        "set_status_latency_ms": latency,
-        "presence_writes": writes,
-        "flushed_per_sec": flushed_per_sec.map(|v| round(v, 1)),
-        "peak_flushed_per_sec": peak.map(|v| round(v, 1)),
-        "writes_per_change_sent": writes.filter(|_| sent > 0).map(|w| round(w / sent as f64, 4)),
-        "backend_round_trips": trips,
-        "round_trips_per_change": per_change.map(|v| round(v, 5)),
-        "flush_series": series,
-        "nodes": nodes,
-        "decode_errors": s.get("decode_errors"),
-    });
     summary
 }

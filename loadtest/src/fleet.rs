@@ -1,14 +1,14 @@
-//! Runs a scenario's workers: in this process when one is enough, else as child processes of this
-//! binary (hidden `worker` subcommand: the assignment as JSON, phase commands on stdin, events and
-//! the final result as JSON lines on stdout). The parent sees the same event stream either way.
+//! The fleet: starts a run's workers, tells them the phases and collects their events and results.
+//!
+//! One worker runs in this process; past one process's open-file limit they are child processes
+//! of this binary (hidden `worker` subcommand: the assignment as JSON, phase commands on stdin,
+//! events and the final result as JSON lines on stdout). The parent sees the same event stream
+//! either way.
 
 use std::{
     process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -24,7 +24,10 @@ use crate::{
     cli::WorkerArgs,
     client::ClientEnv,
     report::{Recorder, Stats},
-    scenario::Scenario,
+    scenario::{
+        Scenario,
+        support::{Counters, Shared, WorkerCtx},
+    },
 };
 
 /// How often a worker reports its progress counters.
@@ -41,6 +44,14 @@ pub struct RunSpec {
     /// This worker's position, from 0.
     pub worker: usize,
     pub workers: usize,
+}
+
+/// What the parent tells workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Setup,
+    Go,
+    Stop,
 }
 
 /// Live counters of a worker, for the progress bar.
@@ -94,157 +105,6 @@ pub enum Event {
     Exited,
 }
 
-/// What the parent tells workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    Setup,
-    Go,
-    Stop,
-}
-
-/// Atomic progress counters shared by a worker's tasks.
-#[derive(Default)]
-pub struct Counters {
-    pub open: AtomicI64,
-    pub connects: AtomicU64,
-    pub failed: AtomicU64,
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-impl Counters {
-    pub fn snapshot(&self) -> Progress {
-        Progress {
-            open: self.open.load(Ordering::Relaxed),
-            connects: self.connects.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            sent: self.sent.load(Ordering::Relaxed),
-            received: self.received.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-        }
-    }
-
-    pub fn opened(&self) {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.connects.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn closed(&self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// What a worker's connection tasks share.
-pub struct Shared {
-    pub env: ClientEnv,
-    pub rec: Recorder,
-    pub counters: Counters,
-    pub prefix: String,
-}
-
-impl Shared {
-    /// Connects client `index` as `user`. A failure is counted (`failed_key`, `connect_error.<kind>`
-    /// with a sample) and reported to the setup `gate`, if any; then `None`.
-    pub async fn connect_counted(
-        &self,
-        index: usize,
-        user: &str,
-        failed_key: &str,
-        gate: Option<&mpsc::UnboundedSender<bool>>,
-    ) -> Option<crate::client::Connected> {
-        match self.env.connect(index, user).await {
-            Ok(connected) => Some(connected),
-            Err(e) => {
-                self.counters
-                    .failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut rec = self.rec.lock();
-                rec.add(failed_key, 1);
-                rec.add(&format!("connect_error.{}", e.kind), 1);
-                rec.sample(&format!("connect_error.{}", e.kind), &e.message);
-                drop(rec);
-                if let Some(gate) = gate {
-                    let _ = gate.send(false);
-                }
-                None
-            }
-        }
-    }
-}
-
-/// A worker's handle on its assignment and its parent.
-pub struct WorkerCtx {
-    pub worker: usize,
-    pub workers: usize,
-    pub shared: Arc<Shared>,
-    pub phase: watch::Receiver<Phase>,
-    events: mpsc::UnboundedSender<Event>,
-}
-
-impl WorkerCtx {
-    pub fn ready(&self, unavailable: Option<String>) {
-        let _ = self.events.send(Event::Ready { unavailable });
-    }
-
-    pub fn run_done(&self) {
-        let _ = self.events.send(Event::RunDone);
-    }
-
-    pub fn phase_now(&self) -> Phase {
-        *self.phase.borrow()
-    }
-
-    /// Waits until the parent says go (true) or stop (false), at most `within`.
-    pub async fn wait_go(&mut self, within: Duration) -> bool {
-        wait_phase(&mut self.phase, Phase::Go, within).await == Phase::Go
-    }
-
-    /// Waits until the parent says stop, at most `within`.
-    pub async fn wait_stop(&mut self, within: Duration) {
-        wait_phase(&mut self.phase, Phase::Stop, within).await;
-    }
-
-    /// Sleeps `d`, or less when the parent says stop.
-    pub async fn sleep_unless_stopped(&mut self, d: Duration) {
-        wait_phase(&mut self.phase, Phase::Stop, d).await;
-    }
-}
-
-/// Waits until the phase is at least `at_least`; the phase then, or `Stop` after `within` or if
-/// the parent is gone.
-pub async fn wait_phase(
-    rx: &mut watch::Receiver<Phase>,
-    at_least: Phase,
-    within: Duration,
-) -> Phase {
-    let waited = tokio::time::timeout(within, async {
-        rx.wait_for(|p| *p >= at_least).await.map(|p| *p)
-    })
-    .await;
-    match waited {
-        Ok(Ok(p)) => p,
-        Ok(Err(_)) => Phase::Stop,
-        Err(_) => {
-            let now = *rx.borrow();
-            if now >= at_least { now } else { Phase::Stop }
-        }
-    }
-}
-
-/// Waits until a watched flag is set (or its sender is gone).
-pub async fn wait_flag<T>(rx: &mut watch::Receiver<T>, set: impl FnMut(&T) -> bool) {
-    let _ = rx.wait_for(set).await.map(|_| ());
-}
-
-/// Microseconds since the Unix epoch (shared by every process on the machine).
-pub fn epoch_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 /// Runs one worker to its end: setup, the measured phase and closing, reporting through `events`.
 pub async fn run_worker(
     spec: RunSpec,
@@ -282,13 +142,13 @@ pub async fn run_worker(
             }
         })
     };
-    let ctx = WorkerCtx {
-        worker: spec.worker,
-        workers: spec.workers,
-        shared: shared.clone(),
+    let ctx = WorkerCtx::new(
+        spec.worker,
+        spec.workers,
+        shared.clone(),
         phase,
-        events: events.clone(),
-    };
+        events.clone(),
+    );
     let outcome = spec.scenario.run_worker(ctx).await;
     ticker.abort();
     let _ = events.send(Event::Progress(shared.counters.snapshot()));
