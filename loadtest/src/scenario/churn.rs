@@ -335,7 +335,7 @@ impl Observer {
                                 .rec
                                 .lock()
                                 .sample("observer_subscribe", &message);
-                            return Err(format!("{code:?}").to_lowercase());
+                            return Err(code.as_str().to_string());
                         }
                         _ => {}
                     },

@@ -13,7 +13,6 @@ use std::{
 
 use futures_util::FutureExt;
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde_json::Value;
 use shared::{Body, ClientFrame, Destination, ErrorCode, RouteResult, ServerFrame};
 use tokio::{
     sync::{mpsc::UnboundedSender, watch},
@@ -405,7 +404,7 @@ async fn join(conn: &mut Conn, group: &str) -> Result<(), (String, String)> {
                 Incoming::Frame(f) => match f {
                     ServerFrame::Ok { id: Some(1) } => return Ok(()),
                     ServerFrame::Error { code, message, .. } => {
-                        return Err((code_name(code), message));
+                        return Err((code.as_str().to_string(), message));
                     }
                     _ => {}
                 },
@@ -443,17 +442,9 @@ pub fn body_timestamp(body: &Body) -> Option<u64> {
         .and_then(|(_, v)| v.as_u64())
 }
 
-/// An error code's name on the wire (`rate_limited`): its serde name.
-fn code_name(code: ErrorCode) -> String {
-    match serde_json::to_value(code) {
-        Ok(Value::String(name)) => name,
-        _ => format!("{code:?}"),
-    }
-}
-
 /// Counts an `error` answer by its code (`error.<code>`), keeping the first message of each code.
 pub fn count_error(stats: &mut Stats, code: ErrorCode, message: &str) {
-    let key = format!("error.{}", code_name(code));
+    let key = format!("error.{}", code.as_str());
     stats.add(&key, 1);
     stats.sample(&key, message);
 }
