@@ -302,7 +302,10 @@ impl Requests {
                 // A member joining again is not refused, whatever the policy.
                 let open = backend.groups.join_policy(&group).await? == JoinPolicy::Open;
                 if !open && !backend.groups.is_member(&group, &user).await? {
-                    return Ok(forbidden(id, "this group is closed: members are added by the app"));
+                    return Ok(forbidden(
+                        id,
+                        "this group is closed: members are added by the app",
+                    ));
                 }
                 backend.groups.add_member(&group, &user).await?;
             } else {

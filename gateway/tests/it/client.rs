@@ -22,6 +22,8 @@ pub struct Client {
     next_id: u64,
     /// Frames read while waiting for another one, served before new reads.
     backlog: std::collections::VecDeque<ServerFrame>,
+    /// The REST API of the node this client is connected to.
+    pub rest: Rest,
 }
 
 /// How a connection ended.
@@ -118,6 +120,7 @@ impl Client {
             encoding,
             next_id: 1,
             backlog: Default::default(),
+            rest: Rest::for_ws_url(url),
         })
     }
 
@@ -310,6 +313,19 @@ pub struct Rest {
 }
 
 impl Rest {
+    /// The REST API of the node serving `ws://host:port/ws...`.
+    pub fn for_ws_url(url: &str) -> Rest {
+        let host = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        Rest {
+            base: format!("http://{host}/v1"),
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub fn new(node: &Node) -> Rest {
         Rest {
             base: format!("{}/v1", node.http()),
@@ -327,6 +343,17 @@ impl Rest {
             .expect("GET");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: Option<Value>) -> u16 {
+        let mut req = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(API_KEY);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.expect("PUT").status().as_u16()
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {

@@ -24,7 +24,9 @@ fn user(u: &str) -> Destination {
     Destination::User { user: u.into() }
 }
 
+/// Opens `g` (the app backend's `PUT /v1/groups/{g}`) and joins it.
 async fn join(client: &mut Client, g: &str) {
+    open_group(client, g).await;
     let reply = client
         .request(|id| ClientFrame::Join {
             id,
@@ -32,6 +34,14 @@ async fn join(client: &mut Client, g: &str) {
         })
         .await;
     assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+}
+
+async fn open_group(client: &Client, g: &str) {
+    let status = client
+        .rest
+        .put(&format!("/groups/{g}"), Some(json!({"join": "open"})))
+        .await;
+    assert_eq!(status, 204, "opening {g}");
 }
 
 /// Sends and returns the ack's (msg_id, result, delivered, stored).
@@ -79,6 +89,7 @@ messaging_suite!(
     broadcasts_reach_every_connection,
     app_backend_manages_groups_and_sends_system_messages,
     bad_message_requests_are_refused,
+    closed_groups_take_members_only_from_the_app,
 );
 
 async fn group_messages_reach_members_and_the_senders_other_devices(setup: Setup) {
@@ -635,5 +646,114 @@ async fn slow_consumer_is_closed_and_others_keep_receiving() {
     assert_eq!(
         next_message(&mut fast).await.body.as_str(),
         Some("still here")
+    );
+}
+
+fn is_forbidden(reply: &ServerFrame) -> bool {
+    matches!(
+        reply,
+        ServerFrame::Error {
+            code: ErrorCode::Forbidden,
+            ..
+        }
+    )
+}
+
+/// Groups are closed unless the app opens them; a non-member learns nothing of a group, whether or
+/// not it exists; the app backend sees its policy, members and last message.
+async fn closed_groups_take_members_only_from_the_app(setup: Setup) {
+    let node = setup.node().start();
+    let rest = Rest::new(&node);
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    let mut eve = Client::connect(&node, "eve", 1).await;
+    for g in ["vault", "nowhere"] {
+        let reply = eve
+            .request(|id| ClientFrame::Join {
+                id,
+                group: g.into(),
+            })
+            .await;
+        assert!(is_forbidden(&reply), "join {g}: {reply:?}");
+    }
+    let (status, info) = rest.get("/groups/vault").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        info,
+        json!({"group": "vault", "join": "closed", "members": 0, "last_message_at": null})
+    );
+    assert_eq!(rest.put("/groups/vault/members/alice", None).await, 204);
+    let (msg_id, _, _, _) = send(&mut alice, group("vault"), text("secret")).await;
+
+    for g in ["vault", "nowhere"] {
+        let requests: Vec<Box<dyn FnOnce(Option<u64>) -> ClientFrame>> = vec![
+            Box::new(|id| ClientFrame::Sync {
+                id,
+                group: g.into(),
+                since: None,
+                limit: None,
+            }),
+            Box::new(|id| ClientFrame::Read {
+                id,
+                group: g.into(),
+                up_to: "1700000000000-0000000001".into(),
+            }),
+            Box::new(|id| ClientFrame::GroupOnline {
+                id,
+                group: g.into(),
+            }),
+            Box::new(|id| ClientFrame::Send {
+                id,
+                to: group(g),
+                body: text("let me in"),
+            }),
+        ];
+        for make in requests {
+            let reply = eve.request(make).await;
+            assert!(is_forbidden(&reply), "{g}: {reply:?}");
+        }
+    }
+    match eve.request(|id| ClientFrame::Unread { id }).await {
+        ServerFrame::UnreadCounts { groups, .. } => assert!(groups.is_empty(), "{groups:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A member may join (again) a closed group.
+    let reply = alice
+        .request(|id| ClientFrame::Join {
+            id,
+            group: "vault".into(),
+        })
+        .await;
+    assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+
+    let (_, info) = rest.get("/groups/vault").await;
+    assert_eq!(info["join"], "closed");
+    assert_eq!(info["members"], 1);
+    let (ms, _) = msg_id.split_once('-').expect("msg id");
+    assert_eq!(
+        info["last_message_at"],
+        json!(ms.parse::<u64>().expect("ms"))
+    );
+
+    assert_eq!(
+        rest.put("/groups/vault", Some(json!({"join": "open"})))
+            .await,
+        204
+    );
+    assert_eq!(
+        rest.put("/groups/vault", Some(json!({"join": "ajar"})))
+            .await,
+        400
+    );
+    let reply = eve
+        .request(|id| ClientFrame::Join {
+            id,
+            group: "vault".into(),
+        })
+        .await;
+    assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+    let (_, info) = rest.get("/groups/vault").await;
+    assert_eq!(
+        (info["join"].as_str(), info["members"].as_u64()),
+        (Some("open"), Some(2))
     );
 }

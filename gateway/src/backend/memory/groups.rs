@@ -82,7 +82,11 @@ impl Groups for MemoryBackend {
     }
 
     async fn set_join_policy(&self, group: &str, join: JoinPolicy) -> Result<(), BackendError> {
-        self.lock().groups.entry(group.to_string()).or_default().join = join;
+        self.lock()
+            .groups
+            .entry(group.to_string())
+            .or_default()
+            .join = join;
         Ok(())
     }
 

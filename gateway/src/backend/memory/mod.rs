@@ -17,7 +17,9 @@ use std::{
 use shared::Message;
 use tokio::time::Instant;
 
-use super::{JoinPolicy, BackendEvent, BackendSettings, Changed, EventSink, NodeInfo, TokenClaims, Topic};
+use super::{
+    BackendEvent, BackendSettings, Changed, EventSink, JoinPolicy, NodeInfo, TokenClaims, Topic,
+};
 use crate::{
     clock::now_ms,
     presence::{

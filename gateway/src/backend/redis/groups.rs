@@ -81,7 +81,10 @@ impl Groups for RedisBackend {
         Self::count_round_trip("groups");
         let join: Option<String> = self
             .client
-            .custom(cmd("HGET"), vec![self.keys.group_meta(group), "join".into()])
+            .custom(
+                cmd("HGET"),
+                vec![self.keys.group_meta(group), "join".into()],
+            )
             .await
             .map_err(|e| Self::error("groups", e))?;
         Ok(join.map(|j| JoinPolicy::parse(&j)).unwrap_or_default())
