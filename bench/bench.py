@@ -327,7 +327,7 @@ def redact(argv):
     out, hide = [], False
     for a in argv:
         out.append('<secret>' if hide else a)
-        hide = a == '--jwt-secret'
+        hide = a in ('--jwt-secret', '--api-key')
     return out
 
 
@@ -371,7 +371,8 @@ def loadtest(stack, name, scenario, args, nodes, gateway_pids=(), timeout=180, m
     """Runs one presence-loadtest scenario against the first `nodes` nodes, samples CPU, writes
     bench/results/<name>.json. Returns the result document."""
     full = os.path.join(stack.workdir, f'{name}.report.json')
-    argv = [LOADTEST, scenario, '--jwt-secret', JWT_SECRET, '--quiet', '--report', full,
+    # --api-key: the nodes' key (not `dev`), with which fanout opens its groups (closed by default).
+    argv = [LOADTEST, scenario, '--jwt-secret', JWT_SECRET, '--api-key', API_KEY, '--quiet', '--report', full,
             *stack.urls(nodes), *args]
     for pid in gateway_pids:
         argv += ['--gateway-pid', str(pid)]

@@ -15,6 +15,11 @@ use crate::{backend::TokenStore, clock::now_ms};
 pub struct Identity {
     pub user: String,
     pub platform: Platform,
+    /// Ms since the epoch when the token stops being valid.
+    pub expires_at: u64,
+    /// Ms since the epoch when the token was issued, if it says (`iat` of a JWT); a revoke refuses
+    /// tokens issued before it, and those that do not say.
+    pub issued_at: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,10 @@ pub enum AuthError {
 struct JwtClaims {
     sub: String,
     platform: Platform,
+    /// Seconds since the epoch.
+    exp: u64,
+    /// Seconds since the epoch.
+    iat: Option<u64>,
 }
 
 pub struct Authenticator {
@@ -63,6 +72,8 @@ impl Authenticator {
             Identity {
                 user: data.claims.sub,
                 platform: data.claims.platform,
+                expires_at: data.claims.exp.saturating_mul(1000),
+                issued_at: data.claims.iat.map(|s| s.saturating_mul(1000)),
             }
         } else {
             let claims = self
@@ -75,9 +86,14 @@ impl Authenticator {
             Identity {
                 user: claims.user,
                 platform: claims.platform,
+                expires_at: claims.expires_at,
+                issued_at: claims.issued_at,
             }
         };
-        if !ids::is_valid_id(&identity.user) || !ids::is_valid_platform(identity.platform) {
+        if !ids::is_valid_id(&identity.user)
+            || identity.user == ids::SYSTEM_USER
+            || !ids::is_valid_platform(identity.platform)
+        {
             return Err(AuthError::Invalid);
         }
         Ok(identity)

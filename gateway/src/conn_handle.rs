@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU16, AtomicU64, Ordering},
     },
 };
@@ -23,10 +23,17 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const UNAUTHORIZED: u16 = 4001;
+    /// Disconnected by the app backend (kick, ban).
+    pub const DISCONNECTED: u16 = 4003;
     pub const POLICY: u16 = 4008;
     pub const TOO_MANY_CONNECTIONS: u16 = 4009;
     pub const HEARTBEAT_TIMEOUT: u16 = 4010;
+    /// Replaced by a newer login of the same user (multi-login policy).
+    pub const REPLACED: u16 = 4011;
 }
+
+/// Longest close reason sent: a close frame's payload is at most 125 bytes with its code.
+pub const MAX_CLOSE_REASON_BYTES: usize = 100;
 
 pub struct ConnHandle {
     pub id: ConnId,
@@ -43,12 +50,20 @@ pub struct ConnHandle {
     pub last_heard: AtomicU64,
     /// Last measured WebSocket ping round trip, in ms.
     pub rtt_ms: AtomicU64,
+    /// Ms since the epoch when the connection's token was issued (0: it did not say); a revoke
+    /// closes connections whose token is older. `refresh` moves it.
+    pub token_issued_at: AtomicU64,
+    /// Ms since the epoch when the token expires (0: never); the writer closes with 4001 then.
+    /// `refresh` moves it.
+    pub token_expires_at: AtomicU64,
     /// Frames on their way to the socket's writer; bounded so one slow client costs bounded memory.
     outbound: mpsc::Sender<Arc<EncodedFrame>>,
     /// Tells the session to close the socket with `close_code`.
     closer: CancellationToken,
     /// The first close code asked for wins.
     close_code: AtomicU16,
+    /// The close frame's reason, when the closer gave one (the app backend's kick).
+    close_reason: OnceLock<Box<str>>,
 }
 
 impl ConnHandle {
@@ -74,10 +89,48 @@ impl ConnHandle {
             last_activity: AtomicU64::new(now),
             last_heard: AtomicU64::new(now),
             rtt_ms: AtomicU64::new(0),
+            token_issued_at: AtomicU64::new(0),
+            token_expires_at: AtomicU64::new(0),
             outbound,
             closer: CancellationToken::new(),
             close_code: AtomicU16::new(0),
+            close_reason: OnceLock::new(),
         }
+    }
+
+    /// Records the lifetime of the token the connection holds (at connect and on `refresh`).
+    pub fn set_token(&self, issued_at: Option<u64>, expires_at: u64) {
+        self.token_issued_at
+            .store(issued_at.unwrap_or(0), Ordering::Relaxed);
+        self.token_expires_at.store(expires_at, Ordering::Relaxed);
+    }
+
+    /// Whether the token was issued before `at` (or does not say when it was).
+    pub fn token_issued_before(&self, at: u64) -> bool {
+        self.token_issued_at.load(Ordering::Relaxed) < at
+    }
+
+    /// Asks the session to close with `code` and a reason for the close frame (cut to
+    /// [`MAX_CLOSE_REASON_BYTES`] on a character boundary). True if this call decided the code.
+    pub fn close_with(&self, code: u16, reason: &str) -> bool {
+        let mut end = reason.len().min(MAX_CLOSE_REASON_BYTES);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let first = self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first && end > 0 {
+            let _ = self.close_reason.set(reason[..end].into());
+        }
+        self.closer.cancel();
+        first
+    }
+
+    /// The reason given with the close code, if any.
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close_reason.get().map(|r| &**r)
     }
 
     /// Queues a frame shared with other connections (encoded at most once per encoding, by

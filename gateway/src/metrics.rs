@@ -27,6 +27,7 @@ pub const PUBSUB_MESSAGES: &str = "presence_pubsub_messages_total";
 pub const FRAMES_IN: &str = "presence_frames_in_total";
 pub const CLIENT_ERRORS: &str = "presence_client_errors_total";
 pub const SLOW_CONSUMER_CLOSES: &str = "presence_slow_consumer_closes_total";
+pub const SESSION_CLOSES: &str = "presence_session_closes_total";
 pub const WEBHOOKS: &str = "presence_webhooks_total";
 pub const REAPED_USERS: &str = "presence_reaped_users_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
@@ -89,6 +90,10 @@ fn describe() {
     describe_counter!(
         SLOW_CONSUMER_CLOSES,
         "Connections closed because their outbound queue overflowed."
+    );
+    describe_counter!(
+        SESSION_CLOSES,
+        "Connections closed by the app backend or the token's lifetime, by reason."
     );
     describe_counter!(WEBHOOKS, "Webhook deliveries by result.");
     describe_counter!(

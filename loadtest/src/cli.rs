@@ -16,6 +16,11 @@ Examples (against `presence-gateway --dev --jwt-secret s --listen 127.0.0.1:8080
   presence-loadtest idle --jwt-secret s -n 60000 --source-ips 127.0.0.1-127.0.0.4 \\
       --url ws://127.0.0.1:8080/ws --url ws://127.0.0.1:8081/ws --report idle.json
 
+Groups are closed by default on the gateway: before any member joins, `fanout` opens each of its
+groups over the gateway's REST API (`PUT /v1/groups/{group}` with `{\"join\":\"open\"}`) with
+`--api-key` (default `dev`, the key of a `--dev` gateway; for a gateway started with
+`--api-key KEY` or `PRESENCE_API_KEY=KEY`, pass the same key). A wrong key stops the run (exit 2).
+
 Exit codes: 0 the run measured what it should; 1 it could not (no connection succeeded, a
 worker failed or timed out); 2 bad options or setup error; 3 the gateway answered `unavailable`
 for something the scenario needs (e.g. messaging not enabled).";
@@ -44,7 +49,8 @@ pub enum Command {
     /// presence propagation latency (online and offline) and missing or duplicate events.
     Churn(ChurnArgs),
     /// G groups of M members; senders send to their group at a target total rate; report delivery
-    /// latency, deliveries per second, loss and duplicates.
+    /// latency, deliveries per second, loss and duplicates. The groups are opened first over the
+    /// gateway's REST API with `--api-key`; members then `join` them over the WebSocket.
     Fanout(FanoutArgs),
     /// Pairs of users send private messages to each other (across nodes when several URLs are
     /// given); report delivery latency, deliveries per second, loss and duplicates.
@@ -93,6 +99,21 @@ pub struct CommonArgs {
     /// locally with claims `sub`, `platform` and `exp`.
     #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+
+    /// API key of the gateway's `/v1` REST API (the gateway's `--api-key`; `dev` is the key of a
+    /// `presence-gateway --dev` that has none). Groups are closed by default, so scenarios whose
+    /// members join groups (`fanout`) first open each group with it (`PUT /v1/groups/{group}`,
+    /// `{"join":"open"}`, on the first `--url`'s host and port); a 401 or any other non-2xx
+    /// answer stops the run. Kept out of the report and the worker processes.
+    #[arg(
+        long,
+        env = "PRESENCE_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        default_value = "dev"
+    )]
+    #[serde(skip)]
+    pub api_key: String,
 
     /// Frame encoding.
     #[arg(long, value_enum, default_value_t = Format::Msgpack)]

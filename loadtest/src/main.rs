@@ -1,6 +1,7 @@
 //! `presence-loadtest`: parses the command line, raises the open-file limit, and runs a scenario
 //! (or, as the hidden `worker` subcommand, one worker process of a multi-process run).
 
+mod admin;
 mod cli;
 mod client;
 mod fleet;

@@ -154,12 +154,30 @@ async fn fetch_metrics(addr: SocketAddr, authority: &str) -> anyhow::Result<BTre
     Ok(parse_metrics(&body, &WATCHED))
 }
 
+/// A plain-HTTP client for the node at `addr`, whose URLs are `http://{authority}/...` (the
+/// WebSocket URL's host and port): a host name (`localhost`) is pinned to `addr`, never looked up.
+pub fn http_client(
+    addr: SocketAddr,
+    authority: &str,
+    timeout: Duration,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .resolve(host_of(authority), addr)
+        .build()
+}
+
+/// The host of `host[:port]` (an IPv6 host keeps its brackets).
+fn host_of(authority: &str) -> &str {
+    authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(host, _)| host)
+}
+
 /// GET over plain HTTP to `addr` (with `authority` as Host): the body of a 2xx answer.
 async fn http_get(addr: SocketAddr, authority: &str, path: &str) -> anyhow::Result<String> {
-    let client = reqwest::Client::builder()
-        .timeout(HTTP_TIMEOUT)
-        .resolve(authority.split(':').next().unwrap_or(authority), addr)
-        .build()?;
+    let client = http_client(addr, authority, HTTP_TIMEOUT)?;
     let response = client
         .get(format!("http://{authority}{path}"))
         .send()
@@ -237,6 +255,15 @@ mod tests {
         assert_eq!(m.get(CONNECTIONS), Some(&42.0));
         assert_eq!(m.get(WRITES), Some(&15.0));
         assert_eq!(m.get(ROUND_TRIPS), None);
+    }
+
+    #[test]
+    fn hosts_are_split_from_ports() {
+        assert_eq!(host_of("localhost:8080"), "localhost");
+        assert_eq!(host_of("localhost"), "localhost");
+        assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7000"), "[::1]");
+        assert_eq!(host_of("[::1]"), "[::1]");
     }
 
     #[test]

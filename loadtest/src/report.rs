@@ -507,7 +507,11 @@ pub fn latencies_json(stats: &Stats) -> Value {
     Value::Object(map)
 }
 
-/// The command line with the value of `--jwt-secret` replaced, so reports can be shared.
+/// Options whose values are secrets.
+const SECRET_OPTIONS: [&str; 2] = ["--jwt-secret", "--api-key"];
+
+/// The command line with the values of `--jwt-secret` and `--api-key` replaced, so reports can be
+/// shared.
 pub fn redact_secret(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut hide_next = false;
@@ -515,11 +519,14 @@ pub fn redact_secret(args: &[String]) -> Vec<String> {
         if hide_next {
             out.push("<redacted>".to_string());
             hide_next = false;
-        } else if a == "--jwt-secret" {
+        } else if SECRET_OPTIONS.contains(&a.as_str()) {
             out.push(a.clone());
             hide_next = true;
-        } else if a.starts_with("--jwt-secret=") {
-            out.push("--jwt-secret=<redacted>".to_string());
+        } else if let Some(option) = SECRET_OPTIONS
+            .iter()
+            .find(|o| a.strip_prefix(**o).is_some_and(|v| v.starts_with('=')))
+        {
+            out.push(format!("{option}=<redacted>"));
         } else {
             out.push(a.clone());
         }
@@ -691,6 +698,10 @@ mod tests {
             "--jwt-secret",
             "s",
             "--jwt-secret=t",
+            "--api-key",
+            "k",
+            "--api-key=k2",
+            "--api-keys",
             "-n",
             "5",
         ]
@@ -699,7 +710,8 @@ mod tests {
         .collect();
         assert_eq!(
             redact_secret(&argv).join(" "),
-            "lt idle --jwt-secret <redacted> --jwt-secret=<redacted> -n 5"
+            "lt idle --jwt-secret <redacted> --jwt-secret=<redacted> --api-key <redacted> \
+             --api-key=<redacted> --api-keys -n 5"
         );
     }
 

@@ -1,6 +1,6 @@
-//! The coordinator of a run: checks the options, reads the gateways before, starts the workers,
-//! steps them through setup, go and stop with a progress bar, reads the gateways after, and
-//! prints the summary table and writes the JSON report.
+//! The coordinator of a run: checks the options, reads the gateways before, opens the run's
+//! groups (`admin`), starts the workers, steps them through setup, go and stop with a progress
+//! bar, reads the gateways after, and prints the summary table and writes the JSON report.
 
 use std::{
     io::IsTerminal,
@@ -8,12 +8,13 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 use shared::ids;
 
 use crate::{
+    admin::{self, Opened},
     client::ClientEnv,
     fleet::{Event, Fleet, Phase, Progress, RunSpec},
     probe::Probe,
@@ -111,6 +112,23 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
             ));
         }
     }
+    // Groups are closed by default: open the run's groups before any member connects.
+    let groups = scenario.groups(&prefix);
+    let opened = match env.targets.first() {
+        Some(target) if !groups.is_empty() => {
+            let opened = admin::open_groups(target, &common.api_key, &groups)
+                .await
+                .context("opening the run's groups (PUT /v1/groups/{group})")?;
+            if !common.quiet {
+                eprintln!(
+                    "opened {} group(s) on {} in {:.2} s",
+                    opened.groups, target.authority, opened.secs
+                );
+            }
+            opened
+        }
+        _ => Opened::default(),
+    };
     let spec = RunSpec {
         scenario: scenario.clone(),
         prefix: prefix.clone(),
@@ -190,6 +208,7 @@ pub async fn run(scenario: Scenario, argv: Vec<String>) -> anyhow::Result<i32> {
         after_setup: &after_setup,
         after_run: &after_run,
         during: &during,
+        opened,
     };
     let mut summary = scenario.summarize(&outcome);
     summary.problems.extend(problems);

@@ -1,6 +1,8 @@
 //! Checks the `fanout` and `private` accounting (expected deliveries, loss, duplicates, latency)
 //! against a small in-test gateway stand-in that routes `join`/`send` and deliberately drops and
-//! duplicates some deliveries, since the real gateway has no messaging yet.
+//! duplicates some deliveries, since the real gateway has no messaging yet. Like the gateway, the
+//! stand-in keeps groups closed (`join` answered `forbidden`) until they are opened with
+//! `PUT /v1/groups/{group}` `{"join":"open"}` and its API key, on the same port.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,9 +17,10 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use serde_json::Value;
-use shared::{ClientFrame, Destination, Encoding, Message, RouteResult, ServerFrame};
+use serde_json::{Value, json};
+use shared::{ClientFrame, Destination, Encoding, ErrorCode, Message, RouteResult, ServerFrame};
 use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
@@ -31,6 +34,8 @@ const SECRET: &str = "mock-secret";
 /// Every `DROP_EVERY`th delivery is dropped, every `DUP_EVERY`th is sent twice.
 const DROP_EVERY: u64 = 10;
 const DUP_EVERY: u64 = 7;
+/// The stand-in's REST API key.
+const API_KEY: &str = "mock-api-key";
 
 #[derive(Default)]
 struct Routes {
@@ -45,6 +50,11 @@ struct Mock {
     deliveries: AtomicU64,
     dropped: AtomicU64,
     duplicated: AtomicU64,
+    /// Groups opened over REST.
+    opened: Mutex<HashSet<String>>,
+    /// REST requests, and WebSocket connections, received.
+    rest_requests: AtomicU64,
+    websockets: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +96,18 @@ impl Mock {
     fn handle(&self, user: &str, frame: ClientFrame) -> ServerFrame {
         match frame {
             ClientFrame::Join { id, group } => {
+                let open = self
+                    .opened
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&group);
+                if !open {
+                    return ServerFrame::Error {
+                        id,
+                        code: ErrorCode::Forbidden,
+                        message: "the group is closed".into(),
+                    };
+                }
                 let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
                 routes
                     .groups
@@ -134,8 +156,99 @@ impl Mock {
     }
 }
 
-#[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
+impl Mock {
+    /// One REST request: its status line.
+    fn rest(&self, method: &str, path: &str, authorization: &str, body: &[u8]) -> &'static str {
+        self.rest_requests.fetch_add(1, Ordering::Relaxed);
+        if authorization != format!("Bearer {API_KEY}") {
+            return "401 Unauthorized";
+        }
+        let Some(group) = path.strip_prefix("/v1/groups/") else {
+            return "404 Not Found";
+        };
+        if method != "PUT" || group.is_empty() || group.contains('/') {
+            return "404 Not Found";
+        }
+        if serde_json::from_slice::<Value>(body).ok() != Some(json!({ "join": "open" })) {
+            return "400 Bad Request";
+        }
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group.to_string());
+        "204 No Content"
+    }
+}
+
+/// Answers HTTP/1.1 requests on one connection (kept alive) until the client closes it.
+async fn serve_rest(mock: Arc<Mock>, stream: TcpStream) {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or_default().to_string();
+        let path = words.next().unwrap_or_default().to_string();
+        let (mut length, mut authorization) = (0, String::new());
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                match name.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    "authorization" => authorization = value.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let status = mock.rest(&method, &path, &authorization, &body);
+        let answer = if status.starts_with("204") {
+            format!("HTTP/1.1 {status}\r\n\r\n")
+        } else {
+            let text = format!("mock: {status}");
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+                text.len()
+            )
+        };
+        if reader.get_mut().write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A REST request (the tool opening its groups) or a WebSocket upgrade (a `GET`).
 async fn serve_conn(mock: Arc<Mock>, stream: TcpStream) {
+    let mut start = [0u8; 4];
+    for _ in 0..100 {
+        match stream.peek(&mut start).await {
+            Ok(n) if n < start.len() && n > 0 => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            _ => break,
+        }
+    }
+    if &start == b"PUT " {
+        serve_rest(mock, stream).await;
+    } else {
+        serve_ws(mock, stream).await;
+    }
+}
+
+#[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
+async fn serve_ws(mock: Arc<Mock>, stream: TcpStream) {
     let seen: Arc<Mutex<(Option<String>, Encoding)>> = Arc::default();
     let captured = seen.clone();
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
@@ -178,6 +291,7 @@ async fn serve_conn(mock: Arc<Mock>, stream: TcpStream) {
         return;
     };
     let user = claims.claims.sub;
+    mock.websockets.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let welcome = ServerFrame::Welcome {
@@ -290,11 +404,32 @@ async fn fanout_counts_loss_and_duplicates() {
             "2",
             "--drain-ms",
             "500",
+            "--api-key",
+            API_KEY,
         ],
     )
     .await;
     server.abort();
     assert_eq!(code, Some(0), "{r:#}");
+    // Each group opened once, before its members joined.
+    assert_eq!(mock.rest_requests.load(Ordering::Relaxed), 3);
+    let prefix = r["prefix"].as_str().expect("prefix");
+    let mut opened: Vec<String> = mock
+        .opened
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    opened.sort();
+    assert_eq!(
+        opened,
+        (0..3)
+            .map(|g| format!("{prefix}-grp{g}"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(num(&r, "/figures/groups_opened"), 3, "{r:#}");
+    assert!(!r.to_string().contains(API_KEY), "the report leaks the key");
     let sent = num(&r, "/figures/sent");
     assert!(sent >= 50, "{r:#}");
     assert_eq!(num(&r, "/figures/acked"), sent);
@@ -341,6 +476,7 @@ async fn private_counts_loss_and_duplicates_across_processes() {
     .await;
     server.abort();
     assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(mock.rest_requests.load(Ordering::Relaxed), 0, "no groups");
     assert_eq!(num(&r, "/processes"), 2);
     let sent = num(&r, "/figures/sent");
     assert!(sent >= 60, "{r:#}");
@@ -355,4 +491,47 @@ async fn private_counts_loss_and_duplicates_across_processes() {
         mock.duplicated.load(Ordering::Relaxed),
         "{r:#}"
     );
+}
+
+/// A wrong API key (here the default, `dev`) stops the run before any member connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_stops_on_a_refused_api_key() {
+    let (mock, addr, server) = start_mock().await;
+    let url = format!("ws://{addr}/ws");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_presence-loadtest"))
+        .args([
+            "fanout",
+            "--groups",
+            "40",
+            "--members",
+            "2",
+            "--duration",
+            "1",
+        ])
+        .args(["--url", &url, "--jwt-secret", SECRET, "--quiet"])
+        .env_remove("PRESENCE_API_KEY")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("presence-loadtest did not stop by itself")
+        .expect("run presence-loadtest");
+    server.abort();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("401") && err.contains("--api-key"),
+        "no clear message: {err}"
+    );
+    assert_eq!(mock.websockets.load(Ordering::Relaxed), 0);
+    assert!(
+        mock.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    );
+    // It stopped at the first refusal: no more than the 32 requests in flight at once were made.
+    let tried = mock.rest_requests.load(Ordering::Relaxed);
+    assert!((1..=32).contains(&tried), "{tried} requests");
 }

@@ -1,6 +1,7 @@
 //! Smoke runs of `presence-loadtest` against the real gateway binary: short `idle`, `churn`,
 //! `storm`, `fanout` and `private` runs must connect everything, fail nothing and count something;
-//! non-loopback targets must be refused.
+//! `fanout` must open its groups with the API key and stop on a wrong one; non-loopback targets
+//! must be refused.
 //!
 //! The gateway is another package's binary, so Cargo does not build it for this test: `make test`
 //! builds it first (or run `cargo build -p presence-gateway`). The test looks for it next to the
@@ -392,6 +393,61 @@ fn fanout_delivers_to_every_member() {
     assert!(num(&r, "/figures/expected_deliveries") > 0.0, "{r:#}");
     assert_eq!(num(&r, "/figures/lost"), 0.0, "{r:#}");
     assert_eq!(num(&r, "/figures/duplicates"), 0.0, "{r:#}");
+}
+
+/// Groups are closed by default: `fanout` opens them with the API key (`dev` on a `--dev`
+/// gateway, the default) before its members join; a wrong key stops the run before that.
+#[test]
+fn fanout_needs_the_api_key() {
+    let gateway = start_gateway();
+    let (status, r) = loadtest(
+        &gateway,
+        "fanout-key",
+        &[
+            "fanout",
+            "--groups",
+            "2",
+            "--members",
+            "2",
+            "--rate",
+            "10",
+            "--duration",
+            "1",
+            "--api-key",
+            "dev",
+        ],
+    );
+    assert!(status.success(), "exit {status}: {r:#}");
+    assert_eq!(num(&r, "/figures/groups_opened"), 2.0, "{r:#}");
+    assert_eq!(num(&r, "/figures/joined"), 4.0, "{r:#}");
+    let out = Command::new(env!("CARGO_BIN_EXE_presence-loadtest"))
+        .args([
+            "fanout",
+            "--groups",
+            "2",
+            "--members",
+            "2",
+            "--duration",
+            "1",
+        ])
+        .args(["--url", &format!("ws://{}/ws", gateway.addr)])
+        .args([
+            "--jwt-secret",
+            SECRET,
+            "--api-key",
+            "not-the-key-7f3a",
+            "--quiet",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot start presence-loadtest");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("401") && err.contains("--api-key"),
+        "no clear message: {err}"
+    );
+    assert!(!err.contains("7f3a"), "the key is echoed: {err}");
 }
 
 #[test]

@@ -10,6 +10,10 @@ pub const PLATFORMS: std::ops::RangeInclusive<u8> = 1..=8;
 /// True for a user or group id: 1 to 128 bytes of `[A-Za-z0-9_.:@-]`.
 ///
 /// The alphabet excludes `{` and `}` so an id can never break the Redis hash tag around it.
+/// The sender of the app backend's messages. No client may be this user, so no message from a
+/// client can pass for one from the app.
+pub const SYSTEM_USER: &str = "system";
+
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_BYTES

@@ -39,7 +39,7 @@ pub async fn send(
     body: Result<Json<SendRequest>, JsonRejection>,
 ) -> ApiJson<SendAnswer> {
     let Json(req) = json_body(body)?;
-    let from = req.from.unwrap_or_else(|| "system".to_string());
+    let from = req.from.unwrap_or_else(|| ids::SYSTEM_USER.to_string());
     ids::check_id("from", &from).map_err(ApiError::bad_request)?;
     match &req.to {
         Destination::User { user } => ids::check_id("user", user),

@@ -39,6 +39,12 @@ pub async fn create(
 ) -> ApiJson<TokenAnswer> {
     let Json(req) = json_body(body)?;
     ids::check_id("user", &req.user).map_err(ApiError::bad_request)?;
+    if req.user == ids::SYSTEM_USER {
+        return Err(ApiError::bad_request(format!(
+            "the user id {} is reserved for the app backend's messages",
+            ids::SYSTEM_USER
+        )));
+    }
     if !ids::is_valid_platform(req.platform) {
         return Err(ApiError::bad_request("platform must be 1 to 8"));
     }
@@ -49,10 +55,12 @@ pub async fn create(
         )));
     }
     let token = auth::mint_opaque_token();
+    let now = now_ms();
     let claims = TokenClaims {
         user: req.user,
         platform: req.platform,
-        expires_at: now_ms() + ttl * 1000,
+        expires_at: now + ttl * 1000,
+        issued_at: Some(now),
     };
     app.backend.tokens.put_token(&token, &claims).await?;
     // The least-loaded node, for deployments without a load balancer; a registry hiccup only

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use shared::Message;
 use tokio::sync::mpsc;
 
+use super::Control;
 use crate::presence::PresenceRecord;
 
 /// What a node can listen to.
@@ -50,6 +51,8 @@ pub enum BackendEvent {
         group: String,
         joined: bool,
     },
+    /// The app backend acts on `user`'s connections ([`super::Sessions::control`]).
+    Control { user: String, control: Control },
 }
 
 /// Where a backend sends its events. The node routes them to the shard owning each user.

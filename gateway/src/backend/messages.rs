@@ -32,8 +32,6 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError>;
     /// Drops stored private messages up to and including `up_to`.
     async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError>;
-    /// What a new connection needs before its welcome: the user's groups and stored messages.
-    async fn connect_state(&self, user: &str) -> ConnectState;
 
     /// A group's messages after `since` (or from the oldest kept), at most `limit`, oldest
     /// first; true when more follow.
@@ -95,12 +93,6 @@ impl SendOutcome {
 pub enum SendRefused {
     #[error("only members may send to this group")]
     NotMember,
-}
-
-/// The reads a connection waits for before its welcome; each may fail on its own.
-pub struct ConnectState {
-    pub groups: Result<Vec<String>, BackendError>,
-    pub offline: Result<Vec<Message>, BackendError>,
 }
 
 /// Limits of stored messages.

@@ -11,6 +11,7 @@ pub mod messages;
 pub mod presence;
 pub mod redis;
 pub mod registry;
+pub mod sessions;
 pub mod tokens;
 
 use std::{sync::Arc, time::Duration};
@@ -18,17 +19,16 @@ use std::{sync::Arc, time::Duration};
 pub use events::{Audience, BackendEvent, Delivery, EventSink, Origin, Subscriptions, Topic};
 pub use groups::{GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members};
 pub use memory::MemoryBackend;
-pub use messages::{
-    ConnectState, MessageSettings, MessageStore, Outgoing, SendOutcome, SendRefused,
-};
+pub use messages::{MessageSettings, MessageStore, Outgoing, SendOutcome, SendRefused};
 pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry};
+pub use sessions::{ConnectState, Control, Sessions};
 pub use tokens::{TokenClaims, TokenStore};
 
 /// Every role together: what an implementation provides. Only `app.rs` sees a whole backend.
 pub trait Backend:
-    PresenceStore + Subscriptions + Registry + TokenStore + Groups + MessageStore
+    PresenceStore + Subscriptions + Registry + TokenStore + Groups + MessageStore + Sessions
 {
     /// `embedded` or `redis`, for logs and metrics.
     fn kind(&self) -> &'static str;
@@ -44,6 +44,7 @@ pub struct Roles {
     pub tokens: Arc<dyn TokenStore>,
     pub groups: Arc<dyn Groups>,
     pub messages: Arc<dyn MessageStore>,
+    pub sessions: Arc<dyn Sessions>,
 }
 
 impl Roles {
@@ -55,7 +56,8 @@ impl Roles {
             registry: backend.clone(),
             tokens: backend.clone(),
             groups: backend.clone(),
-            messages: backend,
+            messages: backend.clone(),
+            sessions: backend,
         }
     }
 }

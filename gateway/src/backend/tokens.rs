@@ -22,4 +22,7 @@ pub struct TokenClaims {
     pub platform: Platform,
     /// Ms since the epoch.
     pub expires_at: u64,
+    /// Ms since the epoch; absent in tokens stored before it was recorded.
+    #[serde(default)]
+    pub issued_at: Option<u64>,
 }

@@ -52,6 +52,7 @@ pub async fn run(
         now,
         out_tx,
     ));
+    conn.set_token(identity.issued_at, identity.expires_at);
     let welcome = ServerFrame::Welcome {
         conn_id: format!("{}-{}", app.node_id, conn.id),
         user: conn.user.clone(),
@@ -62,7 +63,21 @@ pub async fn run(
     };
     // The user's groups and stored messages are read before the connection is registered, so
     // that `welcome` and the stored messages are the first frames, in that order.
-    let ConnectState { groups, offline } = app.backend.messages.connect_state(&conn.user).await;
+    let ConnectState {
+        groups,
+        offline,
+        revoked_at,
+    } = app.backend.sessions.connect_state(&conn.user).await;
+    // A revocation that cannot be read lets the connection in: an outage must not lock every
+    // user out. The revoke also closed live connections, so this only matters for a token
+    // presented again while the backend is away.
+    let revoked = match revoked_at {
+        Ok(at) => at.is_some_and(|at| conn.token_issued_before(at)),
+        Err(e) => {
+            tracing::warn!(error = %e, user = %conn.user, "cannot read the user's revocation");
+            false
+        }
+    };
     let groups = groups.unwrap_or_else(|e| {
         tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
         Vec::new()
@@ -75,6 +90,13 @@ pub async fn run(
         .into_iter()
         .map(|m| EncodedFrame::new(ServerFrame::Message(m)))
         .collect();
+    if revoked {
+        metrics::counter!(m::CONNECTS, "result" => "revoked").increment(1);
+        conn.close_with(close_code::UNAUTHORIZED, "token revoked");
+        let heartbeat = app.config.heartbeat();
+        let _ = tokio::spawn(write_loop(sink, out_rx, conn, heartbeat)).await;
+        return;
+    }
     // Setup and teardown are boxed: a task is as large as its largest await point, and these are
     // larger than the read loop that an idle connection sits in.
     let accepted = Box::pin(register(
@@ -276,17 +298,24 @@ fn note_rtt(conn: &ConnHandle, payload: &[u8], now: u64) {
 
 /// Drains the outbound queue into the socket, pings every `heartbeat`, and closes the socket with
 /// the requested code once the connection is asked to close (or the client is silent for two
-/// heartbeats: 4010).
+/// heartbeats: 4010; or its token expired: 4001).
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut out: mpsc::Receiver<Arc<EncodedFrame>>,
     conn: Arc<ConnHandle>,
     heartbeat: Duration,
 ) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One timer serves the heartbeat and the token's expiry: it fires at whichever comes first,
+    // so an idle connection carries no second timer.
+    let mut next_ping = tokio::time::Instant::now() + heartbeat;
+    let timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(timer);
     let closer = conn.close_requested().clone();
     loop {
+        let deadline = next_ping.min(token_deadline(&conn));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             biased;
             _ = closer.cancelled() => break,
@@ -301,8 +330,18 @@ async fn write_loop(
                     break;
                 }
             }
-            _ = tick.tick() => {
+            _ = &mut timer => {
                 let now = now_ms();
+                let expires = conn.token_expires_at.load(std::sync::atomic::Ordering::Relaxed);
+                if expires != 0 && now >= expires {
+                    metrics::counter!(m::SESSION_CLOSES, "reason" => "token_expired").increment(1);
+                    conn.close_with(close_code::UNAUTHORIZED, "token expired");
+                    break;
+                }
+                if tokio::time::Instant::now() < next_ping {
+                    continue;
+                }
+                next_ping += heartbeat;
                 let heard = conn.last_heard.load(std::sync::atomic::Ordering::Relaxed);
                 if now.saturating_sub(heard) > 2 * heartbeat.as_millis() as u64 {
                     conn.close(close_code::HEARTBEAT_TIMEOUT);
@@ -317,7 +356,20 @@ async fn write_loop(
         }
     }
     let code = conn.requested_close_code().unwrap_or(close_code::NORMAL);
-    Box::pin(close_socket(sink, out, conn.encoding, code)).await;
+    let reason = conn.close_reason().map(Utf8Bytes::from);
+    Box::pin(close_socket(sink, out, conn.encoding, code, reason)).await;
+}
+
+/// When the token expires, on tokio's clock (far away for a token that does not expire).
+fn token_deadline(conn: &ConnHandle) -> tokio::time::Instant {
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    match conn.token_expires_at.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => far,
+        expires => {
+            let left = Duration::from_millis(expires.saturating_sub(now_ms()));
+            (tokio::time::Instant::now() + left).min(far)
+        }
+    }
 }
 
 /// Frames queued before the close was asked for still go out (e.g. an error explaining it),
@@ -327,6 +379,7 @@ async fn close_socket(
     mut out: mpsc::Receiver<Arc<EncodedFrame>>,
     encoding: Encoding,
     code: u16,
+    reason: Option<Utf8Bytes>,
 ) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         if code != close_code::POLICY {
@@ -339,11 +392,11 @@ async fn close_socket(
                 }
             }
         }
-        let reason = close_reason(code);
+        let reason = reason.unwrap_or_else(|| Utf8Bytes::from_static(close_reason(code)));
         let _ = sink
             .send(Message::Close(Some(CloseFrame {
                 code,
-                reason: Utf8Bytes::from_static(reason),
+                reason,
             })))
             .await;
         let _ = sink.close().await;
@@ -355,6 +408,8 @@ fn close_reason(code: u16) -> &'static str {
     match code {
         close_code::GOING_AWAY => "node going away",
         close_code::UNAUTHORIZED => "unauthorized",
+        close_code::DISCONNECTED => "disconnected by the app",
+        close_code::REPLACED => "replaced by a newer login",
         close_code::POLICY => "policy violation",
         close_code::TOO_MANY_CONNECTIONS => "too many connections for this user",
         close_code::HEARTBEAT_TIMEOUT => "heartbeat timeout",

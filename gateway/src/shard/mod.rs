@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::{Delivery, PresenceStore, Subscriptions},
+    backend::{Control, Delivery, PresenceStore, Subscriptions},
     conn_handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
@@ -55,6 +55,8 @@ pub enum ShardCmd {
     /// A message for local connections of a user of this shard, of a group of this shard, or of
     /// everyone on this shard.
     Deliver(Arc<Delivery>),
+    /// The app backend acts on a user of this shard: their matching connections here close.
+    Control { user: String, control: Control },
     /// A user of this shard joined or left a group: their connections here follow.
     Membership {
         user: String,

@@ -26,6 +26,10 @@ pub async fn route_events(
                 let user = record.user.clone();
                 shards.send(&user, ShardCmd::Presence(record)).await;
             }
+            BackendEvent::Control { user, control } => {
+                let key = user.clone();
+                shards.send(&key, ShardCmd::Control { user, control }).await;
+            }
             BackendEvent::Resync => {
                 announce_now.notify_one();
                 for index in 0..shards.count() {

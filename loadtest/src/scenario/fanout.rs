@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     cli::FanoutArgs,
-    report::{Stats, Summary, figures},
+    report::{Stats, Summary, figures, round},
 };
 
 pub fn validate(a: &FanoutArgs) -> anyhow::Result<Vec<String>> {
@@ -33,7 +33,8 @@ pub fn validate(a: &FanoutArgs) -> anyhow::Result<Vec<String>> {
     Ok(warnings)
 }
 
-fn group_id(prefix: &str, g: u64) -> String {
+/// Group `g` of the run.
+pub fn group_id(prefix: &str, g: u64) -> String {
     format!("{prefix}-grp{g}")
 }
 
@@ -79,6 +80,10 @@ figures! {
             groups: u64,
             members_per_group: u64,
             senders_per_group: u64,
+            /// Groups the coordinator opened before any member joined (one
+            /// `PUT /v1/groups/{group}` round trip each), and how long that took.
+            groups_opened: u64,
+            groups_open_secs: f64,
             /// Members that joined their group.
             joined: u64,
             join_failure_kinds: BTreeMap<String, u64>,
@@ -101,6 +106,8 @@ pub fn summarize(args: &FanoutArgs, o: &Outcome<'_>) -> Summary {
         groups: args.groups,
         members_per_group: args.members,
         senders_per_group: args.senders_per_group,
+        groups_opened: o.opened.groups,
+        groups_open_secs: round(o.opened.secs, 3),
         joined: joined.iter().sum(),
         join_failure_kinds: s.with_prefix("join_failed."),
         messaging: messaging::common_figures(

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    admin::Opened,
     cli::{ChurnArgs, CommonArgs, FanoutArgs, IdleArgs, PrivateArgs, StormArgs},
     client::ClientEnv,
     probe::{Probe, Snapshot},
@@ -45,6 +46,8 @@ pub struct Outcome<'a> {
     pub after_run: &'a Snapshot,
     /// Taken every second during the measured phase, for scenarios that ask for it.
     pub during: &'a [Snapshot],
+    /// The groups the coordinator opened before the workers started.
+    pub opened: Opened,
 }
 
 impl Scenario {
@@ -104,6 +107,15 @@ impl Scenario {
             Scenario::Fanout(a) => a.groups * a.members,
             Scenario::Private(a) => private::users(a),
             Scenario::Storm(a) => a.users,
+        }
+    }
+
+    /// Groups the run's members join: the coordinator opens them (`PUT /v1/groups/{group}`)
+    /// before any worker starts, as groups are closed by default.
+    pub fn groups(&self, prefix: &str) -> Vec<String> {
+        match self {
+            Scenario::Fanout(a) => (0..a.groups).map(|g| fanout::group_id(prefix, g)).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -371,6 +383,8 @@ mod tests {
         let mut fanout: Vec<&str> = messaging.to_vec();
         fanout.extend([
             "groups",
+            "groups_open_secs",
+            "groups_opened",
             "join_failure_kinds",
             "joined",
             "members_per_group",

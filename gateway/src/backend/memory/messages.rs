@@ -8,7 +8,7 @@ use shared::{Destination, Message, RouteResult};
 use super::MemoryBackend;
 use crate::{
     backend::{
-        Audience, BackendError, BackendEvent, ConnectState, Delivery, Groups, MessageStore,
+        Audience, BackendError, BackendEvent, Delivery, MessageStore,
         Outgoing, SendOutcome, SendRefused, Topic, msg_id, parse_msg_id,
     },
     clock::now_ms,
@@ -115,13 +115,6 @@ impl MessageStore for MemoryBackend {
                     .collect()
             })
             .unwrap_or_default())
-    }
-
-    async fn connect_state(&self, user: &str) -> ConnectState {
-        ConnectState {
-            groups: self.user_groups(user).await,
-            offline: self.offline_messages(user).await,
-        }
     }
 
     async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {

@@ -7,6 +7,7 @@ mod groups;
 mod messages;
 mod presence;
 mod registry;
+mod sessions;
 mod tokens;
 
 use std::{
@@ -48,6 +49,8 @@ struct State {
     user_groups: HashMap<String, BTreeSet<String>>,
     stored: HashMap<String, Inbox>,
     read_positions: HashMap<String, HashMap<String, String>>,
+    /// Per user, when their tokens were last revoked (ms); swept with expired tokens.
+    revoked: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -136,7 +139,7 @@ impl State {
         self.listens(Topic::Presence(user.to_string()))
     }
 
-    fn listens(&self, topic: Topic) -> bool {
+    pub(super) fn listens(&self, topic: Topic) -> bool {
         self.listening.contains_key(&topic)
     }
 }

@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 use super::MemoryBackend;
 use crate::{
-    backend::{BackendError, Changed, NodeInfo, Registry},
+    backend::{BackendError, Changed, NodeInfo, Registry, sessions::REVOCATION_TTL_MS},
     clock::now_ms,
 };
 
@@ -46,6 +46,8 @@ impl Registry for MemoryBackend {
             state.nodes.retain(|_, (_, expires)| *expires > now);
             let now_wall = now_ms();
             state.tokens.retain(|_, c| c.expires_at > now_wall);
+            let forget_before = now_wall.saturating_sub(REVOCATION_TTL_MS);
+            state.revoked.retain(|_, at| *at > forget_before);
             let expired: Vec<String> = state
                 .users
                 .iter()

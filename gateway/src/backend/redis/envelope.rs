@@ -1,11 +1,12 @@
 //! How messages travel through Redis: a MessagePack envelope (binary-safe, so bodies pass through
 //! untouched) written once to history or offline storage and published as `M<msg_id>|<envelope>`.
-//! Membership changes travel on a user's inbox channel as `J<group>` / `L<group>`.
+//! Membership changes travel on a user's inbox channel as `J<group>` / `L<group>`, the app
+//! backend's control of the user's connections as `C<json>`.
 
 use serde::{Deserialize, Serialize};
 use shared::{Body, Destination, Message};
 
-use crate::backend::{Origin, Outgoing};
+use crate::backend::{Control, Origin, Outgoing};
 
 #[derive(Serialize, Deserialize)]
 struct Envelope {
@@ -49,6 +50,7 @@ pub enum Published {
     Message(Message, Option<Origin>),
     Joined(String),
     Left(String),
+    Control(Control),
 }
 
 pub fn parse_published(payload: &[u8]) -> Option<Published> {
@@ -64,6 +66,7 @@ pub fn parse_published(payload: &[u8]) -> Option<Published> {
             std::str::from_utf8(rest).ok()?.to_string(),
         )),
         b'L' => Some(Published::Left(std::str::from_utf8(rest).ok()?.to_string())),
+        b'C' => Some(Published::Control(serde_json::from_slice(rest).ok()?)),
         _ => None,
     }
 }

@@ -46,6 +46,10 @@ impl Keys {
     }
 
     /// SET of the user's groups.
+    pub fn revoked(&self, user: &str) -> String {
+        format!("{}:rv:{{{user}}}", self.prefix)
+    }
+
     pub fn user_groups(&self, user: &str) -> String {
         format!("{}:ug:{{{user}}}", self.prefix)
     }

@@ -11,7 +11,7 @@ use shared::{Destination, Message, RouteResult};
 use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, scripts::ScriptCall};
 use crate::{
     backend::{
-        BackendError, ConnectState, MessageStore, Outgoing, SendOutcome, SendRefused, parse_msg_id,
+        BackendError, MessageStore, Outgoing, SendOutcome, SendRefused, parse_msg_id,
     },
     clock::now_ms,
 };
@@ -101,7 +101,7 @@ impl MessageStore for RedisBackend {
                 Destination::User { user } => {
                     let (nodes, stored, msg_id) = (int(0) as u64, int(1) as u64, id(2));
                     // The sender's other devices get a copy through their own inbox channel.
-                    if out.from != *user && out.from != "system" {
+                    if out.from != *user && out.from != shared::ids::SYSTEM_USER {
                         let mut payload = format!("M{msg_id}|").into_bytes();
                         payload.extend_from_slice(env);
                         let args: Vec<Value> = vec![
@@ -156,44 +156,6 @@ impl MessageStore for RedisBackend {
             .await
             .map_err(|e| Self::error("offline", e))?;
         Ok(Self::offline_from(entries))
-    }
-    /// Groups and stored messages in one pipeline: a connect costs one round trip, not two.
-    async fn connect_state(&self, user: &str) -> ConnectState {
-        let pipeline = self.client.pipeline();
-        let queued: Result<(), fred::error::Error> = async {
-            let _: () = pipeline
-                .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])
-                .await?;
-            pipeline
-                .custom(cmd("XRANGE"), self.offline_range(user))
-                .await
-        }
-        .await;
-        if let Err(e) = queued {
-            let e = Self::error("connect", e);
-            return ConnectState {
-                groups: Err(e.clone()),
-                offline: Err(e),
-            };
-        }
-        Self::count_round_trip("connect");
-        let mut results = pipeline.try_all::<Value>().await.into_iter();
-        let mut next = || {
-            results
-                .next()
-                .unwrap_or_else(|| Err(fred::error::Error::new_canceled()))
-                .map_err(|e| Self::error("connect", e))
-        };
-        let groups = next().and_then(|v| {
-            v.convert::<Vec<String>>()
-                .map_err(|e| Self::error("connect", e))
-        });
-        let offline = next().and_then(|v| {
-            v.convert::<Vec<Value>>()
-                .map(Self::offline_from)
-                .map_err(|e| Self::error("connect", e))
-        });
-        ConnectState { groups, offline }
     }
     async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {
         let (ms, seq) = parse_msg_id(up_to)
@@ -345,7 +307,7 @@ impl RedisBackend {
     }
 
     /// XRANGE arguments for a user's stored messages, oldest first, at most the cap.
-    fn offline_range(&self, user: &str) -> Vec<String> {
+    pub(super) fn offline_range(&self, user: &str) -> Vec<String> {
         vec![
             self.keys.offline(user),
             "-".into(),
@@ -355,7 +317,7 @@ impl RedisBackend {
         ]
     }
 
-    fn offline_from(entries: Vec<Value>) -> Vec<Message> {
+    pub(super) fn offline_from(entries: Vec<Value>) -> Vec<Message> {
         Self::stream_messages(entries)
             .into_iter()
             .map(|mut m| {

@@ -12,6 +12,7 @@ mod pubsub;
 mod record;
 mod registry;
 mod scripts;
+mod sessions;
 mod tokens;
 mod write;
 

@@ -198,6 +198,10 @@ fn to_event(kind: ChannelKind<'_>, payload: &[u8]) -> Option<BackendEvent> {
                 group,
                 joined: false,
             }),
+            Published::Control(control) => Some(BackendEvent::Control {
+                user: user.to_string(),
+                control,
+            }),
         },
         ChannelKind::Group(group) => match envelope::parse_published(payload)? {
             Published::Message(message, origin) => Some(delivery(

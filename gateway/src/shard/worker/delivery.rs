@@ -8,9 +8,9 @@ use tokio::sync::oneshot;
 
 use super::{super::ShardCmd, Worker};
 use crate::{
-    backend::{Audience, Delivery, Topic},
+    backend::{Audience, Control, Delivery, Topic},
     clock::now_ms,
-    conn_handle::{ConnHandle, ConnId},
+    conn_handle::{ConnHandle, ConnId, close_code},
     frame::EncodedFrame,
     metrics as m,
     presence::PresenceRecord,
@@ -104,6 +104,28 @@ impl Worker {
                 self.groups.remove(group);
                 self.subscriptions
                     .unwatch(vec![Topic::Group(group.to_string())]);
+            }
+        }
+    }
+
+    /// Closes the user's local connections the app backend's control matches.
+    pub(super) fn control(&mut self, user: &str, control: &Control) {
+        let Some(slot) = self.users.get(user) else {
+            return;
+        };
+        for conn in &slot.conns {
+            let closed = match control {
+                Control::Disconnect { platforms, reason } => {
+                    (platforms.is_empty() || platforms.contains(&conn.platform))
+                        && conn.close_with(close_code::DISCONNECTED, reason)
+                }
+                Control::Revoke { before } => {
+                    conn.token_issued_before(*before)
+                        && conn.close_with(close_code::UNAUTHORIZED, "token revoked")
+                }
+            };
+            if closed {
+                metrics::counter!(m::SESSION_CLOSES, "reason" => control.label()).increment(1);
             }
         }
     }

@@ -314,6 +314,7 @@ impl Worker {
                     self.follow(&conn, group.clone(), joined, None);
                 }
             }
+            ShardCmd::Control { user, control } => self.control(&user, &control),
             ShardCmd::Follow {
                 conn,
                 group,

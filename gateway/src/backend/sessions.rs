@@ -1,0 +1,61 @@
+//! The sessions role: what a connection needs before its welcome, and the app backend's control
+//! over live connections on every node (disconnect, revoke).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use shared::{Message, Platform};
+
+use super::BackendError;
+
+/// Connections, seen across nodes.
+///
+/// - `control` reaches every node holding a connection of the user (those that watch the user's
+///   inbox, [`super::Topic::Inbox`]) as [`super::BackendEvent::Control`], at most once (pub/sub);
+///   it answers how many nodes it reached.
+/// - After `revoke(user, at)` returns, `connect_state` of that user on any node reports `at`, for
+///   30 days (longer than any token this gateway issues lives); tokens issued before it must be
+///   refused by the caller.
+#[async_trait]
+pub trait Sessions: Send + Sync + 'static {
+    /// What a new connection needs before its welcome, in one round trip on Redis.
+    async fn connect_state(&self, user: &str) -> ConnectState;
+    async fn control(&self, user: &str, control: &Control) -> Result<u64, BackendError>;
+    /// Records that tokens of `user` issued before `at` (ms) are void, and tells every node.
+    async fn revoke(&self, user: &str, at: u64) -> Result<u64, BackendError>;
+}
+
+/// The reads a connection waits for before its welcome; each may fail on its own.
+pub struct ConnectState {
+    pub groups: Result<Vec<String>, BackendError>,
+    pub offline: Result<Vec<Message>, BackendError>,
+    /// Tokens of the user issued before this (ms) are revoked.
+    pub revoked_at: Result<Option<u64>, BackendError>,
+}
+
+/// What the app backend asks of a user's live connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Control {
+    /// Close the user's connections (only those on `platforms`, when given) with 4003.
+    Disconnect {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        platforms: Vec<Platform>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    /// Close the user's connections whose token was issued before `before` (ms) with 4001.
+    Revoke { before: u64 },
+}
+
+impl Control {
+    /// For metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Control::Disconnect { .. } => "disconnect",
+            Control::Revoke { .. } => "revoke",
+        }
+    }
+}
+
+/// How long a revocation is remembered: longer than the longest token `POST /v1/tokens` issues.
+pub const REVOCATION_TTL_MS: u64 = 31 * 86_400 * 1000;
