@@ -5,6 +5,8 @@ mod harness;
 
 /// Connections: authentication, encodings, limits, bad input and close codes.
 mod connect;
+/// Backend role contracts, each test run in-process against the embedded and the Redis backend.
+mod contract;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
 mod messaging;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.
