@@ -430,7 +430,7 @@ async fn connect_state_has_groups_and_stored_messages(f: Factory) {
         .expect("add");
     let out = private("friend", "newcomer", "welcome");
     let sent = send_one(&b, out.clone()).await;
-    let state = b.messages.connect_state("newcomer").await;
+    let state = b.sessions.connect_state("newcomer").await;
     let mut groups = state.groups.expect("groups");
     groups.sort();
     assert_eq!(groups, ["a-group", "b-group"]);
@@ -438,7 +438,7 @@ async fn connect_state_has_groups_and_stored_messages(f: Factory) {
         state.offline.expect("offline"),
         vec![as_sent(&out, &sent.msg_id, Some(true))]
     );
-    let empty = b.messages.connect_state("stranger").await;
+    let empty = b.sessions.connect_state("stranger").await;
     assert_eq!(empty.groups.expect("groups"), Vec::<String>::new());
     assert_eq!(empty.offline.expect("offline"), vec![]);
 }

@@ -24,6 +24,7 @@ async fn tokens_are_redeemable_on_every_node(f: Factory) {
         user: "alice".into(),
         platform: 5,
         expires_at: now_ms() + 60_000,
+        issued_at: None,
     };
     b.tokens.put_token("tok-1", &claims).await.expect("put");
     assert_eq!(
@@ -49,6 +50,7 @@ async fn expired_tokens_are_gone(f: Factory) {
         user: "bob".into(),
         platform: 1,
         expires_at: now_ms() + 200,
+        issued_at: None,
     };
     b.tokens.put_token("short", &claims).await.expect("put");
     assert_eq!(
@@ -69,6 +71,7 @@ async fn tokens_put_past_their_expiry_are_never_redeemable(f: Factory) {
         user: "carol".into(),
         platform: 2,
         expires_at: now_ms() - 1_000,
+        issued_at: None,
     };
     b.tokens.put_token("stale", &claims).await.expect("put");
     assert_eq!(b.tokens.get_token("stale").await.expect("get"), None);
