@@ -1,5 +1,8 @@
-//! The presence gateway as a library: [`serve`] runs one node on a bound listener until a shutdown
-//! signal, and is what both `main` and the tests call.
+//! The presence gateway as a library: [`serve`] runs one node on a listener from [`bind`] until a
+//! shutdown token is cancelled. `main` calls it after parsing flags and binding; the integration
+//! tests (`tests/it/`) run that binary as processes, and also call [`serve`] directly, in-process
+//! (`inproc.rs`), where they need no process of their own. `tests/it/shard.rs` starts shard workers
+//! alone ([`shard::Shards::spawn`]) on a paused clock.
 
 pub mod api;
 pub mod api_error;

@@ -1,6 +1,7 @@
-//! Starts what the tests need as real processes: gateway nodes (the built binary) and redis-server
-//! instances or a local Redis Cluster on free ports. Every process is a child of the test and is
-//! killed and waited for when its handle drops.
+//! Starts what the tests need: gateway nodes, as processes of the built binary or in the test
+//! process (`inproc.rs`), and redis-server instances or a local Redis Cluster on free ports. Every
+//! process is a child of the test and is killed and waited for when its handle drops; an
+//! in-process node is told to shut down.
 
 use std::{
     io::{BufRead, BufReader},
@@ -10,6 +11,8 @@ use std::{
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
+
+use crate::inproc::InProcess;
 
 pub const API_KEY: &str = "test-key";
 pub const JWT_SECRET: &str = "test-jwt-secret";
@@ -22,9 +25,10 @@ pub enum Backend {
     Cluster(Vec<String>),
 }
 
-/// A gateway node: the real binary, on an ephemeral port.
+/// A gateway node on an ephemeral port: the real binary, or `gateway::serve` in this process.
 pub struct Node {
     child: Option<Child>,
+    in_process: Option<InProcess>,
     pub addr: SocketAddr,
     pub id: String,
     logs: Arc<Mutex<Vec<String>>>,
@@ -33,6 +37,7 @@ pub struct Node {
 pub struct NodeBuilder {
     args: Vec<String>,
     id: String,
+    in_process: bool,
 }
 
 impl NodeBuilder {
@@ -57,7 +62,17 @@ impl NodeBuilder {
             Backend::Redis(url) => args.push(format!("--redis-url={url}")),
             Backend::Cluster(seeds) => args.push(format!("--redis-cluster={}", seeds.join(","))),
         }
-        NodeBuilder { args, id }
+        NodeBuilder {
+            args,
+            id,
+            in_process: false,
+        }
+    }
+
+    /// Starts the node in this process instead of as a child process.
+    pub fn in_process(mut self) -> Self {
+        self.in_process = true;
+        self
     }
 
     /// Adds or overrides a flag (`--name=value`; later flags win).
@@ -66,7 +81,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Starts the node; returns once it listens (an in-process node may still be building: its
+    /// first connections wait in the listen backlog).
     pub fn start(self) -> Node {
+        if self.in_process {
+            return self.start_in_process();
+        }
         let binary = env!("CARGO_BIN_EXE_presence-gateway");
         let mut child = Command::new(binary)
             .args(&self.args)
@@ -121,9 +141,25 @@ impl NodeBuilder {
             .expect("socket address");
         Node {
             child: Some(child),
+            in_process: None,
             addr,
             id: self.id,
             logs,
+        }
+    }
+
+    /// The same flags, parsed as `main` parses them (without the environment), served by
+    /// `gateway::serve` in a task of the current runtime.
+    fn start_in_process(self) -> Node {
+        let argv = std::iter::once("presence-gateway".to_string()).chain(self.args);
+        let config = gateway::Config::try_parse_from_env(argv, |_| None).expect("node flags");
+        let node = crate::inproc::serve(config).expect("serve in process");
+        Node {
+            child: None,
+            addr: node.addr,
+            in_process: Some(node),
+            id: self.id,
+            logs: Arc::default(),
         }
     }
 }
@@ -137,23 +173,36 @@ impl Node {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// What a process node printed; nothing for an in-process node (it logs to the test's
+    /// tracing subscriber, when there is one).
     pub fn logs(&self) -> String {
         self.logs.lock().expect("log lock").join("\n")
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// SIGKILL: the node dies without a word.
+    /// SIGKILL: the node dies without a word. Process nodes only.
     pub fn kill(&mut self) {
+        assert!(
+            self.in_process.is_none(),
+            "an in-process node cannot be killed"
+        );
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// SIGTERM, then waits for the node to drain and exit; returns its exit success.
+    /// Shuts the node down as SIGTERM does and waits for it; true when it ended cleanly.
+    pub async fn shut_down(mut self) -> bool {
+        match self.in_process.take() {
+            Some(node) => node.stop().await.is_ok(),
+            None => tokio::task::spawn_blocking(move || self.terminate())
+                .await
+                .unwrap_or(false),
+        }
+    }
+
+    /// SIGTERM, then waits for the node to drain and exit; returns its exit success. Process
+    /// nodes only (see [`Node::shut_down`]).
     pub fn terminate(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return false;
@@ -189,7 +238,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.kill();
+        // An in-process node's own drop cancels its shutdown token.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

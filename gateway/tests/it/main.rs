@@ -1,7 +1,11 @@
-//! Integration tests: real gateway processes, real redis-server processes, real WebSocket clients.
+//! Integration tests: real gateway nodes (processes of the binary, or `gateway::serve` in this
+//! process), real redis-server processes, real WebSocket clients; and shard workers on a paused
+//! clock.
 
 mod client;
 mod harness;
+/// Nodes in the test process: `gateway::serve` in a task; two side by side.
+mod inproc;
 
 /// Connections: authentication, encodings, limits, bad input and close codes.
 mod connect;
@@ -11,7 +15,11 @@ mod contract;
 mod messaging;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.
 mod multinode;
-/// Presence behaviour, one suite run against the embedded and the Redis backend.
+/// Presence behaviour, one suite run against the embedded backend (in a node process and in-process)
+/// and the Redis backend.
 mod presence;
 /// The REST API of the app backend.
 mod rest;
+/// One shard worker on a paused clock: batch interval and size, flap suppression, retry backoff,
+/// renewal rounds in chunks, the idle check, the last flush at stop.
+mod shard;

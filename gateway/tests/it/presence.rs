@@ -1,5 +1,5 @@
-//! Presence behaviour every backend must show, written once and run against each backend through
-//! `behaviour_suite!`.
+//! Presence behaviour every backend must show, written once and run through `behaviour_suite!`
+//! against the embedded backend (a node process, and the same node in-process) and Redis.
 
 use std::time::Duration;
 
@@ -13,20 +13,23 @@ use crate::{
 /// A node on the backend under test, and what it needs.
 pub struct Setup {
     pub backend: Backend,
+    in_process: bool,
     _redis: Option<Redis>,
 }
 
 impl Setup {
     pub fn new(kind: &str) -> Setup {
         match kind {
-            "embedded" => Setup {
+            "embedded" | "inproc" => Setup {
                 backend: Backend::Embedded,
+                in_process: kind == "inproc",
                 _redis: None,
             },
             _ => {
                 let redis = Redis::start();
                 Setup {
                     backend: Backend::Redis(redis.url()),
+                    in_process: false,
                     _redis: Some(redis),
                 }
             }
@@ -34,17 +37,38 @@ impl Setup {
     }
 
     pub fn node(&self) -> NodeBuilder {
-        NodeBuilder::new(&self.backend)
+        let builder = NodeBuilder::new(&self.backend);
+        if self.in_process {
+            builder.in_process()
+        } else {
+            builder
+        }
     }
 }
 
+/// `everywhere` tests run on the embedded backend (process and in-process) and on Redis;
+/// `processes` tests skip the in-process node.
 macro_rules! behaviour_suite {
-    ($($test:ident),* $(,)?) => {
+    (everywhere: [$($test:ident),* $(,)?], processes: [$($proc_test:ident),* $(,)?] $(,)?) => {
         mod embedded {
             $(
                 #[tokio::test]
                 async fn $test() {
                     super::$test(super::Setup::new("embedded")).await
+                }
+            )*
+            $(
+                #[tokio::test]
+                async fn $proc_test() {
+                    super::$proc_test(super::Setup::new("embedded")).await
+                }
+            )*
+        }
+        mod inproc {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Setup::new("inproc")).await
                 }
             )*
         }
@@ -55,21 +79,31 @@ macro_rules! behaviour_suite {
                     super::$test(super::Setup::new("redis")).await
                 }
             )*
+            $(
+                #[tokio::test]
+                async fn $proc_test() {
+                    super::$proc_test(super::Setup::new("redis")).await
+                }
+            )*
         }
     };
 }
 
 behaviour_suite!(
-    platforms_aggregate_and_versions_grow,
-    invisible_looks_offline_to_others,
-    busy_with_text_reaches_subscribers,
-    idle_connections_turn_away_and_activity_brings_back,
-    flaps_inside_one_batch_are_silent,
-    second_tab_on_same_platform_changes_nothing,
-    unsubscribe_stops_events,
-    query_answers_known_and_unknown_users,
-    rest_sees_what_others_see,
-    graceful_shutdown_closes_with_going_away,
+    everywhere: [
+        platforms_aggregate_and_versions_grow,
+        invisible_looks_offline_to_others,
+        busy_with_text_reaches_subscribers,
+        idle_connections_turn_away_and_activity_brings_back,
+        second_tab_on_same_platform_changes_nothing,
+        unsubscribe_stops_events,
+        query_answers_known_and_unknown_users,
+        rest_sees_what_others_see,
+        graceful_shutdown_closes_with_going_away,
+    ],
+    // It counts writes on `/metrics`, which in-process nodes share with every other test of the
+    // binary; `shard.rs` pins flap suppression at the backend itself.
+    processes: [flaps_inside_one_batch_are_silent],
 );
 
 async fn platforms_aggregate_and_versions_grow(setup: Setup) {
@@ -357,11 +391,9 @@ async fn rest_sees_what_others_see(setup: Setup) {
 }
 
 async fn graceful_shutdown_closes_with_going_away(setup: Setup) {
-    let mut node = setup.node().start();
+    let node = setup.node().start();
     let mut alice = Client::connect(&node, "alice", 1).await;
-    let pid = node.pid();
-    assert!(pid > 0);
-    let waiter = tokio::task::spawn_blocking(move || node.terminate());
+    let waiter = tokio::spawn(node.shut_down());
     assert_eq!(alice.closed().await, crate::client::Closed::Code(1001));
     assert!(waiter.await.expect("join"), "node exits cleanly");
 }
