@@ -1,7 +1,10 @@
 //! The two encodings of the wire contract: MessagePack maps with string keys (the default) and JSON.
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::marker::PhantomData;
 
+use serde::{Deserialize, Serialize, de::DeserializeOwned, de::DeserializeSeed};
+
+use crate::frame_de::{TagFirst, TypeFirst};
 use crate::protocol::{ClientFrame, ServerFrame};
 
 /// WebSocket subprotocol that selects MessagePack.
@@ -79,19 +82,35 @@ impl Encoding {
         self.decode(bytes)
     }
 
-    fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, FrameError> {
-        let result = if !self.is_one_map(bytes) {
-            Err("a frame must be one JSON object or one MessagePack map".to_string())
-        } else {
-            match self {
-                Encoding::MsgPack => decode_msgpack_exact(bytes),
-                Encoding::Json => decode_json(bytes),
-            }
-        };
-        result.map_err(|message| FrameError {
+    fn decode<T: DeserializeOwned + TagFirst>(self, bytes: &[u8]) -> Result<T, FrameError> {
+        self.decode_frame(bytes).map_err(|message| FrameError {
             id: self.peek_id(bytes),
             message: format!("malformed frame: {message}"),
         })
+    }
+
+    /// One pass when `type` comes first, as every encoder writes it; otherwise the derive, which
+    /// buffers the map before it knows the variant (see `frame_de.rs`).
+    fn decode_frame<T: DeserializeOwned + TagFirst>(self, bytes: &[u8]) -> Result<T, String> {
+        if !self.is_one_map(bytes) {
+            return Err("a frame must be one JSON object or one MessagePack map".to_string());
+        }
+        match self.read(bytes, TypeFirst::new())? {
+            Some(frame) => Ok(frame),
+            None => self.read(bytes, PhantomData),
+        }
+    }
+
+    /// Reads one value, which must fill `bytes`, with `seed`.
+    pub(crate) fn read<'a, S: DeserializeSeed<'a>>(
+        self,
+        bytes: &'a [u8],
+        seed: S,
+    ) -> Result<S::Value, String> {
+        match self {
+            Encoding::MsgPack => decode_msgpack_exact(bytes, seed),
+            Encoding::Json => decode_json(bytes, seed),
+        }
     }
 
     /// Serde would also read a frame written as an array (fields by position); the contract has
@@ -122,9 +141,12 @@ impl Encoding {
 /// Decodes one MessagePack value that must fill `bytes` exactly: trailing bytes are an error, as
 /// they are for JSON. The deserializer reads `bytes` in place (strings are borrowed, not copied
 /// into a buffer first), so the end is checked by reading on: that must fail for want of a marker.
-fn decode_msgpack_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+fn decode_msgpack_exact<'a, S: DeserializeSeed<'a>>(
+    bytes: &'a [u8],
+    seed: S,
+) -> Result<S::Value, String> {
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-    let value = T::deserialize(&mut de).map_err(|e| e.to_string())?;
+    let value = seed.deserialize(&mut de).map_err(|e| e.to_string())?;
     match serde::de::IgnoredAny::deserialize(&mut de) {
         Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
             if e.kind() == std::io::ErrorKind::UnexpectedEof =>
@@ -135,12 +157,16 @@ fn decode_msgpack_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> 
     }
 }
 
-/// Decodes one JSON value. Every string of a frame is read, and so UTF-8-checked, whether its
-/// value is kept or not, so the text is checked once as a whole, which is faster than string by
-/// string and refuses exactly the same frames (invalid UTF-8 outside a string is a syntax error).
-fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// Decodes one JSON value. The derive reads, and so UTF-8-checks, every string of a frame, whether
+/// its value is kept or not; the text is checked once as a whole instead, which is faster than
+/// string by string and refuses the same frames in both paths of the decoder (invalid UTF-8
+/// outside a string is a syntax error).
+fn decode_json<'a, S: DeserializeSeed<'a>>(bytes: &'a [u8], seed: S) -> Result<S::Value, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("invalid UTF-8: {e}"))?;
-    serde_json::from_str(text).map_err(|e| e.to_string())
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = seed.deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
 }
 
 /// A frame that could not be encoded or decoded.

@@ -7,7 +7,6 @@ pub mod codec;
 mod frame_de;
 pub mod ids;
 pub mod protocol;
-mod replay;
 pub mod shard;
 
 pub use codec::{Encoding, FrameError};

@@ -151,9 +151,9 @@ pub struct Message {
     pub offline: Option<bool>,
 }
 
-/// A frame from client to server. `Deserialize` is hand-written (in `frame_de.rs`), so a frame is
-/// read in one pass; it accepts and refuses what this derive's attributes describe.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+/// A frame from client to server. The derived `Deserialize` is the reference decoder; the codec
+/// reads frames whose `type` comes first in one pass instead (see `frame_de.rs`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     Ping {
@@ -269,9 +269,8 @@ impl ClientFrame {
     }
 }
 
-/// A frame from server to client. `Deserialize` is hand-written (in `frame_de.rs`), like
-/// [`ClientFrame`]'s.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+/// A frame from server to client, decoded like [`ClientFrame`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Welcome {
