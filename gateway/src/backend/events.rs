@@ -20,13 +20,14 @@ pub enum Topic {
     Group(String),
 }
 
-/// Listening, counted per topic.
+/// Listening, per topic: a set, not a count. Each topic has one owner on a node (the shard of
+/// its user or group), which watches it once and unwatches it once.
 ///
 /// - `watch` and `unwatch` never block: the backend queues the work, and retries it while the
 ///   backend is away, so a watch made during an outage takes effect when it returns.
 /// - After `watch(t)` returns, every event of `t` published from then on reaches the
 ///   [`EventSink`] (on Redis: once the SUBSCRIBE is acknowledged, a few ms later), in publish
-///   order per topic; after the last matching `unwatch(t)`, none do.
+///   order per topic; after `unwatch(t)`, none do. Watching a watched topic changes nothing.
 /// - Delivery is at most once: an event published while the backend is unreachable is lost, and
 ///   the backend sends [`BackendEvent::Resync`] when it is back.
 pub trait Subscriptions: Send + Sync + 'static {

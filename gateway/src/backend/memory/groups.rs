@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::MemoryBackend;
-use crate::backend::{BackendError, BackendEvent, GroupInfo, Groups, JoinPolicy};
+use crate::backend::{BackendError, BackendEvent, GroupInfo, Groups, JoinPolicy, Topic};
 
 #[async_trait]
 impl Groups for MemoryBackend {
@@ -124,6 +124,9 @@ impl Groups for MemoryBackend {
 
 impl MemoryBackend {
     async fn membership_event(&self, user: &str, group: &str, joined: bool) {
+        if !self.lock().listens(Topic::Inbox(user.to_string())) {
+            return;
+        }
         let _ = self
             .events
             .send(BackendEvent::Membership {

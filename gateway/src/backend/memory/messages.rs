@@ -70,7 +70,13 @@ impl MessageStore for MemoryBackend {
                                 g.history.pop_front();
                             }
                             let others = g.members.iter().filter(|m| **m != out.from).count();
-                            events.push(delivery(Audience::Group(group.clone()), &message, &out));
+                            if live {
+                                events.push(delivery(
+                                    Audience::Group(group.clone()),
+                                    &message,
+                                    &out,
+                                ));
+                            }
                             let result = match (others, live) {
                                 (0, _) => RouteResult::NoRecipients,
                                 (_, true) => RouteResult::Delivered,

@@ -11,7 +11,7 @@ mod sessions;
 mod tokens;
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     sync::Mutex,
 };
 
@@ -42,9 +42,15 @@ struct State {
     online: BTreeSet<String>,
     tokens: HashMap<String, TokenClaims>,
     nodes: HashMap<String, (NodeInfo, Instant)>,
-    /// Listeners per topic on the node, so events go only where someone listens, as with Redis;
-    /// a user whose inbox nobody listens to gets private messages stored instead.
-    listening: HashMap<Topic, usize>,
+    /// Topics someone on the node listens to, so events go only there, as with Redis; a user
+    /// whose inbox nobody listens to gets private messages stored instead.
+    listening: HashSet<Topic>,
+    /// Every entry's expiry, oldest first, so reads sweep what expired without a scan. An item
+    /// may be stale (its entry renewed or removed since): sweeping it just recomputes the user.
+    expiries: BTreeSet<(Instant, String)>,
+    /// Changes that reads swept, kept for the next `reap_dead_nodes` (its caller sends the
+    /// webhooks); at most one per user whose entry expired.
+    swept: Vec<Changed>,
     groups: HashMap<String, GroupState>,
     user_groups: HashMap<String, BTreeSet<String>>,
     stored: HashMap<String, Inbox>,
@@ -100,6 +106,20 @@ impl MemoryBackend {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Applies entry expiry up to now, publishing what it changed: every read sees what Redis
+    /// would (an entry past its expiry counts for nothing).
+    async fn sweep(&self) -> Vec<Changed> {
+        let (changed, watched) = {
+            let mut state = self.lock();
+            let changed = state.sweep(Instant::now());
+            let watched = state.watched_of(&changed);
+            state.swept.extend(changed.iter().cloned());
+            (changed, watched)
+        };
+        self.publish(&changed, watched).await;
+        changed
+    }
+
     async fn publish(&self, changed: &[Changed], watched: Vec<bool>) {
         for (change, watched) in changed.iter().zip(watched) {
             if watched {
@@ -135,12 +155,46 @@ impl State {
         })
     }
 
-    fn is_watched(&self, user: &str) -> bool {
-        self.listens(Topic::Presence(user.to_string()))
+    /// Sets (`Some`) or removes `node`'s entry of `user`, keeping the expiry index.
+    fn set_entry(&mut self, user: &str, node: &str, entry: Option<(NodeEntry, Instant)>) {
+        let slot = self
+            .users
+            .entry(user.to_string())
+            .or_insert_with(|| UserState::new(user));
+        match entry {
+            Some((entry, expires)) => {
+                slot.entries.insert(node.to_string(), (entry, expires));
+                self.expiries.insert((expires, user.to_string()));
+            }
+            None => {
+                slot.entries.remove(node);
+            }
+        }
+    }
+
+    /// Recomputes every user with an entry that expired by `now`.
+    fn sweep(&mut self, now: Instant) -> Vec<Changed> {
+        let mut changed = Vec::new();
+        while let Some((expires, _)) = self.expiries.first()
+            && *expires <= now
+        {
+            let Some((_, user)) = self.expiries.pop_first() else {
+                break;
+            };
+            changed.extend(self.recompute(&user, now));
+        }
+        changed
+    }
+
+    fn watched_of(&self, changed: &[Changed]) -> Vec<bool> {
+        changed
+            .iter()
+            .map(|c| self.listens(Topic::Presence(c.record.user.clone())))
+            .collect()
     }
 
     pub(super) fn listens(&self, topic: Topic) -> bool {
-        self.listening.contains_key(&topic)
+        self.listening.contains(&topic)
     }
 }
 

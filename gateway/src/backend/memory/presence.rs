@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use shared::Platform;
 use tokio::time::Instant;
 
-use super::{MemoryBackend, UserState};
+use super::MemoryBackend;
 use crate::{
     backend::{BackendError, Changed, Counts, PresenceStore, PresenceWrite, Renewal},
     presence::{self, PresenceRecord, platform_bit},
@@ -23,27 +23,15 @@ impl PresenceStore for MemoryBackend {
             let mut state = self.lock();
             let mut changed = Vec::new();
             for write in writes {
-                let user = state
-                    .users
-                    .entry(write.user.clone())
-                    .or_insert_with(|| UserState::new(&write.user));
-                match write.entry {
-                    Some(entry) => {
-                        user.entries.insert(node.to_string(), (entry, expires));
-                    }
-                    None => {
-                        user.entries.remove(node);
-                    }
-                }
-                if let Some(status) = write.status {
+                state.set_entry(&write.user, node, write.entry.map(|e| (e, expires)));
+                if let Some(status) = write.status
+                    && let Some(user) = state.users.get_mut(&write.user)
+                {
                     user.chosen = status;
                 }
                 changed.extend(state.recompute(&write.user, now));
             }
-            let watched = changed
-                .iter()
-                .map(|c| state.is_watched(&c.record.user))
-                .collect();
+            let watched = state.watched_of(&changed);
             (changed, watched)
         };
         self.publish(&changed, watched).await;
@@ -68,6 +56,7 @@ impl PresenceStore for MemoryBackend {
     }
 
     async fn presence(&self, users: &[String]) -> Result<Vec<PresenceRecord>, BackendError> {
+        self.sweep().await;
         let state = self.lock();
         Ok(users
             .iter()
@@ -84,6 +73,7 @@ impl PresenceStore for MemoryBackend {
         limit: usize,
         platform: Option<Platform>,
     ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        self.sweep().await;
         let state = self.lock();
         let start = match after {
             Some(a) => std::ops::Bound::Excluded(a.to_string()),
@@ -112,6 +102,7 @@ impl PresenceStore for MemoryBackend {
     }
 
     async fn counts(&self) -> Result<Counts, BackendError> {
+        self.sweep().await;
         let state = self.lock();
         let mut counts = Counts {
             online_users: state.online.len() as u64,

@@ -20,7 +20,26 @@ impl Registry for MemoryBackend {
     }
 
     async fn leave_node(&self, node: &str) -> Result<(), BackendError> {
-        self.lock().nodes.remove(node);
+        // Shutdown only: a scan of the users is fine once per process.
+        let now = Instant::now();
+        let (changed, watched) = {
+            let mut state = self.lock();
+            state.nodes.remove(node);
+            let users: Vec<String> = state
+                .users
+                .iter()
+                .filter(|(_, s)| s.entries.contains_key(node))
+                .map(|(u, _)| u.clone())
+                .collect();
+            let mut changed = Vec::new();
+            for user in users {
+                state.set_entry(&user, node, None);
+                changed.extend(state.recompute(&user, now));
+            }
+            let watched = state.watched_of(&changed);
+            (changed, watched)
+        };
+        self.publish(&changed, watched).await;
         Ok(())
     }
 
@@ -48,23 +67,15 @@ impl Registry for MemoryBackend {
             state.tokens.retain(|_, c| c.expires_at > now_wall);
             let forget_before = now_wall.saturating_sub(REVOCATION_TTL_MS);
             state.revoked.retain(|_, at| *at > forget_before);
-            let expired: Vec<String> = state
-                .users
-                .iter()
-                .filter(|(_, s)| s.entries.values().any(|(_, e)| *e <= now))
-                .map(|(u, _)| u.clone())
-                .collect();
-            let mut changed = Vec::new();
-            for user in expired {
-                changed.extend(state.recompute(&user, now));
-            }
-            let watched = changed
-                .iter()
-                .map(|c| state.is_watched(&c.record.user))
-                .collect();
+            let changed = state.sweep(now);
+            let watched = state.watched_of(&changed);
             (changed, watched)
         };
         self.publish(&changed, watched).await;
-        Ok(changed)
+        // What reads swept since the last reap was published then; the reaper gets it now, for
+        // webhooks, as a Redis reaper would.
+        let mut reaped = std::mem::take(&mut self.lock().swept);
+        reaped.extend(changed);
+        Ok(reaped)
     }
 }

@@ -12,7 +12,11 @@ use crate::{
 #[async_trait]
 impl TokenStore for RedisBackend {
     async fn put_token(&self, token: &str, claims: &TokenClaims) -> Result<(), BackendError> {
-        let ttl = claims.expires_at.saturating_sub(now_ms()).max(1);
+        let ttl = claims.expires_at.saturating_sub(now_ms());
+        if ttl == 0 {
+            // Already expired: never redeemable, so nothing to store.
+            return Ok(());
+        }
         let value =
             serde_json::to_string(claims).map_err(|e| BackendError::internal("token", e))?;
         Self::count_round_trip("token");
@@ -34,6 +38,8 @@ impl TokenStore for RedisBackend {
             .custom(cmd("GET"), vec![self.keys.token(token)])
             .await
             .map_err(|e| Self::error("token", e))?;
-        Ok(value.and_then(|v| serde_json::from_str(&v).ok()))
+        let claims: Option<TokenClaims> = value.and_then(|v| serde_json::from_str(&v).ok());
+        // Redis expires the key within a millisecond or so; the claims decide.
+        Ok(claims.filter(|c| c.expires_at > now_ms()))
     }
 }

@@ -20,16 +20,8 @@ contract!(
     transitions_mark_first_connect_and_last_disconnect,
     batches_return_one_change_per_changed_user,
     unknown_users_are_offline_at_version_0,
-    entries_expire_without_renewal {
-        memory: #[ignore = "discrepancy: the embedded backend's reads ignore entry expiry \
-            (memory/presence.rs `presence` returns the stored record): an expired entry counts \
-            until the user's next write or a reap_dead_nodes sweep"]
-    },
-    crashed_nodes_users_stop_counting_by_themselves {
-        memory: #[ignore = "discrepancy: on the embedded backend presence, online_users and \
-            counts keep a crashed node's users online until reap_dead_nodes sweeps them \
-            (memory/presence.rs reads never apply expiry)"]
-    },
+    entries_expire_without_renewal,
+    crashed_nodes_users_stop_counting_by_themselves,
     renewal_keeps_entries,
     renewal_recreates_lost_entries_and_restores_invisible,
     renewal_restores_the_chosen_status_only_when_lost,

@@ -17,11 +17,7 @@ use super::{Factory, N1, entry, mask, node_info, short_ttl, sleep_past};
 contract!(
     announced_nodes_are_listed_in_id_order,
     leaving_removes_the_node,
-    leaving_removes_the_nodes_entries {
-        memory: #[ignore = "discrepancy: the embedded backend's leave_node only forgets the node \
-            (memory/registry.rs); its presence entries stay online, unpublished, until they \
-            expire and are swept"]
-    },
+    leaving_removes_the_nodes_entries,
     silent_nodes_drop_out,
     dead_nodes_are_reaped_exactly_once,
     me_is_never_reaped,

@@ -10,11 +10,7 @@ use super::{Factory, sleep_past};
 contract!(
     tokens_are_redeemable_on_every_node,
     expired_tokens_are_gone,
-    tokens_put_past_their_expiry_are_never_redeemable {
-        redis: #[ignore = "discrepancy: Redis put_token stores a token already past expires_at \
-            for 1 ms (`PX max(1)`) and get_token does not check expires_at (redis/tokens.rs), so \
-            it is redeemable right after put"]
-    },
+    tokens_put_past_their_expiry_are_never_redeemable,
 );
 
 async fn tokens_are_redeemable_on_every_node(f: Factory) {
