@@ -1,7 +1,12 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test lint fmt redis build bench
+.PHONY: run test lint msrv doc deny toolchain fmt redis build bench
 
 CARGO ?= cargo
+# The channel rust-toolchain.toml pins (read here without running rustup).
+TOOLCHAIN := $(shell sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+# cargo-deny is built from crates.io when it is missing: a few minutes, once per machine.
+CARGO_DENY_VERSION ?= 0.20.2
+CLIPPY = $(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Start one gateway node in dev mode on the embedded backend (no Redis needed).
 run:
@@ -12,10 +17,49 @@ test: redis
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-## fmt check and clippy with warnings as errors.
-lint:
+## fmt check, clippy with warnings as errors, and the MSRV check of the dependencies (see msrv).
+lint: toolchain
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CLIPPY)
+	$(MSRV_DEPS)
+
+## MSRV, i.e. rust-version in Cargo.toml, checked offline with the pinned compiler only:
+## 1. no locked dependency declares a rust-version newer than ours;
+## 2. clippy's incompatible_msrv (denied in Cargo.toml) finds no std API newer than ours.
+## Neither compiles with the old compiler: language features (let-chains are 1.88) are not
+## checked, nor are std APIs used through macros of other crates.
+msrv: toolchain
+	$(MSRV_DEPS)
+	$(CLIPPY)
+
+## API docs of the workspace's crates into target/doc; any rustdoc warning is an error.
+doc: toolchain
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --workspace
+
+## Dependency policy in deny.toml: licenses, duplicate crates, sources (crates.io only).
+## Advisories are left out: their database is on GitHub, which CI cannot reach (see deny.toml).
+## Installs cargo-deny when it is missing.
+deny: toolchain
+	@command -v cargo-deny >/dev/null || { \
+		echo "installing cargo-deny $(CARGO_DENY_VERSION) from crates.io (a few minutes)"; \
+		env -u CARGO_TARGET_DIR $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION); }
+	$(CARGO) deny --locked check bans licenses sources
+
+## rust-toolchain.toml pins the compiler. A machine whose only toolchain is `stable` at that same
+## version (CI's, with no way to download another) gets it registered under the pinned name, a
+## link to the same files, so rustup resolves the pin without a download. Elsewhere this does
+## nothing and rustup installs the pinned toolchain as usual.
+toolchain:
+	@home="$${RUSTUP_HOME:-$$HOME/.rustup}"; \
+	for stable in "$$home"/toolchains/stable-*; do \
+		[ -n "$(TOOLCHAIN)" ] && [ -x "$$stable/bin/rustc" ] || continue; \
+		host="$${stable##*/stable-}"; \
+		[ ! -e "$$home/toolchains/$(TOOLCHAIN)-$$host" ] || continue; \
+		"$$stable/bin/rustc" -V | grep -q "^rustc $(TOOLCHAIN) " || continue; \
+		echo "toolchain: stable is $(TOOLCHAIN): registering it as $(TOOLCHAIN)-$$host (no download)"; \
+		ln -s "stable-$$host" "$$home/toolchains/$(TOOLCHAIN)-$$host"; \
+	done
+	@rustc -V
 
 fmt:
 	$(CARGO) fmt --all
@@ -34,3 +78,31 @@ build:
 ## results in bench/results/, page in docs/benchmarks.md. About 7 minutes plus the build.
 bench:
 	bench/run.sh
+
+# No locked dependency (for this host's platform, dev-dependencies included) may need a newer
+# compiler than the members' rust-version: cargo would refuse to build it with that compiler.
+MSRV_DEPS = $(CARGO) metadata --format-version 1 --locked \
+	--filter-platform "$$(rustc -vV | sed -n 's/^host: //p')" | python3 -c "$$MSRV_DEPS_PY"
+define MSRV_DEPS_PY
+import json, sys
+m = json.load(sys.stdin)
+ver = lambda s: (tuple(int(x) for x in s.split(".")) + (0, 0))[:3]
+show = lambda v: ".".join(map(str, v))
+members = [p for p in m["packages"] if p["id"] in m["workspace_members"]]
+unset = [p["name"] for p in members if not p.get("rust_version")]
+if unset:
+    sys.exit("msrv: no rust-version in " + ", ".join(unset) + " (rust-version.workspace = true)")
+ours = min(ver(p["rust_version"]) for p in members)
+used = {n["id"] for n in m["resolve"]["nodes"]}
+deps = [(ver(p["rust_version"]), p["name"] + " " + p["version"]) for p in m["packages"]
+        if p["id"] in used and p["id"] not in m["workspace_members"] and p.get("rust_version")]
+top = max(v for v, _ in deps)
+newer = sorted(d for d in deps if d[0] > ours)
+for v, name in newer:
+    print("msrv: " + name + " needs rust " + show(v) + ", newer than our rust-version " + show(ours))
+if newer:
+    sys.exit(1)
+print("msrv: rust-version " + show(ours) + "; the " + str(len(deps)) + " locked dependencies that declare one need at most " + show(top)
+      + " (" + ", ".join(sorted(n for v, n in deps if v == top)) + ")")
+endef
+export MSRV_DEPS_PY

@@ -28,7 +28,7 @@ for something the scenario needs (e.g. messaging not enabled).";
 /// Load-test tool for the presence gateway.
 ///
 /// Every scenario is bounded in time and in count and stops by itself. Targets must be loopback
-/// (127.0.0.0/8, localhost, [::1]); any other host is refused. Tokens are HS256 JWTs minted
+/// (127.0.0.0/8, localhost, ::1); any other host is refused. Tokens are HS256 JWTs minted
 /// locally from `--jwt-secret`. Runs that need more sockets than `--per-process` re-execute this
 /// binary as several worker processes and merge their results.
 ///
