@@ -17,11 +17,14 @@ test: redis
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-## fmt check, clippy with warnings as errors, and the MSRV check of the dependencies (see msrv).
+## fmt check, clippy with warnings as errors, the MSRV check of the dependencies (see msrv), and
+## no import circle between the gateway's top-level modules (tools/module_cycles.py --graph shows
+## the layering).
 lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CLIPPY)
 	$(MSRV_DEPS)
+	python3 tools/module_cycles.py
 
 ## MSRV, i.e. rust-version in Cargo.toml, checked offline with the pinned compiler only:
 ## 1. no locked dependency declares a rust-version newer than ours;

@@ -363,7 +363,10 @@ async fn write_loop(
 /// When the token expires, on tokio's clock (far away for a token that does not expire).
 fn token_deadline(conn: &ConnHandle) -> tokio::time::Instant {
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    match conn.token_expires_at.load(std::sync::atomic::Ordering::Relaxed) {
+    match conn
+        .token_expires_at
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         0 => far,
         expires => {
             let left = Duration::from_millis(expires.saturating_sub(now_ms()));
@@ -394,10 +397,7 @@ async fn close_socket(
         }
         let reason = reason.unwrap_or_else(|| Utf8Bytes::from_static(close_reason(code)));
         let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason,
-            })))
+            .send(Message::Close(Some(CloseFrame { code, reason })))
             .await;
         let _ = sink.close().await;
     })

@@ -8,8 +8,8 @@ use shared::{Destination, Message, RouteResult};
 use super::MemoryBackend;
 use crate::{
     backend::{
-        Audience, BackendError, BackendEvent, Delivery, MessageStore,
-        Outgoing, SendOutcome, SendRefused, Topic, msg_id, parse_msg_id,
+        Audience, BackendError, BackendEvent, Delivery, MessageStore, Outgoing, SendOutcome,
+        SendRefused, Topic, msg_id, parse_msg_id,
     },
     clock::now_ms,
 };

@@ -10,9 +10,7 @@ use shared::{Destination, Message, RouteResult};
 
 use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, scripts::ScriptCall};
 use crate::{
-    backend::{
-        BackendError, MessageStore, Outgoing, SendOutcome, SendRefused, parse_msg_id,
-    },
+    backend::{BackendError, MessageStore, Outgoing, SendOutcome, SendRefused, parse_msg_id},
     clock::now_ms,
 };
 

@@ -5,9 +5,7 @@ use async_trait::async_trait;
 use fred::prelude::*;
 
 use super::{RedisBackend, cmd};
-use crate::backend::{
-    BackendError, ConnectState, Control, Sessions, sessions::REVOCATION_TTL_MS,
-};
+use crate::backend::{BackendError, ConnectState, Control, Sessions, sessions::REVOCATION_TTL_MS};
 
 #[async_trait]
 impl Sessions for RedisBackend {
@@ -64,7 +62,8 @@ impl Sessions for RedisBackend {
     }
 
     async fn control(&self, user: &str, control: &Control) -> Result<u64, BackendError> {
-        let json = serde_json::to_string(control).map_err(|e| BackendError::internal("control", e))?;
+        let json =
+            serde_json::to_string(control).map_err(|e| BackendError::internal("control", e))?;
         Self::count_round_trip("control");
         self.client
             .custom(
@@ -77,14 +76,20 @@ impl Sessions for RedisBackend {
 
     async fn revoke(&self, user: &str, at: u64) -> Result<u64, BackendError> {
         let control = Control::Revoke { before: at };
-        let json = serde_json::to_string(&control).map_err(|e| BackendError::internal("control", e))?;
+        let json =
+            serde_json::to_string(&control).map_err(|e| BackendError::internal("control", e))?;
         let pipeline = self.client.pipeline();
         let queued: Result<(), fred::error::Error> = async {
             let key = self.keys.revoked(user);
             let _: () = pipeline
                 .custom(
                     cmd("SET"),
-                    vec![key, at.to_string(), "PX".into(), REVOCATION_TTL_MS.to_string()],
+                    vec![
+                        key,
+                        at.to_string(),
+                        "PX".into(),
+                        REVOCATION_TTL_MS.to_string(),
+                    ],
                 )
                 .await?;
             pipeline
@@ -97,7 +102,10 @@ impl Sessions for RedisBackend {
         .await;
         queued.map_err(|e| Self::error("control", e))?;
         Self::count_round_trip("control");
-        let (_, nodes): (Value, u64) = pipeline.all().await.map_err(|e| Self::error("control", e))?;
+        let (_, nodes): (Value, u64) = pipeline
+            .all()
+            .await
+            .map_err(|e| Self::error("control", e))?;
         Ok(nodes)
     }
 }
