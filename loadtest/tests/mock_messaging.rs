@@ -114,7 +114,7 @@ impl Mock {
                     .entry(group)
                     .or_default()
                     .insert(user.to_string());
-                ServerFrame::Ok { id }
+                ServerFrame::ok(id)
             }
             ClientFrame::Send { id, to, body } => {
                 let n = self.next_msg.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +151,7 @@ impl Mock {
                     stored: 0,
                 }
             }
-            other => ServerFrame::Ok { id: other.id() },
+            other => ServerFrame::ok(other.id()),
         }
     }
 }
@@ -301,6 +301,7 @@ async fn serve_ws(mock: Arc<Mock>, stream: TcpStream) {
         node: "mock".into(),
         heartbeat_ms: 25_000,
         server_time: 0,
+        expires_at: None,
     };
     if let Some(m) = wire(enc, &welcome) {
         let _ = tx.send(m);

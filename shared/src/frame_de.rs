@@ -211,18 +211,19 @@ tag_first!(ClientFrame in client {
     Sync { id: Option<u64>, group: String, since: Option<String>, limit: Option<u32> },
     Read { id: Option<u64>, group: String, up_to: String },
     Unread { id: Option<u64> },
+    Refresh { id: Option<u64>, token: String },
 });
 
 tag_first!(ServerFrame in server {
     Welcome {
         conn_id: String, user: String, platform: Platform, node: String, heartbeat_ms: u64,
-        server_time: u64
+        server_time: u64, expires_at: Option<u64>
     },
     Pong { id: Option<u64> },
-    Ok { id: Option<u64> },
+    Ok { id: Option<u64>, expires_at: Option<u64> },
     Error { id: Option<u64>, code: ErrorCode, message: String },
     Presence(Presence),
-    PresenceList { id: Option<u64>, items: Vec<Presence> },
+    PresenceList { id: Option<u64>, items: Vec<Presence>, denied: Option<Vec<String>> },
     MemberList { id: Option<u64>, group: String, users: Vec<String> },
     Message(Message),
     Ack { id: Option<u64>, msg_id: String, result: RouteResult, delivered: u64, stored: u64 },

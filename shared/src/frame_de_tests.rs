@@ -140,6 +140,10 @@ fn client_seeds() -> Vec<ClientFrame> {
         },
         ClientFrame::Unread { id: Some(12) },
         ClientFrame::Unread { id: None },
+        ClientFrame::Refresh {
+            id: Some(13),
+            token: "t".into(),
+        },
     ]
 }
 
@@ -168,9 +172,23 @@ fn server_seeds() -> Vec<ServerFrame> {
             node: "n".into(),
             heartbeat_ms: 25_000,
             server_time: 1,
+            expires_at: None,
+        },
+        ServerFrame::Welcome {
+            conn_id: "c".into(),
+            user: "alice".into(),
+            platform: 1,
+            node: "n".into(),
+            heartbeat_ms: 25_000,
+            server_time: 1,
+            expires_at: Some(2),
         },
         ServerFrame::Pong { id: Some(1) },
-        ServerFrame::Ok { id: None },
+        ServerFrame::ok(None),
+        ServerFrame::Ok {
+            id: Some(2),
+            expires_at: Some(3),
+        },
         ServerFrame::error(Some(3), ErrorCode::BadRequest, "why"),
         ServerFrame::Presence(presence.clone()),
         ServerFrame::Presence(Presence {
@@ -181,7 +199,13 @@ fn server_seeds() -> Vec<ServerFrame> {
         }),
         ServerFrame::PresenceList {
             id: Some(4),
+            items: vec![presence.clone()],
+            denied: None,
+        },
+        ServerFrame::PresenceList {
+            id: Some(4),
             items: vec![presence],
+            denied: Some(vec!["bob".into()]),
         },
         ServerFrame::MemberList {
             id: Some(5),

@@ -227,6 +227,12 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
+    /// A new token for the same user and platform, before the connection's one expires.
+    Refresh {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        token: String,
+    },
 }
 
 impl ClientFrame {
@@ -245,7 +251,8 @@ impl ClientFrame {
             | ClientFrame::AckOffline { id, .. }
             | ClientFrame::Sync { id, .. }
             | ClientFrame::Read { id, .. }
-            | ClientFrame::Unread { id } => *id,
+            | ClientFrame::Unread { id }
+            | ClientFrame::Refresh { id, .. } => *id,
         }
     }
 
@@ -265,6 +272,7 @@ impl ClientFrame {
             ClientFrame::Sync { .. } => "sync",
             ClientFrame::Read { .. } => "read",
             ClientFrame::Unread { .. } => "unread",
+            ClientFrame::Refresh { .. } => "refresh",
         }
     }
 }
@@ -280,6 +288,10 @@ pub enum ServerFrame {
         node: String,
         heartbeat_ms: u64,
         server_time: u64,
+        /// When the connection's token expires (ms): the server closes it with 4001 then,
+        /// unless the client sent `refresh`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,6 +300,9 @@ pub enum ServerFrame {
     Ok {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+        /// The new expiry, in the answer to `refresh`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,6 +315,9 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         items: Vec<Presence>,
+        /// Users of a `subscribe` the authorization hook did not allow (left out of `items`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        denied: Option<Vec<String>>,
     },
     MemberList {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,6 +349,14 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// An `ok` reply.
+    pub fn ok(id: Option<u64>) -> Self {
+        ServerFrame::Ok {
+            id,
+            expires_at: None,
+        }
+    }
+
     /// An `error` reply.
     pub fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
         ServerFrame::Error {

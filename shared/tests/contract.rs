@@ -141,7 +141,7 @@ fn server_type(frame: &ServerFrame) -> &'static str {
     }
 }
 
-const CLIENT_TYPES: [&str; 13] = [
+const CLIENT_TYPES: [&str; 14] = [
     "ping",
     "set_status",
     "subscribe",
@@ -155,6 +155,7 @@ const CLIENT_TYPES: [&str; 13] = [
     "sync",
     "read",
     "unread",
+    "refresh",
 ];
 
 const SERVER_TYPES: [&str; 11] = [
@@ -333,6 +334,10 @@ fn client_frames(encoding: Encoding) -> Vec<ClientFrame> {
         },
         ClientFrame::Unread { id: Some(17) },
         ClientFrame::Unread { id: None },
+        ClientFrame::Refresh {
+            id: Some(18),
+            token: "eyJ.new.token".into(),
+        },
     ];
     for (i, to) in destinations().into_iter().enumerate() {
         for body in bodies(encoding) {
@@ -388,19 +393,31 @@ fn server_frames(encoding: Encoding) -> Vec<ServerFrame> {
             node: "node-a".into(),
             heartbeat_ms: 25_000,
             server_time: 1_700_000_000_000,
+            expires_at: Some(1_700_003_600_000),
         },
         ServerFrame::Pong { id: Some(1) },
         ServerFrame::Pong { id: None },
-        ServerFrame::Ok { id: Some(2) },
-        ServerFrame::Ok { id: None },
+        ServerFrame::ok(Some(2)),
+        ServerFrame::ok(None),
+        ServerFrame::Ok {
+            id: Some(3),
+            expires_at: Some(1_700_007_200_000),
+        },
         ServerFrame::error(None, ErrorCode::Unavailable, "backend down"),
         ServerFrame::PresenceList {
             id: Some(4),
             items: vec![presence_full(), presence_minimal()],
+            denied: None,
+        },
+        ServerFrame::PresenceList {
+            id: Some(4),
+            items: vec![presence_full()],
+            denied: Some(strings(&["carol"])),
         },
         ServerFrame::PresenceList {
             id: None,
             items: vec![],
+            denied: None,
         },
         ServerFrame::MemberList {
             id: Some(5),
@@ -681,6 +698,13 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
             ClientFrame::Unread { id: Some(16) },
         ),
         (r#"{"type":"unread"}"#, ClientFrame::Unread { id: None }),
+        (
+            r#"{"type":"refresh","id":17,"token":"abc"}"#,
+            ClientFrame::Refresh {
+                id: Some(17),
+                token: "abc".into(),
+            },
+        ),
     ]
 }
 
@@ -696,6 +720,7 @@ fn hand_written_server_frames() -> Vec<(&'static str, ServerFrame)> {
                 node: "node-a".into(),
                 heartbeat_ms: 25_000,
                 server_time: 1_700_000_000_000,
+                expires_at: None,
             },
         ),
         (
@@ -703,7 +728,7 @@ fn hand_written_server_frames() -> Vec<(&'static str, ServerFrame)> {
             ServerFrame::Pong { id: Some(1) },
         ),
         (r#"{"type":"pong"}"#, ServerFrame::Pong { id: None }),
-        (r#"{"type":"ok","id":2}"#, ServerFrame::Ok { id: Some(2) }),
+        (r#"{"type":"ok","id":2}"#, ServerFrame::ok(Some(2))),
         (
             r#"{"type":"error","id":3,"code":"bad_request","message":"users must be a list"}"#,
             ServerFrame::error(Some(3), ErrorCode::BadRequest, "users must be a list"),
@@ -756,6 +781,7 @@ fn hand_written_server_frames() -> Vec<(&'static str, ServerFrame)> {
                         version: 2,
                     },
                 ],
+                denied: None,
             },
         ),
         (

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use crate::conn_handle::ConnHandle;
 use crate::{
     app::App,
+    auth::AuthError,
     backend::{BackendError, JoinPolicy, Origin, Outgoing, Roles, online_members, parse_msg_id},
     clock::now_ms,
     metrics as m,
@@ -123,7 +124,7 @@ impl Requests {
                 if !self.app.shards.send(&user, cmd).await {
                     return Err(unavailable());
                 }
-                self.reply(ServerFrame::Ok { id });
+                self.reply(ServerFrame::ok(id));
             }
             ClientFrame::Subscribe { id, users } => {
                 let users = checked_users(users)?;
@@ -154,7 +155,7 @@ impl Requests {
                     .filter(|u| self.subscribed.remove(u))
                     .collect();
                 self.unwatch(gone).await;
-                self.reply(ServerFrame::Ok { id });
+                self.reply(ServerFrame::ok(id));
             }
             ClientFrame::Query { id, users } => {
                 let users = checked_users(users)?;
@@ -221,7 +222,7 @@ impl Requests {
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
                     backend.messages.ack_offline(&user, &up_to).await?;
-                    Ok(ServerFrame::Ok { id })
+                    Ok(ServerFrame::ok(id))
                 })?;
             }
             ClientFrame::Sync {
@@ -271,9 +272,10 @@ impl Requests {
                         .messages
                         .set_read_position(&user, &group, &up_to)
                         .await?;
-                    Ok(ServerFrame::Ok { id })
+                    Ok(ServerFrame::ok(id))
                 })?;
             }
+            ClientFrame::Refresh { id, token } => self.refresh(id, token)?,
             ClientFrame::Unread { id } => {
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
@@ -312,7 +314,50 @@ impl Requests {
                 backend.groups.remove_member(&group, &user).await?;
             }
             shards.follow(&conn, &group, joined).await;
-            Ok(ServerFrame::Ok { id })
+            Ok(ServerFrame::ok(id))
+        })
+    }
+
+    /// Replaces the connection's token with a newer one of the same user and platform, moving
+    /// its expiry; any other token leaves the connection as it was.
+    fn refresh(&self, id: Option<u64>, token: String) -> Result<(), (ErrorCode, String)> {
+        let app = self.app.clone();
+        let conn = self.conn.clone();
+        let permit = self.permit()?;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let frame = match app.auth.authenticate(Some(&token)).await {
+                Ok(identity)
+                    if identity.user == conn.user && identity.platform == conn.platform =>
+                {
+                    conn.set_token(identity.issued_at, identity.expires_at);
+                    ServerFrame::Ok {
+                        id,
+                        expires_at: Some(identity.expires_at),
+                    }
+                }
+                Ok(_) => ServerFrame::error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "the token is for another user or platform",
+                ),
+                Err(AuthError::Unavailable) => {
+                    ServerFrame::error(id, ErrorCode::Unavailable, "token store unavailable")
+                }
+                Err(e) => ServerFrame::error(id, ErrorCode::Unauthorized, e.to_string()),
+            };
+            conn.push_frame(frame);
+        });
+        Ok(())
+    }
+
+    /// One of the connection's `MAX_IN_FLIGHT` slots for backend work.
+    fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, (ErrorCode, String)> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            (
+                ErrorCode::RateLimited,
+                "too many requests in flight".to_string(),
+            )
         })
     }
 
@@ -337,12 +382,7 @@ impl Requests {
         F: FnOnce(Roles) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
     {
-        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            (
-                ErrorCode::RateLimited,
-                "too many requests in flight".to_string(),
-            )
-        })?;
+        let permit = self.permit()?;
         let backend = self.app.backend.clone();
         let conn = self.conn.clone();
         tokio::spawn(async move {
@@ -368,6 +408,7 @@ impl Requests {
             move |backend| async move {
                 let records = backend.presence.presence(&users).await?;
                 Ok(ServerFrame::PresenceList {
+                    denied: None,
                     id,
                     items: records.iter().map(|r| r.view_for(Some(&viewer))).collect(),
                 })

@@ -60,6 +60,7 @@ pub async fn run(
         node: app.node_id.to_string(),
         heartbeat_ms: app.config.heartbeat_ms,
         server_time: now,
+        expires_at: (identity.expires_at != 0).then_some(identity.expires_at),
     };
     // The user's groups and stored messages are read before the connection is registered, so
     // that `welcome` and the stored messages are the first frames, in that order.

@@ -295,7 +295,7 @@ impl Client {
 pub fn reply_id(frame: &ServerFrame) -> Option<u64> {
     match frame {
         ServerFrame::Pong { id }
-        | ServerFrame::Ok { id }
+        | ServerFrame::Ok { id, .. }
         | ServerFrame::Error { id, .. }
         | ServerFrame::PresenceList { id, .. }
         | ServerFrame::MemberList { id, .. }

@@ -119,11 +119,14 @@ async fn welcome_comes_first_and_ping_answers_with_its_id() {
             heartbeat_ms,
             conn_id,
             server_time,
+            expires_at,
         } => {
             assert_eq!((user.as_str(), platform), ("alice", 1));
             assert_eq!(node_id, node.id);
             assert_eq!(heartbeat_ms, 25_000);
             assert!(!conn_id.is_empty() && server_time > 0);
+            let expires_at = expires_at.expect("welcome says when the token expires");
+            assert!(expires_at > server_time, "{expires_at} > {server_time}");
         }
         other => panic!("expected welcome, got {other:?}"),
     }

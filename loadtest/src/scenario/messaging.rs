@@ -402,7 +402,7 @@ async fn join(conn: &mut Conn, group: &str) -> Result<(), (String, String)> {
         loop {
             match conn.recv().await {
                 Incoming::Frame(f) => match f {
-                    ServerFrame::Ok { id: Some(1) } => return Ok(()),
+                    ServerFrame::Ok { id: Some(1), .. } => return Ok(()),
                     ServerFrame::Error { code, message, .. } => {
                         return Err((code.as_str().to_string(), message));
                     }

@@ -130,7 +130,7 @@ async fn user(
         tokio::select! {
             incoming = conn.recv() => match incoming {
                 Incoming::Frame(frame) => match frame {
-                    ServerFrame::Ok { id: Some(id) } => {
+                    ServerFrame::Ok { id: Some(id), .. } => {
                         if let Some(sent) = pending.remove(&id) {
                             local.add("ok", 1);
                             shared.counters.received.fetch_add(1, Ordering::Relaxed);
