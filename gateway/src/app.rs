@@ -42,6 +42,8 @@ pub struct App {
     pub shards: Shards,
     pub router: Router,
     pub auth: Authenticator,
+    /// Metrics and webhooks after changes (the REST API's kicks too).
+    pub hooks: ChangeHooks,
     pub api_key: Option<String>,
     pub allowed_origins: Vec<String>,
     pub metrics: Option<PrometheusHandle>,
@@ -166,6 +168,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         ws_url: config.ws_url(bound),
         node_id,
         started_at: now_ms(),
+        hooks: hooks.clone(),
         auth: Authenticator::new(config.jwt_secret.as_deref(), backend.tokens.clone()),
         api_key: config.effective_api_key(),
         allowed_origins: config.allowed_origins(),

@@ -28,6 +28,9 @@ pub struct WebhookEvent {
     pub platforms: Vec<u8>,
     pub node: String,
     pub at: u64,
+    /// Why the app backend disconnected the user (`user.kicked`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ChangeHooks {
@@ -84,11 +87,32 @@ impl ChangeHooks {
                     platforms,
                     node: node.to_string(),
                     at: now_ms(),
+                    reason: None,
                 };
                 if tx.try_send(event).is_err() {
                     metrics::counter!(m::WEBHOOKS, "result" => "dropped").increment(1);
                 }
             }
+        }
+    }
+}
+
+impl ChangeHooks {
+    /// The app backend disconnected `user` (on `platforms`, or all when empty) through this node.
+    pub fn kicked(&self, node: &str, user: &str, platforms: Vec<u8>, reason: &str) {
+        let Some(tx) = &self.webhooks else {
+            return;
+        };
+        let event = WebhookEvent {
+            event: "user.kicked",
+            user: user.to_string(),
+            platforms,
+            node: node.to_string(),
+            at: now_ms(),
+            reason: Some(reason.to_string()),
+        };
+        if tx.try_send(event).is_err() {
+            metrics::counter!(m::WEBHOOKS, "result" => "dropped").increment(1);
         }
     }
 }

@@ -4,6 +4,7 @@ mod groups;
 mod messages;
 mod presence;
 mod tokens;
+mod users;
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -70,6 +71,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/groups/{group}/online", get(groups::online))
         .route("/groups/{group}/history", get(groups::history))
         .route("/messages", post(messages::send))
+        .route("/users/{user}/disconnect", post(users::disconnect))
+        .route("/users/{user}/revoke", post(users::revoke))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     Router::new()

@@ -24,6 +24,8 @@ pub struct Client {
     backlog: std::collections::VecDeque<ServerFrame>,
     /// The REST API of the node this client is connected to.
     pub rest: Rest,
+    /// The reason of the server's close frame, once it came.
+    pub close_reason: Option<String>,
 }
 
 /// How a connection ended.
@@ -36,6 +38,16 @@ pub enum Closed {
 /// Mints an HS256 JWT as an app backend would.
 pub fn jwt(user: &str, platform: u8) -> String {
     jwt_expiring(user, platform, 3600)
+}
+
+/// A JWT that says when it was issued (`iat`, seconds).
+pub fn jwt_issued(user: &str, platform: u8, iat: u64) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "platform": platform, "exp": iat + 3600, "iat": iat}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign jwt")
 }
 
 pub fn jwt_expiring(user: &str, platform: u8, secs_from_now: i64) -> String {
@@ -121,6 +133,7 @@ impl Client {
             next_id: 1,
             backlog: Default::default(),
             rest: Rest::for_ws_url(url),
+            close_reason: None,
         })
     }
 
@@ -184,7 +197,10 @@ impl Client {
                     );
                     t.as_bytes().to_vec()
                 }
-                Message::Close(Some(frame)) => return Err(Closed::Code(frame.code.into())),
+                Message::Close(Some(frame)) => {
+                    self.close_reason = Some(frame.reason.to_string());
+                    return Err(Closed::Code(frame.code.into()));
+                }
                 Message::Close(None) => return Err(Closed::NoCode),
                 _ => continue,
             };

@@ -20,6 +20,8 @@ mod multinode;
 mod presence;
 /// The REST API of the app backend.
 mod rest;
+/// Token lifetime, refresh, and the app backend's disconnect and revoke across nodes.
+mod sessions;
 /// One shard worker on a paused clock: batch interval and size, flap suppression, retry backoff,
 /// renewal rounds in chunks, the idle check, the last flush at stop.
 mod shard;
