@@ -189,6 +189,8 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
     background.spawn(route_events(
         events_rx,
         shards,
+        app.backend.sessions.clone(),
+        app.node_id.clone(),
         app.announce_now.clone(),
         stop_background.clone(),
     ));

@@ -12,6 +12,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a new login does to the user's older connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MultiLogin {
+    /// Every login stays.
+    All,
+    /// A new login replaces the user's older connections on the same platform, on any node.
+    Platform,
+    /// A new login replaces every older connection of the user, on any node.
+    Single,
+}
+
 /// The raw settings, exactly as given. Call [`Config::validate`] before use.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -85,6 +96,11 @@ pub struct Config {
     /// and is closed with 4008.
     #[arg(long, env = "PRESENCE_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+
+    /// What a new login does to the user's older connections (closed with 4011): `all` keeps
+    /// them, `platform` replaces those on the same platform, `single` replaces every one.
+    #[arg(long, env = "PRESENCE_MULTI_LOGIN", value_enum, default_value_t = MultiLogin::All)]
+    pub multi_login: MultiLogin,
 
     /// Connections one user may hold on one node; more are closed with 4009.
     #[arg(long, env = "PRESENCE_MAX_CONNS_PER_USER", default_value_t = 32)]

@@ -17,6 +17,9 @@ use crate::{frame::EncodedFrame, metrics as m};
 
 pub type ConnId = u64;
 
+/// `rtt_ms` before the first ping came back.
+pub const RTT_UNMEASURED: u64 = u64::MAX;
+
 /// Close codes of the contract.
 pub mod close_code {
     /// The session ended (the client left, or the socket broke).
@@ -48,11 +51,14 @@ pub struct ConnHandle {
     /// Ms since the epoch of the last thing heard from the client (any frame, pong included); the
     /// writer closes the socket with 4010 when it is two heartbeats old.
     pub last_heard: AtomicU64,
-    /// Last measured WebSocket ping round trip, in ms.
+    /// Last measured WebSocket ping round trip, in ms; [`RTT_UNMEASURED`] before the first.
     pub rtt_ms: AtomicU64,
     /// Ms since the epoch when the connection's token was issued (0: it did not say); a revoke
     /// closes connections whose token is older. `refresh` moves it.
     pub token_issued_at: AtomicU64,
+    /// This login's sequence in its scope under a multi-login policy (0: none); a newer login
+    /// closes older ones.
+    login_seq: AtomicU64,
     /// Ms since the epoch when the token expires (0: never); the writer closes with 4001 then.
     /// `refresh` moves it.
     pub token_expires_at: AtomicU64,
@@ -88,9 +94,10 @@ impl ConnHandle {
             connected_at: now,
             last_activity: AtomicU64::new(now),
             last_heard: AtomicU64::new(now),
-            rtt_ms: AtomicU64::new(0),
+            rtt_ms: AtomicU64::new(RTT_UNMEASURED),
             token_issued_at: AtomicU64::new(0),
             token_expires_at: AtomicU64::new(0),
+            login_seq: AtomicU64::new(0),
             outbound,
             closer: CancellationToken::new(),
             close_code: AtomicU16::new(0),
@@ -103,6 +110,14 @@ impl ConnHandle {
         self.token_issued_at
             .store(issued_at.unwrap_or(0), Ordering::Relaxed);
         self.token_expires_at.store(expires_at, Ordering::Relaxed);
+    }
+
+    pub fn set_login_seq(&self, seq: u64) {
+        self.login_seq.store(seq, Ordering::Relaxed);
+    }
+
+    pub fn login_seq(&self) -> u64 {
+        self.login_seq.load(Ordering::Relaxed)
     }
 
     /// Whether the token was issued before `at` (or does not say when it was).

@@ -73,6 +73,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/messages", post(messages::send))
         .route("/users/{user}/disconnect", post(users::disconnect))
         .route("/users/{user}/revoke", post(users::revoke))
+        .route("/users/{user}/connections", get(users::connections))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     Router::new()

@@ -1,17 +1,24 @@
-//! The app backend's control of a user's sessions, on every node: disconnect (kick), revoke.
+//! The app backend's view and control of a user's sessions, on every node: connections,
+//! disconnect (kick), revoke.
 
 use std::sync::Arc;
 
 use axum::{
+    Json,
     body::Bytes,
     extract::{Path, State},
     http::StatusCode,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shared::{Platform, ids};
 
 use super::ApiError;
-use crate::{app::App, backend::Control, clock::now_ms, conn_handle::MAX_CLOSE_REASON_BYTES};
+use crate::{
+    app::App,
+    backend::{ConnectionInfo, Control},
+    clock::now_ms,
+    conn_handle::MAX_CLOSE_REASON_BYTES,
+};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -67,4 +74,20 @@ pub async fn revoke(
     check_user(&user)?;
     app.backend.sessions.revoke(&user, now_ms()).await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Serialize)]
+pub struct Connections {
+    connections: Vec<ConnectionInfo>,
+}
+
+/// `GET /v1/users/{user}/connections`: every live connection of the user, on every node (the
+/// nodes that answer within a second).
+pub async fn connections(
+    State(app): State<Arc<App>>,
+    Path(user): Path<String>,
+) -> Result<Json<Connections>, ApiError> {
+    check_user(&user)?;
+    let connections = app.backend.sessions.connections(&user).await?;
+    Ok(Json(Connections { connections }))
 }

@@ -23,7 +23,7 @@ pub use messages::{MessageSettings, MessageStore, Outgoing, SendOutcome, SendRef
 pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry};
-pub use sessions::{ConnectState, Control, Sessions};
+pub use sessions::{ConnectState, ConnectionInfo, Control, Sessions};
 pub use tokens::{TokenClaims, TokenStore};
 
 /// Every role together: what an implementation provides. Only `app.rs` sees a whole backend.

@@ -1,6 +1,8 @@
 //! The sessions role: what a connection needs before its welcome, and the app backend's control
 //! over live connections on every node (disconnect, revoke).
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use shared::{Message, Platform};
@@ -12,6 +14,11 @@ use super::BackendError;
 /// - `control` reaches every node holding a connection of the user (those that watch the user's
 ///   inbox, [`super::Topic::Inbox`]) as [`super::BackendEvent::Control`], at most once (pub/sub);
 ///   it answers how many nodes it reached.
+/// - `login` numbers a user's logins per scope in the order the backend saw them (across nodes)
+///   and tells every node ([`Control::Replace`]), so each closes the older ones: the latest
+///   login in a scope is the one that survives.
+/// - `connections` asks every node holding the user's connections ([`Control::List`]) and
+///   gathers their answers (`answer_list`) for at most [`LIST_WAIT`].
 /// - After `revoke(user, at)` returns, `connect_state` of that user on any node reports `at`, for
 ///   30 days (longer than any token this gateway issues lives); tokens issued before it must be
 ///   refused by the caller.
@@ -22,6 +29,36 @@ pub trait Sessions: Send + Sync + 'static {
     async fn control(&self, user: &str, control: &Control) -> Result<u64, BackendError>;
     /// Records that tokens of `user` issued before `at` (ms) are void, and tells every node.
     async fn revoke(&self, user: &str, at: u64) -> Result<u64, BackendError>;
+    /// A new login of `user` in `scope` (a platform, or `None` for all): its sequence number,
+    /// after every node has been told to close the user's older logins in that scope.
+    async fn login(&self, user: &str, scope: Option<Platform>) -> Result<u64, BackendError>;
+    /// The sequence number of the user's latest login in `scope` (0: none).
+    async fn latest_login(&self, user: &str, scope: Option<Platform>) -> Result<u64, BackendError>;
+    /// Every live connection of `user`, on every node.
+    async fn connections(&self, user: &str) -> Result<Vec<ConnectionInfo>, BackendError>;
+    /// This node's answer to [`Control::List`].
+    async fn answer_list(
+        &self,
+        user: &str,
+        reply: &str,
+        node: &str,
+        connections: Vec<ConnectionInfo>,
+    ) -> Result<(), BackendError>;
+}
+
+/// How long `connections` waits for the nodes' answers.
+pub const LIST_WAIT: Duration = Duration::from_secs(1);
+
+/// One live connection, as `GET /v1/users/{user}/connections` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub conn_id: String,
+    pub node: String,
+    pub platform: Platform,
+    pub connected_at: u64,
+    pub remote_addr: String,
+    pub user_agent: Option<String>,
+    pub rtt_ms: Option<u64>,
 }
 
 /// The reads a connection waits for before its welcome; each may fail on its own.
@@ -45,6 +82,15 @@ pub enum Control {
     },
     /// Close the user's connections whose token was issued before `before` (ms) with 4001.
     Revoke { before: u64 },
+    /// A newer login (sequence `seq`) replaces the user's older ones on `platform` (or on every
+    /// platform): close those with 4011.
+    Replace {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        platform: Option<Platform>,
+        seq: u64,
+    },
+    /// Answer with this node's connections of the user ([`Sessions::answer_list`]).
+    List { reply: String },
 }
 
 impl Control {
@@ -53,6 +99,8 @@ impl Control {
         match self {
             Control::Disconnect { .. } => "disconnect",
             Control::Revoke { .. } => "revoke",
+            Control::Replace { .. } => "replaced",
+            Control::List { .. } => "list",
         }
     }
 }

@@ -11,7 +11,7 @@ use futures_util::{
     SinkExt, StreamExt,
     stream::{SplitSink, SplitStream},
 };
-use shared::{Encoding, ErrorCode, ServerFrame};
+use shared::{Encoding, ErrorCode, Platform, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
 use super::requests::Requests;
@@ -20,6 +20,7 @@ use crate::{
     auth::Identity,
     backend::ConnectState,
     clock::now_ms,
+    config::MultiLogin,
     conn_handle::{ConnHandle, close_code},
     frame::EncodedFrame,
     metrics as m,
@@ -29,6 +30,9 @@ use crate::{
 /// Bounds one write burst (see `send_burst`): enough to make one syscall carry a backlog, small
 /// enough that a burst does not grow the connection's write buffer for good.
 const WRITE_BURST_FRAMES: usize = 64;
+/// When a login under a multi-login policy checks that no newer one slipped past it: well after
+/// a node subscribes to a new user's inbox (a few ms).
+const LOGIN_RECHECK: Duration = Duration::from_secs(1);
 pub(super) const WRITE_BURST_BYTES: usize = 16 * 1024;
 
 pub async fn run(
@@ -97,6 +101,10 @@ pub async fn run(
         let heartbeat = app.config.heartbeat();
         let _ = tokio::spawn(write_loop(sink, out_rx, conn, heartbeat)).await;
         return;
+    }
+    // Numbered before it registers, so this login's own announcement cannot close it.
+    if let Some(scope) = login_scope(app.config.multi_login, conn.platform) {
+        Box::pin(login(&app, &conn, scope)).await;
     }
     // Setup and teardown are boxed: a task is as large as its largest await point, and these are
     // larger than the read loop that an idle connection sits in.
@@ -167,6 +175,43 @@ async fn finish(
     conn.close(close_code::NORMAL);
     let _ = writer.await;
     tracing::debug!(conn = conn.id, user = %conn.user, reason, "disconnected");
+}
+
+/// A multi-login policy's scope for a login on `platform`: `None` when every login stays.
+fn login_scope(policy: MultiLogin, platform: Platform) -> Option<Option<Platform>> {
+    match policy {
+        MultiLogin::All => None,
+        MultiLogin::Platform => Some(Some(platform)),
+        MultiLogin::Single => Some(None),
+    }
+}
+
+/// After a login under a multi-login policy, every node closes the user's older logins in its
+/// scope (`Control::Replace`, in the order Redis numbered them). A node that was not yet
+/// listening to the user when a newer login was announced would miss it, so each connection
+/// also looks again once the announcement has surely been heard: two logins racing on two
+/// nodes leave exactly the later one. Without the backend, the login stays (and is logged).
+async fn login(app: &Arc<App>, conn: &Arc<ConnHandle>, scope: Option<Platform>) {
+    match app.backend.sessions.login(&conn.user, scope).await {
+        Ok(seq) => conn.set_login_seq(seq),
+        Err(e) => {
+            tracing::warn!(error = %e, user = %conn.user, "cannot number the login; it stays");
+            return;
+        }
+    }
+    let (app, conn) = (app.clone(), conn.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(LOGIN_RECHECK).await;
+        if conn.is_closing() {
+            return;
+        }
+        if let Ok(latest) = app.backend.sessions.latest_login(&conn.user, scope).await
+            && latest > conn.login_seq()
+            && conn.close(close_code::REPLACED)
+        {
+            metrics::counter!(m::SESSION_CLOSES, "reason" => "replaced").increment(1);
+        }
+    });
 }
 
 /// Registers the connection with its shard; `None` when the node is stopping.

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::{Control, Delivery, PresenceStore, Subscriptions},
+    backend::{ConnectionInfo, Control, Delivery, PresenceStore, Subscriptions},
     conn_handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
@@ -57,6 +57,11 @@ pub enum ShardCmd {
     Deliver(Arc<Delivery>),
     /// The app backend acts on a user of this shard: their matching connections here close.
     Control { user: String, control: Control },
+    /// This node's connections of a user of this shard, as the app backend lists them.
+    Connections {
+        user: String,
+        reply: oneshot::Sender<Vec<ConnectionInfo>>,
+    },
     /// A user of this shard joined or left a group: their connections here follow.
     Membership {
         user: String,

@@ -1,18 +1,21 @@
 //! Backend events to shards: each goes to the shard that owns its user or group, or to every
-//! shard (a broadcast, a resync).
+//! shard (a broadcast, a resync); a request to list a user's connections is answered from the
+//! user's shard.
 
 use std::sync::Arc;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{ShardCmd, Shards};
-use crate::backend::{Audience, BackendEvent};
+use crate::backend::{Audience, BackendEvent, Control, Sessions};
 
 /// Sends each backend event to the shard that owns its user.
 pub async fn route_events(
     mut events: mpsc::Receiver<BackendEvent>,
     shards: Shards,
+    sessions: Arc<dyn Sessions>,
+    node: Arc<str>,
     announce_now: Arc<Notify>,
     stop: CancellationToken,
 ) {
@@ -25,6 +28,27 @@ pub async fn route_events(
             BackendEvent::Presence(record) => {
                 let user = record.user.clone();
                 shards.send(&user, ShardCmd::Presence(record)).await;
+            }
+            BackendEvent::Control {
+                user,
+                control: Control::List { reply },
+            } => {
+                // Answered from a task: the answer is a backend write, and events keep flowing.
+                let (shards, sessions, node) = (shards.clone(), sessions.clone(), node.clone());
+                tokio::spawn(async move {
+                    let (tx, rx) = oneshot::channel();
+                    let cmd = ShardCmd::Connections {
+                        user: user.clone(),
+                        reply: tx,
+                    };
+                    if !shards.send(&user, cmd).await {
+                        return;
+                    }
+                    let Ok(conns) = rx.await else { return };
+                    if let Err(e) = sessions.answer_list(&user, &reply, &node, conns).await {
+                        tracing::warn!(error = %e, %user, "could not answer a connection listing");
+                    }
+                });
             }
             BackendEvent::Control { user, control } => {
                 let key = user.clone();

@@ -170,3 +170,119 @@ async fn nobody_may_be_the_system_user() {
     let refused = Client::open(&node, &jwt("system", 1), Encoding::MsgPack).await;
     assert!(refused.is_err(), "a JWT for system is refused");
 }
+
+/// The app backend lists a user's connections across nodes.
+#[tokio::test]
+async fn connections_are_listed_across_nodes() {
+    let redis = Redis::start();
+    let backend = Backend::Redis(redis.url());
+    let nodes: Vec<_> = (0..2).map(|_| NodeBuilder::new(&backend).start()).collect();
+    let mut phone = Client::connect(&nodes[0], "alice", 1).await;
+    let mut web = Client::connect_json(&nodes[1], "alice", 5).await;
+    for c in [&mut phone, &mut web] {
+        let reply = c.request(|id| ClientFrame::Ping { id }).await;
+        assert!(matches!(reply, ServerFrame::Pong { .. }), "{reply:?}");
+    }
+    let (status, body) = Rest::new(&nodes[1]).get("/users/alice/connections").await;
+    assert_eq!(status, 200, "{body}");
+    let conns = body["connections"].as_array().expect("list");
+    let mut seen: Vec<(String, u64)> = conns
+        .iter()
+        .map(|c| {
+            assert!(c["conn_id"].as_str().is_some_and(|s| !s.is_empty()), "{c}");
+            assert!(c["connected_at"].as_u64().is_some_and(|t| t > 0), "{c}");
+            assert!(
+                c["remote_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.")),
+                "{c}"
+            );
+            (
+                c["node"].as_str().expect("node").to_string(),
+                c["platform"].as_u64().expect("platform"),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut expected = vec![(nodes[0].id.clone(), 1), (nodes[1].id.clone(), 5)];
+    expected.sort();
+    assert_eq!(seen, expected);
+    let (_, body) = Rest::new(&nodes[0]).get("/users/nobody/connections").await;
+    assert_eq!(body, json!({"connections": []}));
+}
+
+async fn still_open(client: &mut Client) -> bool {
+    match tokio::time::timeout(Duration::from_secs(3), async {
+        client.send(&ClientFrame::Ping { id: Some(999) }).await;
+        client.closed().await
+    })
+    .await
+    {
+        Ok(Closed::Code(4011)) => false,
+        Ok(other) => panic!("closed with {other:?}"),
+        Err(_) => true,
+    }
+}
+
+/// `platform`: a new login replaces the older one on the same platform, on another node; other
+/// platforms stay.
+#[tokio::test]
+async fn a_newer_login_replaces_the_older_on_its_platform() {
+    let redis = Redis::start();
+    let backend = Backend::Redis(redis.url());
+    let nodes: Vec<_> = (0..2)
+        .map(|_| {
+            NodeBuilder::new(&backend)
+                .arg("--multi-login=platform")
+                .start()
+        })
+        .collect();
+    let mut old_phone = Client::connect(&nodes[0], "alice", 1).await;
+    let mut web = Client::connect(&nodes[0], "alice", 5).await;
+    let mut new_phone = Client::connect(&nodes[1], "alice", 1).await;
+    assert_eq!(old_phone.closed().await, Closed::Code(4011));
+    assert!(still_open(&mut web).await);
+    assert!(still_open(&mut new_phone).await);
+}
+
+/// `single`: two logins racing on two nodes leave exactly one connection.
+#[tokio::test]
+async fn racing_logins_leave_exactly_one() {
+    let redis = Redis::start();
+    let backend = Backend::Redis(redis.url());
+    let nodes: Vec<_> = (0..2)
+        .map(|_| {
+            NodeBuilder::new(&backend)
+                .arg("--multi-login=single")
+                .start()
+        })
+        .collect();
+    for round in 0..3 {
+        let user = format!("racer{round}");
+        let (mut a, mut b) = tokio::join!(
+            Client::connect(&nodes[0], &user, 1),
+            Client::connect(&nodes[1], &user, 2)
+        );
+        let (a_open, b_open) = tokio::join!(still_open(&mut a), still_open(&mut b));
+        assert!(
+            a_open ^ b_open,
+            "round {round}: exactly one survives ({a_open}, {b_open})"
+        );
+    }
+}
+
+/// The same on the embedded backend, and its connection listing.
+#[tokio::test]
+async fn embedded_multi_login_and_listing() {
+    let node = NodeBuilder::new(&Backend::Embedded)
+        .arg("--multi-login=single")
+        .start();
+    let mut first = Client::connect(&node, "alice", 1).await;
+    let mut second = Client::connect(&node, "alice", 2).await;
+    assert_eq!(first.closed().await, Closed::Code(4011));
+    assert!(still_open(&mut second).await);
+    let (_, body) = Rest::new(&node).get("/users/alice/connections").await;
+    let conns = body["connections"].as_array().expect("list");
+    assert_eq!(conns.len(), 1, "{body}");
+    assert_eq!(conns[0]["platform"], 2);
+}

@@ -234,6 +234,8 @@ impl Shard {
         tracker.spawn(route_events(
             events_rx,
             shards.clone(),
+            backend.clone(),
+            "n1".into(),
             Arc::new(Notify::new()),
             stop.clone(),
         ));

@@ -57,6 +57,10 @@ struct State {
     read_positions: HashMap<String, HashMap<String, String>>,
     /// Per user, when their tokens were last revoked (ms); swept with expired tokens.
     revoked: HashMap<String, u64>,
+    /// Per (user, scope), the sequence of the latest login (multi-login policy).
+    logins: HashMap<(String, Option<shared::Platform>), u64>,
+    /// Answers to `connections` requests, until collected.
+    list_replies: HashMap<String, Vec<super::ConnectionInfo>>,
 }
 
 #[derive(Default)]

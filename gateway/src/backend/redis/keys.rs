@@ -46,6 +46,16 @@ impl Keys {
     }
 
     /// SET of the user's groups.
+    /// A user's login sequences, per scope (multi-login policy).
+    pub fn logins(&self, user: &str) -> String {
+        format!("{}:ls:{{{user}}}", self.prefix)
+    }
+
+    /// Nodes' answers to one `connections` request about `user`.
+    pub fn list_replies(&self, user: &str, reply: &str) -> String {
+        format!("{}:lr:{{{user}}}:{reply}", self.prefix)
+    }
+
     pub fn revoked(&self, user: &str) -> String {
         format!("{}:rv:{{{user}}}", self.prefix)
     }

@@ -17,6 +17,7 @@ pub(super) struct Scripts {
     pub private_send: Script,
     pub broadcast: Script,
     pub read: Script,
+    pub login: Script,
 }
 
 impl Scripts {
@@ -28,6 +29,7 @@ impl Scripts {
             private_send: Script::from_lua(include_str!("private_send.lua")),
             broadcast: Script::from_lua(include_str!("broadcast.lua")),
             read: Script::from_lua(include_str!("read.lua")),
+            login: Script::from_lua(include_str!("login.lua")),
         }
     }
 }
@@ -45,6 +47,7 @@ impl RedisBackend {
             &self.scripts.private_send,
             &self.scripts.broadcast,
             &self.scripts.read,
+            &self.scripts.login,
         ] {
             script.load(&self.client).await?;
         }

@@ -8,9 +8,9 @@ use tokio::sync::oneshot;
 
 use super::{super::ShardCmd, Worker};
 use crate::{
-    backend::{Audience, Control, Delivery, Topic},
+    backend::{Audience, ConnectionInfo, Control, Delivery, Topic},
     clock::now_ms,
-    conn_handle::{ConnHandle, ConnId, close_code},
+    conn_handle::{ConnHandle, ConnId, RTT_UNMEASURED, close_code},
     frame::EncodedFrame,
     metrics as m,
     presence::PresenceRecord,
@@ -108,6 +108,31 @@ impl Worker {
         }
     }
 
+    /// The user's connections on this node.
+    pub(super) fn connections(&self, user: &str) -> Vec<ConnectionInfo> {
+        let node = &*self.settings.node;
+        self.users
+            .get(user)
+            .map(|slot| {
+                slot.conns
+                    .iter()
+                    .map(|c| ConnectionInfo {
+                        conn_id: format!("{node}-{}", c.id),
+                        node: node.to_string(),
+                        platform: c.platform,
+                        connected_at: c.connected_at,
+                        remote_addr: c.peer.to_string(),
+                        user_agent: c.user_agent.clone(),
+                        rtt_ms: match c.rtt_ms.load(std::sync::atomic::Ordering::Relaxed) {
+                            RTT_UNMEASURED => None,
+                            rtt => Some(rtt),
+                        },
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Closes the user's local connections the app backend's control matches.
     pub(super) fn control(&mut self, user: &str, control: &Control) {
         let Some(slot) = self.users.get(user) else {
@@ -123,6 +148,13 @@ impl Worker {
                     conn.token_issued_before(*before)
                         && conn.close_with(close_code::UNAUTHORIZED, "token revoked")
                 }
+                Control::Replace { platform, seq } => {
+                    platform.is_none_or(|p| p == conn.platform)
+                        && conn.login_seq() < *seq
+                        && conn.close(close_code::REPLACED)
+                }
+                // Answered by the event router through `ShardCmd::Connections`.
+                Control::List { .. } => false,
             };
             if closed {
                 metrics::counter!(m::SESSION_CLOSES, "reason" => control.label()).increment(1);

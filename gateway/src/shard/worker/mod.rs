@@ -315,6 +315,9 @@ impl Worker {
                 }
             }
             ShardCmd::Control { user, control } => self.control(&user, &control),
+            ShardCmd::Connections { user, reply } => {
+                let _ = reply.send(self.connections(&user));
+            }
             ShardCmd::Follow {
                 conn,
                 group,
