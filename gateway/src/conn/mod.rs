@@ -3,6 +3,7 @@
 
 mod requests;
 mod session;
+mod writer;
 
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
@@ -119,7 +120,7 @@ pub async fn upgrade(
     ws.read_buffer_size(READ_BUFFER_BYTES)
         // Frames queue in the write buffer until the writer flushes a burst (`send_burst`), so
         // a backlog leaves in one `send()`; the writer never buffers more than one burst.
-        .write_buffer_size(session::WRITE_BURST_BYTES)
+        .write_buffer_size(writer::WRITE_BURST_BYTES)
         .max_message_size(max * 2)
         .max_frame_size(max * 2)
         .on_upgrade(move |socket| {
