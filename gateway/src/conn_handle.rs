@@ -25,6 +25,10 @@ pub mod close_code {
     /// The session ended (the client left, or the socket broke).
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (reserved bits, unknown opcode, bad control frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     pub const UNAUTHORIZED: u16 = 4001;
     /// Disconnected by the app backend (kick, ban).
     pub const DISCONNECTED: u16 = 4003;

@@ -5,13 +5,16 @@ use std::sync::Arc;
 
 use axum::{
     Json,
-    extract::{Path, Query, State, rejection::JsonRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
 use shared::{Message, ids};
 
-use super::{ApiError, ApiJson, json_body, page_cursor, page_limit};
+use super::{ApiError, ApiJson, json_body, page_cursor, page_limit, query_params};
 use crate::{
     app::App,
     backend::{JoinPolicy, online_members, parse_msg_id},
@@ -103,8 +106,9 @@ pub struct UserPage {
 pub async fn members(
     State(app): State<Arc<App>>,
     Path(group): Path<String>,
-    Query(params): Query<PageParams>,
+    params: Result<Query<PageParams>, QueryRejection>,
 ) -> ApiJson<UserPage> {
+    let params = query_params(params)?;
     check(&group, None)?;
     let limit = page_limit(params.limit, 100)?;
     let cursor = page_cursor(params.cursor)?;
@@ -147,8 +151,9 @@ pub struct History {
 pub async fn history(
     State(app): State<Arc<App>>,
     Path(group): Path<String>,
-    Query(params): Query<HistoryParams>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
 ) -> ApiJson<History> {
+    let params = query_params(params)?;
     check(&group, None)?;
     let limit = page_limit(params.limit, 100)?;
     let since = params.since.filter(|s| !s.is_empty());

@@ -47,8 +47,28 @@ pub fn page_cursor(cursor: Option<String>) -> Result<Option<String>, ApiError> {
 /// Turns axum's own body rejections into contract errors.
 pub type ApiJson<T> = Result<Json<T>, ApiError>;
 
+/// A JSON body, or the contract's error: 413 `too_large` over the body limit, else 400.
 pub fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> ApiJson<T> {
-    body.map_err(|e| ApiError::bad_request(e.body_text()))
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                e.body_text(),
+            )
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })
+}
+
+/// Query-string parameters, or the contract's 400 (axum's own rejection is plain text).
+pub fn query_params<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query
+        .map(|axum::extract::Query(params)| params)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 pub fn router(app: Arc<App>) -> Router {

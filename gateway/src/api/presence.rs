@@ -5,12 +5,15 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     Json,
-    extract::{Path, Query, State, rejection::JsonRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
 };
 use serde::{Deserialize, Serialize};
 use shared::{Presence, ids};
 
-use super::{ApiError, ApiJson, json_body, page_cursor, page_limit};
+use super::{ApiError, ApiJson, json_body, page_cursor, page_limit, query_params};
 use crate::{app::App, backend::NodeInfo};
 
 const MAX_USERS: usize = 1000;
@@ -73,8 +76,9 @@ pub struct OnlinePage {
 
 pub async fn online(
     State(app): State<Arc<App>>,
-    Query(params): Query<OnlineParams>,
+    params: Result<Query<OnlineParams>, QueryRejection>,
 ) -> ApiJson<OnlinePage> {
+    let params = query_params(params)?;
     let limit = page_limit(params.limit, 100)?;
     if let Some(p) = params.platform
         && !ids::is_valid_platform(p)

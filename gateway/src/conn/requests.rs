@@ -263,6 +263,7 @@ impl Requests {
             ClientFrame::Read { id, group, up_to } => {
                 ids::check_id("group", &group).map_err(bad)?;
                 check_msg_id(&up_to)?;
+                check_not_ahead(&up_to)?;
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
                     if !backend.groups.is_member(&group, &user).await? {
@@ -444,6 +445,21 @@ fn check_msg_id(id: &str) -> Result<(), (ErrorCode, String)> {
     parse_msg_id(id)
         .map(|_| ())
         .ok_or_else(|| bad("message ids look like 1700000000000-0000000001"))
+}
+
+/// How far past this node's clock a read position may point: ids come from the clocks of the nodes
+/// that sent the messages, which may run a little ahead.
+const READ_AHEAD_MS: u64 = 60_000;
+
+/// A read position beyond any message that can exist would hide every message sent before the
+/// clock reaches it.
+fn check_not_ahead(up_to: &str) -> Result<(), (ErrorCode, String)> {
+    match parse_msg_id(up_to) {
+        Some((ms, _)) if ms > now_ms().saturating_add(READ_AHEAD_MS) => {
+            Err(bad("up_to is after the newest message that can exist"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn bad(message: impl Into<String>) -> (ErrorCode, String) {

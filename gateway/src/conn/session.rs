@@ -254,10 +254,14 @@ async fn read_loop(
             Some(Ok(message)) => message,
             Some(Err(e)) => {
                 let failure = ReadFailure::of(e);
-                // Oversized frames end here (the protocol layer refuses them); so do broken sockets.
-                if let ReadFailure::TooLarge(_) = failure {
-                    conn.close(close_code::POLICY);
-                }
+                // Oversized frames end here (the protocol layer refuses them); so do protocol
+                // violations and broken sockets, each closed with the code that says which.
+                match failure {
+                    ReadFailure::TooLarge(_) => conn.close(close_code::POLICY),
+                    ReadFailure::Protocol(_) => conn.close(close_code::PROTOCOL_ERROR),
+                    ReadFailure::Utf8 => conn.close(close_code::INVALID_DATA),
+                    ReadFailure::Socket(_) => false,
+                };
                 tracing::debug!(conn = conn.id, error = %failure, "read failed");
                 return;
             }

@@ -133,6 +133,8 @@ async fn close_socket(
 fn close_reason(code: u16) -> &'static str {
     match code {
         close_code::GOING_AWAY => "node going away",
+        close_code::PROTOCOL_ERROR => "protocol error",
+        close_code::INVALID_DATA => "text frame is not UTF-8",
         close_code::UNAUTHORIZED => "unauthorized",
         close_code::DISCONNECTED => "disconnected by the app",
         close_code::REPLACED => "replaced by a newer login",

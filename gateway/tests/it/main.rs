@@ -25,3 +25,5 @@ mod sessions;
 /// One shard worker on a paused clock: batch interval and size, flap suppression, retry backoff,
 /// renewal rounds in chunks, the idle check, the last flush at stop.
 mod shard;
+/// Hand-written broken WebSocket framing and the close codes it gets.
+mod wire;

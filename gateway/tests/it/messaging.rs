@@ -487,6 +487,12 @@ async fn bad_message_requests_are_refused(setup: Setup) {
             group: "g".into(),
             up_to: "x".into(),
         },
+        // A read position years ahead would hide every message sent until then.
+        ClientFrame::Read {
+            id: Some(6),
+            group: "g".into(),
+            up_to: "9999999999999-0000000001".into(),
+        },
     ] {
         let want = frame.id();
         alice.send(&frame).await;

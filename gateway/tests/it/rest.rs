@@ -70,14 +70,30 @@ async fn bad_requests_get_contract_errors() {
         "/online?limit=1001",
         "/online?platform=9",
         "/presence/bad%20id",
+        "/online?limit=-5",
+        "/online?limit=abc",
+        "/groups/g/members?limit=-1",
+        "/groups/g/history?limit=x",
     ] {
         let (status, answer) = rest.get(path).await;
         assert_eq!(status, 400, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "bad_request", "{path}: JSON error");
     }
     let (status, answer) = rest.get("/no/such/thing").await;
     assert_eq!(
         (status, answer["error"]["code"].as_str()),
         (404, Some("not_found"))
+    );
+    // Over the body limit: 413 with the contract's error, not a plain 400. Last, on a client of
+    // its own: the server closes the connection without reading the rest of the body.
+    let huge = "x".repeat(3 << 20);
+    let (status, answer) = Rest::new(&node)
+        .post("/presence/query", json!({"users": [huge]}))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (413, Some("too_large")),
+        "{answer}"
     );
 }
 
@@ -120,4 +136,8 @@ async fn health_readiness_metrics_and_nodes() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["id"], node.id);
     assert_eq!(list[0]["ws_url"], node.ws());
+    // The node's stdout is a pipe here, not a terminal: no colour codes in its logs.
+    let logs = node.logs();
+    assert!(logs.contains("listening"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "ANSI escape codes in piped logs");
 }
