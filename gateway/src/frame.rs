@@ -20,6 +20,11 @@ impl EncodedFrame {
         })
     }
 
+    /// The frame itself back.
+    pub fn into_frame(self) -> ServerFrame {
+        self.frame
+    }
+
     /// The frame's bytes in `encoding`; `None` if it cannot be encoded (logged once).
     pub fn bytes(&self, encoding: Encoding) -> Option<Bytes> {
         self.cache[encoding.index()]

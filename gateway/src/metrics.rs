@@ -28,6 +28,7 @@ pub const FRAMES_IN: &str = "presence_frames_in_total";
 pub const CLIENT_ERRORS: &str = "presence_client_errors_total";
 pub const SLOW_CONSUMER_CLOSES: &str = "presence_slow_consumer_closes_total";
 pub const SESSION_CLOSES: &str = "presence_session_closes_total";
+pub const UNREADABLE_MESSAGES: &str = "presence_unreadable_messages_total";
 pub const WEBHOOKS: &str = "presence_webhooks_total";
 pub const REAPED_USERS: &str = "presence_reaped_users_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
@@ -94,6 +95,10 @@ fn describe() {
     describe_counter!(
         SESSION_CLOSES,
         "Connections closed by the app backend or the token's lifetime, by reason."
+    );
+    describe_counter!(
+        UNREADABLE_MESSAGES,
+        "Stored messages left out of an answer because the client's encoding cannot carry them."
     );
     describe_counter!(WEBHOOKS, "Webhook deliveries by result.");
     describe_counter!(

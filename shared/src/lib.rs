@@ -3,6 +3,7 @@
 //!
 //! This crate does no I/O and depends on no runtime, so any Rust client can use it.
 
+pub mod body;
 pub mod codec;
 mod frame_de;
 pub mod ids;

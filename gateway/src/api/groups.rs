@@ -165,5 +165,14 @@ pub async fn history(
         .messages
         .history(&group, since.as_deref(), limit)
         .await?;
+    // A message stored before bodies were checked may not be JSON; it is left out (and counted)
+    // rather than failing the whole answer.
+    let total = messages.len();
+    let messages: Vec<Message> = messages
+        .into_iter()
+        .filter(|m| serde_json::to_vec(m).is_ok())
+        .collect();
+    metrics::counter!(crate::metrics::UNREADABLE_MESSAGES)
+        .increment((total - messages.len()) as u64);
     Ok(Json(History { messages, more }))
 }

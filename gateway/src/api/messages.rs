@@ -39,6 +39,7 @@ pub async fn send(
     body: Result<Json<SendRequest>, JsonRejection>,
 ) -> ApiJson<SendAnswer> {
     let Json(req) = json_body(body)?;
+    shared::body::check_body(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let from = req.from.unwrap_or_else(|| ids::SYSTEM_USER.to_string());
     ids::check_id("from", &from).map_err(ApiError::bad_request)?;
     match &req.to {

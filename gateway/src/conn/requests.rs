@@ -4,7 +4,7 @@
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
-use shared::{ClientFrame, Destination, ErrorCode, ServerFrame, Status, ids};
+use shared::{ClientFrame, Destination, Encoding, ErrorCode, ServerFrame, Status, ids};
 use tokio::sync::Semaphore;
 
 use crate::conn_handle::ConnHandle;
@@ -13,6 +13,7 @@ use crate::{
     auth::AuthError,
     backend::{BackendError, JoinPolicy, Origin, Outgoing, Roles, online_members, parse_msg_id},
     clock::now_ms,
+    frame::EncodedFrame,
     metrics as m,
     presence::ChosenStatus,
     router::{Reply, RouteJob},
@@ -186,6 +187,7 @@ impl Requests {
                 })?;
             }
             ClientFrame::Send { id, to, body } => {
+                shared::body::check_body(&body).map_err(|e| bad(e.to_string()))?;
                 match &to {
                     Destination::User { user } => ids::check_id("user", user).map_err(bad)?,
                     Destination::Group { group } => ids::check_id("group", group).map_err(bad)?,
@@ -395,7 +397,7 @@ impl Requests {
                     ServerFrame::error(id, ErrorCode::Unavailable, failure)
                 }
             };
-            conn.push_frame(frame);
+            conn.push(&readable(frame, conn.encoding, id));
         });
         Ok(())
     }
@@ -432,6 +434,43 @@ impl Requests {
         let all: Vec<String> = self.subscribed.drain().collect();
         self.unwatch(all).await;
     }
+}
+
+/// The answer as this connection can read it. A stored message written before bodies were checked
+/// may not encode in every encoding: it is left out of a `history` (and counted) rather than
+/// leaving the request unanswered; any other answer that cannot be encoded becomes an error.
+fn readable(frame: ServerFrame, encoding: Encoding, id: Option<u64>) -> Arc<EncodedFrame> {
+    let encoded = EncodedFrame::new(frame);
+    if encoded.bytes(encoding).is_some() {
+        return encoded;
+    }
+    let frame = match Arc::try_unwrap(encoded).map(EncodedFrame::into_frame) {
+        Ok(ServerFrame::History {
+            id,
+            group,
+            messages,
+            more,
+        }) => {
+            let total = messages.len();
+            let messages: Vec<_> = messages
+                .into_iter()
+                .filter(|m| encoding.encode(m).is_ok())
+                .collect();
+            metrics::counter!(m::UNREADABLE_MESSAGES).increment((total - messages.len()) as u64);
+            ServerFrame::History {
+                id,
+                group,
+                messages,
+                more,
+            }
+        }
+        _ => ServerFrame::error(
+            id,
+            ErrorCode::Internal,
+            "the answer cannot be encoded for this connection",
+        ),
+    };
+    EncodedFrame::new(frame)
 }
 
 /// Messages one `sync` may ask for.
