@@ -1,7 +1,8 @@
 //! One WebSocket session: registers the connection with its user's shard, then reads client frames
 //! in this task while a writer task drains the outbound queue, sends heartbeats and closes the
 //! socket with the code asked for. The session never awaits Redis: backend work for a request runs
-//! in a task of its own and answers through the outbound queue.
+//! in a task of its own and answers through the outbound queue. Nor does it await the authorization
+//! hook: a task asks it, and the session only applies the answer to its subscriptions.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -201,6 +202,11 @@ async fn read_loop(
     loop {
         let message = tokio::select! {
             m = stream.next() => m,
+            // Only with the authorization hook, while a `subscribe` waits for its answer.
+            Some(answer) = requests.next_answer(), if requests.awaits_answer() => {
+                Box::pin(requests.answered(answer)).await;
+                continue;
+            }
             _ = conn.close_requested().cancelled() => return,
             _ = app.closing.cancelled() => {
                 conn.close(close_code::GOING_AWAY);
