@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Authenticator,
+    authz::AuthzHook,
     backend::{BackendSettings, MemoryBackend, MessageSettings, RedisBackend, RedisTarget, Roles},
     clock::now_ms,
     config::{BackendChoice, Config},
@@ -42,6 +43,8 @@ pub struct App {
     pub shards: Shards,
     pub router: Router,
     pub auth: Authenticator,
+    /// The app backend's say on client `join` and `subscribe` (`PRESENCE_AUTH_HOOK_URL`).
+    pub authz: Option<Arc<AuthzHook>>,
     /// Metrics and webhooks after changes (the REST API's kicks too).
     pub hooks: ChangeHooks,
     pub api_key: Option<String>,
@@ -137,6 +140,17 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         None => ChangeHooks::metrics_only(),
     };
 
+    let authz = match (config.auth_hook_url(), &config.webhook_secret) {
+        (Some(url), Some(secret)) => Some(Arc::new(AuthzHook::new(
+            url.to_string(),
+            secret.as_bytes(),
+            config.auth_hook_timeout(),
+            config.auth_hook_cache(),
+        )?)),
+        (Some(_), None) => anyhow::bail!("PRESENCE_AUTH_HOOK_URL needs PRESENCE_WEBHOOK_SECRET"),
+        (None, _) => None,
+    };
+
     let shards_tracker = TaskTracker::new();
     let stop_shards = CancellationToken::new();
     let shards = Shards::spawn(
@@ -170,6 +184,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         started_at: now_ms(),
         hooks: hooks.clone(),
         auth: Authenticator::new(config.jwt_secret.as_deref(), backend.tokens.clone()),
+        authz,
         api_key: config.effective_api_key(),
         allowed_origins: config.allowed_origins(),
         backend,

@@ -138,6 +138,19 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// Authorization hook: the gateway asks this URL (a signed `POST`) before each client `join` and
+    /// `subscribe`. Needs `--webhook-secret`, which signs its requests. Unset: no hook.
+    #[arg(long, env = "PRESENCE_AUTH_HOOK_URL")]
+    pub auth_hook_url: Option<String>,
+
+    /// Longest wait for the authorization hook's answer; no answer in time refuses the request.
+    #[arg(long, env = "PRESENCE_AUTH_HOOK_TIMEOUT_MS", default_value_t = 2000)]
+    pub auth_hook_timeout_ms: u64,
+
+    /// How long the authorization hook's answers are kept per exact request (0: not kept).
+    #[arg(long, env = "PRESENCE_AUTH_HOOK_CACHE_SECS", default_value_t = 0)]
+    pub auth_hook_cache_secs: u64,
+
     /// Longest drain on SIGTERM/SIGINT.
     #[arg(long, env = "PRESENCE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -298,6 +311,30 @@ impl Config {
         if !self.webhook_urls().is_empty() && self.webhook_secret.is_none() {
             problems.push("PRESENCE_WEBHOOK_URLS needs PRESENCE_WEBHOOK_SECRET".into());
         }
+        if let Some(url) = self.auth_hook_url() {
+            match reqwest::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
+                // reqwest is built without TLS (see the workspace Cargo.toml), so https cannot work.
+                Ok(u) if u.scheme() == "https" => problems.push(
+                    "PRESENCE_AUTH_HOOK_URL must be http:// (this build has no TLS client)".into(),
+                ),
+                _ => problems.push(format!(
+                    "PRESENCE_AUTH_HOOK_URL must be an http:// URL, got {url:?}"
+                )),
+            }
+            if self.webhook_secret.as_deref().is_none_or(str::is_empty) {
+                problems.push(
+                    "PRESENCE_AUTH_HOOK_URL needs PRESENCE_WEBHOOK_SECRET (it signs the hook's requests)"
+                        .into(),
+                );
+            }
+        }
+        if !(10..=60_000).contains(&self.auth_hook_timeout_ms) {
+            problems.push("PRESENCE_AUTH_HOOK_TIMEOUT_MS must be 10 to 60000".into());
+        }
+        if self.auth_hook_cache_secs > 86_400 {
+            problems.push("PRESENCE_AUTH_HOOK_CACHE_SECS must be at most 86400".into());
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             problems.push(format!("PRESENCE_LOG is not a valid filter: {e}"));
         }
@@ -386,6 +423,17 @@ impl Config {
         Duration::from_secs(self.shutdown_grace_secs)
     }
 
+    /// The authorization hook's URL; an empty value counts as unset.
+    pub fn auth_hook_url(&self) -> Option<&str> {
+        self.auth_hook_url.as_deref().filter(|u| !u.is_empty())
+    }
+    pub fn auth_hook_timeout(&self) -> Duration {
+        Duration::from_millis(self.auth_hook_timeout_ms)
+    }
+    pub fn auth_hook_cache(&self) -> Duration {
+        Duration::from_secs(self.auth_hook_cache_secs)
+    }
+
     pub fn allowed_origins(&self) -> Vec<String> {
         split_list(self.allowed_origins.as_deref())
     }
@@ -430,6 +478,9 @@ mod tests {
         assert_eq!(c.key_prefix, "presence");
         assert_eq!(c.backend(), BackendChoice::Embedded);
         assert_eq!(c.effective_api_key(), None);
+        assert_eq!(c.auth_hook_url(), None);
+        assert_eq!(c.auth_hook_timeout_ms, 2000);
+        assert_eq!(c.auth_hook_cache_secs, 0);
         assert!(c.validate().is_ok());
     }
 
@@ -464,6 +515,39 @@ mod tests {
         );
         let problems = c.validate().expect_err("invalid");
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn the_auth_hook_is_checked() {
+        let ok = parse(
+            &["--auth-hook-url=http://app:8000/authz"],
+            &[
+                ("PRESENCE_WEBHOOK_SECRET", "s"),
+                ("PRESENCE_AUTH_HOOK_TIMEOUT_MS", "500"),
+                ("PRESENCE_AUTH_HOOK_CACHE_SECS", "30"),
+            ],
+        );
+        assert_eq!(ok.auth_hook_url(), Some("http://app:8000/authz"));
+        assert_eq!(ok.auth_hook_timeout(), Duration::from_millis(500));
+        assert_eq!(ok.auth_hook_cache(), Duration::from_secs(30));
+        assert!(ok.validate().is_ok(), "{:?}", ok.validate());
+        // Without a secret, with https, out of bounds: all reported together.
+        let bad = parse(
+            &[
+                "--auth-hook-url=https://app/authz",
+                "--auth-hook-timeout-ms=0",
+                "--auth-hook-cache-secs=86401",
+            ],
+            &[],
+        );
+        let problems = bad.validate().expect_err("invalid");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        let unparsable = parse(&["--auth-hook-url=app:8000", "--webhook-secret=s"], &[]);
+        assert_eq!(unparsable.validate().expect_err("invalid").len(), 1);
+        // Empty is unset (as a templated environment may leave it).
+        let empty = parse(&[], &[("PRESENCE_AUTH_HOOK_URL", "")]);
+        assert_eq!(empty.auth_hook_url(), None);
+        assert!(empty.validate().is_ok());
     }
 
     #[test]

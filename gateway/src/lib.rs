@@ -8,6 +8,7 @@ pub mod api;
 pub mod api_error;
 pub mod app;
 pub mod auth;
+pub mod authz;
 pub mod backend;
 pub mod clock;
 pub mod config;

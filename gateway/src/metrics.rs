@@ -35,6 +35,9 @@ pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
 pub const MESSAGES_ROUTED: &str = "presence_messages_routed_total";
 pub const DELIVERIES: &str = "presence_deliveries_total";
 pub const DELIVERY_SECONDS: &str = "presence_delivery_seconds";
+pub const AUTH_HOOK_CALLS: &str = "presence_auth_hook_calls_total";
+pub const AUTH_HOOK_SECONDS: &str = "presence_auth_hook_seconds";
+pub const AUTH_HOOK_CACHE_HITS: &str = "presence_auth_hook_cache_hits_total";
 
 fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
@@ -114,6 +117,18 @@ fn describe() {
     describe_histogram!(
         DELIVERY_SECONDS,
         "Time from a message's send to its queueing on this node."
+    );
+    describe_counter!(
+        AUTH_HOOK_CALLS,
+        "Calls to the authorization hook by result (allow, deny, partial, error, timeout)."
+    );
+    describe_histogram!(
+        AUTH_HOOK_SECONDS,
+        "Time from asking the authorization hook to its answer (or the timeout)."
+    );
+    describe_counter!(
+        AUTH_HOOK_CACHE_HITS,
+        "Join and subscribe requests answered from the authorization hook's cache, without a call."
     );
 }
 

@@ -1,16 +1,25 @@
 //! Client requests of one connection: decoding, validation, rate limiting, and the answer to each.
-//! Shard commands are sent from here; backend reads run in tasks of their own (at most
-//! `MAX_IN_FLIGHT` per connection) so the session keeps reading.
+//! Shard commands are sent from here; backend reads and calls to the authorization hook run in tasks
+//! of their own (at most `MAX_IN_FLIGHT` per connection) so the session keeps reading.
+//!
+//! With the hook, a `subscribe` changes the connection's subscriptions only once the hook answered:
+//! the task asks, then hands the answer back to the session ([`Requests::answered`]), which alone
+//! owns the subscription set and so watches, and later unwatches, in request order.
 
-use std::{collections::HashSet, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use shared::{ClientFrame, Destination, Encoding, ErrorCode, ServerFrame, Status, ids};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::conn_handle::ConnHandle;
 use crate::{
     app::App,
     auth::AuthError,
+    authz::{Ask, AuthzHook, Verdict},
     backend::{BackendError, JoinPolicy, Origin, Outgoing, Roles, online_members, parse_msg_id},
     clock::now_ms,
     frame::EncodedFrame,
@@ -32,6 +41,32 @@ pub struct Requests {
     subscribed: HashSet<String>,
     in_flight: Arc<Semaphore>,
     bucket: TokenBucket,
+    /// Subscribes waiting for the authorization hook; made at the first one (boxed: most
+    /// connections never have one, and every connection carries this field).
+    asking: Option<Box<Asking>>,
+}
+
+/// Subscribes of one connection whose hook answer has not been applied yet.
+struct Asking {
+    /// Users named by a subscribe still waiting, with that subscribe's number: only the latest
+    /// subscribe naming a user decides for them, and an `unsubscribe` naming them meanwhile wins.
+    pending: HashMap<String, u64>,
+    /// Number of the last subscribe sent to the hook.
+    last: u64,
+    /// Answers handed out and not yet applied.
+    outstanding: usize,
+    tx: mpsc::Sender<Answered>,
+    rx: mpsc::Receiver<Answered>,
+}
+
+/// The hook's answer to one `subscribe`, for the session to apply.
+pub struct Answered {
+    id: Option<u64>,
+    number: u64,
+    users: Vec<String>,
+    verdict: Verdict,
+    /// The request's in-flight slot, kept for the `presence_list` read that follows.
+    permit: OwnedSemaphorePermit,
 }
 
 impl Requests {
@@ -43,6 +78,7 @@ impl Requests {
             subscribed: HashSet::new(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             bucket: TokenBucket::new(rate),
+            asking: None,
         }
     }
 
@@ -129,6 +165,10 @@ impl Requests {
             }
             ClientFrame::Subscribe { id, users } => {
                 let users = checked_users(users)?;
+                if let Some(hook) = &self.app.authz {
+                    let hook = hook.clone();
+                    return self.ask_to_subscribe(hook, id, users);
+                }
                 let new: Vec<String> = users
                     .iter()
                     .filter(|u| !self.subscribed.contains(*u))
@@ -151,6 +191,11 @@ impl Requests {
             }
             ClientFrame::Unsubscribe { id, users } => {
                 let users = checked_users(users)?;
+                if let Some(asking) = &mut self.asking {
+                    for user in &users {
+                        asking.pending.remove(user);
+                    }
+                }
                 let gone: Vec<String> = users
                     .into_iter()
                     .filter(|u| self.subscribed.remove(u))
@@ -302,15 +347,30 @@ impl Requests {
         let user = self.conn.user.clone();
         let conn = self.conn.clone();
         let shards = self.app.shards.clone();
+        let hook = self.app.authz.clone();
         self.spawn(id, move |backend| async move {
             if joined {
-                // A member joining again is not refused, whatever the policy.
+                // A member joining again is not refused, whatever the policy. A closed group
+                // refuses non-members before the hook is asked: its answer could not change that.
                 let open = backend.groups.join_policy(&group).await? == JoinPolicy::Open;
                 if !open && !backend.groups.is_member(&group, &user).await? {
                     return Ok(forbidden(
                         id,
                         "this group is closed: members are added by the app",
                     ));
+                }
+                if let Some(hook) = hook {
+                    let ask = Ask::Join {
+                        user: &user,
+                        platform: conn.platform,
+                        group: &group,
+                    };
+                    match hook.check(&ask).await {
+                        Verdict::Allow => {}
+                        Verdict::Deny(refusal) => return Ok(forbidden(id, refusal.message())),
+                        // A list answers only a subscribe; `check` reads it as a failure for a join.
+                        Verdict::Only(_) => return Ok(forbidden(id, "not allowed by the app")),
+                    }
                 }
                 backend.groups.add_member(&group, &user).await?;
             } else {
@@ -386,6 +446,21 @@ impl Requests {
         Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
     {
         let permit = self.permit()?;
+        self.run(permit, id, failure, work);
+        Ok(())
+    }
+
+    /// Runs `work` in its own task holding `permit`, and queues its answer.
+    fn run<F, Fut>(
+        &self,
+        permit: OwnedSemaphorePermit,
+        id: Option<u64>,
+        failure: &'static str,
+        work: F,
+    ) where
+        F: FnOnce(Roles) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
+    {
         let backend = self.app.backend.clone();
         let conn = self.conn.clone();
         tokio::spawn(async move {
@@ -399,24 +474,173 @@ impl Requests {
             };
             conn.push(&readable(frame, conn.encoding, id));
         });
-        Ok(())
     }
 
     /// Answers `presence_list` for `users`, as this connection's user may see them.
     fn query(&self, id: Option<u64>, users: Vec<String>) -> Result<(), (ErrorCode, String)> {
+        let permit = self.permit()?;
+        self.query_with(permit, id, users, None);
+        Ok(())
+    }
+
+    /// `query` in the slot `permit`; `denied` (users the hook refused) goes into the answer.
+    fn query_with(
+        &self,
+        permit: OwnedSemaphorePermit,
+        id: Option<u64>,
+        users: Vec<String>,
+        denied: Option<Vec<String>>,
+    ) {
         let viewer = self.conn.user.clone();
-        self.spawn_or(
+        self.run(
+            permit,
             id,
             "presence store unavailable",
             move |backend| async move {
                 let records = backend.presence.presence(&users).await?;
                 Ok(ServerFrame::PresenceList {
-                    denied: None,
+                    denied,
                     id,
                     items: records.iter().map(|r| r.view_for(Some(&viewer))).collect(),
                 })
             },
         )
+    }
+
+    /// `subscribe` with the authorization hook: the users count against the connection's limit
+    /// at once, and the hook is asked in a task of its own, which hands its answer back to the
+    /// session (see [`Requests::answered`]). Nothing is watched before the answer.
+    fn ask_to_subscribe(
+        &mut self,
+        hook: Arc<AuthzHook>,
+        id: Option<u64>,
+        users: Vec<String>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let permit = self.permit()?;
+        let asking = self.asking.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
+            Box::new(Asking {
+                pending: HashMap::new(),
+                last: 0,
+                outstanding: 0,
+                tx,
+                rx,
+            })
+        });
+        let waiting = asking
+            .pending
+            .keys()
+            .filter(|u| !self.subscribed.contains(*u))
+            .count();
+        let adding = users
+            .iter()
+            .filter(|u| !self.subscribed.contains(*u) && !asking.pending.contains_key(*u))
+            .count();
+        if self.subscribed.len() + waiting + adding > MAX_USERS {
+            return Err(bad(format!(
+                "a connection may subscribe to at most {MAX_USERS} users"
+            )));
+        }
+        asking.last += 1;
+        let number = asking.last;
+        for user in &users {
+            asking.pending.insert(user.clone(), number);
+        }
+        asking.outstanding += 1;
+        let tx = asking.tx.clone();
+        let (user, platform) = (self.conn.user.clone(), self.conn.platform);
+        tokio::spawn(async move {
+            let ask = Ask::Subscribe {
+                user: &user,
+                platform,
+                users: &users,
+            };
+            let verdict = hook.check(&ask).await;
+            // The session may have ended meanwhile; then nobody applies the answer.
+            let _ = tx
+                .send(Answered {
+                    id,
+                    number,
+                    users,
+                    verdict,
+                    permit,
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    /// Whether a hook answer may be on its way (the session only polls [`Requests::next_answer`]
+    /// then).
+    pub fn awaits_answer(&self) -> bool {
+        self.asking.as_ref().is_some_and(|a| a.outstanding > 0)
+    }
+
+    /// The next hook answer to apply.
+    pub async fn next_answer(&mut self) -> Option<Answered> {
+        match &mut self.asking {
+            Some(asking) => asking.rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Applies the hook's answer to a `subscribe`: for each user this subscribe still decides
+    /// (see [`Asking::pending`]), an allowed one is watched and a denied one is unwatched if the
+    /// connection watched them before. Then answers `presence_list` for the allowed users, naming
+    /// the denied ones; a refusal answers `forbidden` and changes nothing.
+    pub async fn answered(&mut self, answer: Answered) {
+        let Some(asking) = &mut self.asking else {
+            return;
+        };
+        asking.outstanding = asking.outstanding.saturating_sub(1);
+        let Answered {
+            id,
+            number,
+            users,
+            verdict,
+            permit,
+        } = answer;
+        let mut decides = |user: &String| {
+            let mine = asking.pending.get(user) == Some(&number);
+            if mine {
+                asking.pending.remove(user);
+            }
+            mine
+        };
+        let (allowed, denied): (Vec<String>, Vec<String>) = match verdict {
+            Verdict::Allow => (users, Vec::new()),
+            Verdict::Only(allowed) => users.into_iter().partition(|u| allowed.contains(u)),
+            Verdict::Deny(refusal) => {
+                for user in &users {
+                    decides(user);
+                }
+                drop(permit);
+                self.reply_error(id, ErrorCode::Forbidden, refusal.message());
+                return;
+            }
+        };
+        let mut watch = Vec::new();
+        for user in &allowed {
+            if decides(user) && self.subscribed.insert(user.clone()) {
+                watch.push(user.clone());
+            }
+        }
+        let mut unwatch = Vec::new();
+        for user in &denied {
+            if decides(user) && self.subscribed.remove(user) {
+                unwatch.push(user.clone());
+            }
+        }
+        for (shard, users) in self.app.shards.partition(watch) {
+            let cmd = ShardCmd::Watch {
+                users,
+                conn: self.conn.clone(),
+            };
+            self.app.shards.send_to(shard, cmd).await;
+        }
+        self.unwatch(unwatch).await;
+        let denied = (!denied.is_empty()).then_some(denied);
+        self.query_with(permit, id, allowed, denied);
     }
 
     async fn unwatch(&self, users: Vec<String>) {
@@ -431,6 +655,8 @@ impl Requests {
 
     /// Drops every watch of this connection (it is closing).
     pub async fn release(&mut self) {
+        // Answers still on their way are dropped with it: nothing more gets watched.
+        self.asking = None;
         let all: Vec<String> = self.subscribed.drain().collect();
         self.unwatch(all).await;
     }

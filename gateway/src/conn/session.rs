@@ -1,8 +1,8 @@
 //! One WebSocket session: reads what a connection needs before its welcome (one backend round
 //! trip), numbers its login under a multi-login policy, registers it with its user's shard, then
 //! reads client frames in this task while the writer task (`writer.rs`) drains the outbound
-//! queue. The read loop never awaits Redis: backend work for a request runs in a task of its own
-//! and answers through the outbound queue.
+//! queue. The read loop never awaits Redis or the authorization hook: backend work and hook calls
+//! for a request run in tasks of their own, and the session only applies their answers.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -243,6 +243,11 @@ async fn read_loop(
     loop {
         let message = tokio::select! {
             m = stream.next() => m,
+            // Only with the authorization hook, while a `subscribe` waits for its answer.
+            Some(answer) = requests.next_answer(), if requests.awaits_answer() => {
+                Box::pin(requests.answered(answer)).await;
+                continue;
+            }
             _ = conn.close_requested().cancelled() => return,
             _ = app.closing.cancelled() => {
                 conn.close(close_code::GOING_AWAY);

@@ -7,6 +7,8 @@ mod harness;
 /// Nodes in the test process: `gateway::serve` in a task; two side by side.
 mod inproc;
 
+/// The authorization hook: a hook server in the test process decides `join` and `subscribe`.
+mod access;
 /// Connections: authentication, encodings, limits, bad input and close codes.
 mod connect;
 /// Backend role contracts, each test run in-process against the embedded and the Redis backend.
