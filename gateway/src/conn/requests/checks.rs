@@ -1,0 +1,87 @@
+//! What a request must satisfy before anything runs: ids, limits, the frame rate.
+
+use std::{collections::HashSet, time::Instant};
+
+use shared::{ErrorCode, ServerFrame, ids};
+
+use super::MAX_USERS;
+use crate::{backend::parse_msg_id, clock::now_ms};
+
+pub(super) fn forbidden(id: Option<u64>, message: &str) -> ServerFrame {
+    ServerFrame::error(id, ErrorCode::Forbidden, message)
+}
+
+pub(super) fn check_msg_id(id: &str) -> Result<(), (ErrorCode, String)> {
+    parse_msg_id(id)
+        .map(|_| ())
+        .ok_or_else(|| bad("message ids look like 1700000000000-0000000001"))
+}
+
+/// How far past this node's clock a read position may point: ids come from the clocks of the nodes
+/// that sent the messages, which may run a little ahead.
+const READ_AHEAD_MS: u64 = 60_000;
+
+/// A read position beyond any message that can exist would hide every message sent before the
+/// clock reaches it.
+pub(super) fn check_not_ahead(up_to: &str) -> Result<(), (ErrorCode, String)> {
+    match parse_msg_id(up_to) {
+        Some((ms, _)) if ms > now_ms().saturating_add(READ_AHEAD_MS) => {
+            Err(bad("up_to is after the newest message that can exist"))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn bad(message: impl Into<String>) -> (ErrorCode, String) {
+    (ErrorCode::BadRequest, message.into())
+}
+
+pub(super) fn unavailable() -> (ErrorCode, String) {
+    (ErrorCode::Unavailable, "node is stopping".into())
+}
+
+/// Validates a request's user list: at most [`MAX_USERS`], every id valid; duplicates dropped.
+pub(super) fn checked_users(users: Vec<String>) -> Result<Vec<String>, (ErrorCode, String)> {
+    if users.len() > MAX_USERS {
+        return Err(bad(format!("at most {MAX_USERS} users per request")));
+    }
+    let mut seen = HashSet::with_capacity(users.len());
+    let mut out = Vec::with_capacity(users.len());
+    for user in users {
+        ids::check_id("user", &user).map_err(bad)?;
+        if seen.insert(user.clone()) {
+            out.push(user);
+        }
+    }
+    Ok(out)
+}
+
+/// Frames per second a connection may send: `rate` sustained, bursts of up to `rate`.
+pub(super) struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(super) fn new(rate: u32) -> Self {
+        TokenBucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    pub(super) fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
