@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU16, AtomicU64, Ordering},
+        atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -66,8 +66,13 @@ pub struct ConnHandle {
     /// Ms since the epoch when the token expires (0: never); the writer closes with 4001 then.
     /// `refresh` moves it.
     pub token_expires_at: AtomicU64,
-    /// Frames on their way to the socket's writer; bounded so one slow client costs bounded memory.
+    /// Frames on their way to the socket's writer; bounded in frames by the channel and in bytes
+    /// by `queued_bytes`, so one slow client costs bounded memory.
     outbound: mpsc::Sender<Arc<EncodedFrame>>,
+    /// Bytes (in this connection's encoding) queued and not yet written to the socket.
+    queued_bytes: AtomicUsize,
+    /// Most bytes `queued_bytes` may reach before the connection counts as a slow consumer.
+    max_queued_bytes: AtomicUsize,
     /// Tells the session to close the socket with `close_code`.
     closer: CancellationToken,
     /// The first close code asked for wins.
@@ -103,6 +108,8 @@ impl ConnHandle {
             token_expires_at: AtomicU64::new(0),
             login_seq: AtomicU64::new(0),
             outbound,
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes: AtomicUsize::new(usize::MAX),
             closer: CancellationToken::new(),
             close_code: AtomicU16::new(0),
             close_reason: OnceLock::new(),
@@ -152,20 +159,49 @@ impl ConnHandle {
         self.close_reason.get().map(|r| &**r)
     }
 
-    /// Queues a frame shared with other connections (encoded at most once per encoding, by
-    /// the first writer that needs it). False when the connection is closing or was just found
-    /// too slow.
+    /// Bounds the bytes queued for this connection (see `push`).
+    pub fn set_max_queued_bytes(&self, max: usize) {
+        self.max_queued_bytes.store(max, Ordering::Relaxed);
+    }
+
+    /// Queues a frame shared with other connections (encoded at most once per encoding, by the
+    /// first connection that needs it). False when the connection is closing, the frame cannot
+    /// be encoded for it, or it was just found too slow: more frames than the queue holds, or
+    /// more bytes than `max_queued_bytes` (a single frame larger than that still goes to an empty
+    /// queue: its size is bounded by the reply and frame limits).
     pub fn push(&self, frame: &Arc<EncodedFrame>) -> bool {
+        let Some(size) = frame.bytes(self.encoding).map(|b| b.len()) else {
+            return false;
+        };
+        let queued = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if queued > 0 && queued + size > self.max_queued_bytes.load(Ordering::Relaxed) {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            self.too_slow();
+            return false;
+        }
         match self.outbound.try_send(frame.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(close_code::POLICY) {
-                    metrics::counter!(m::SLOW_CONSUMER_CLOSES).increment(1);
-                    tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
-                }
+                self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                self.too_slow();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                false
+            }
+        }
+    }
+
+    /// The writer wrote `size` bytes of queued frames.
+    pub fn written(&self, size: usize) {
+        self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+    }
+
+    fn too_slow(&self) {
+        if self.close(close_code::POLICY) {
+            metrics::counter!(m::SLOW_CONSUMER_CLOSES).increment(1);
+            tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
         }
     }
 

@@ -3,7 +3,30 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use shared::{Encoding, ServerFrame};
+use shared::{Encoding, Message, ServerFrame};
+
+/// The longest prefix of `messages` whose encoding in `encoding` fits in `max` bytes (at least one
+/// message, whose size the frame limit bounds), and whether it cut any. Replies of many messages
+/// go through here, so one reply costs a bounded number of bytes.
+pub fn within_bytes(
+    messages: Vec<Message>,
+    encoding: Encoding,
+    max: usize,
+) -> (Vec<Message>, bool) {
+    let mut total = 0;
+    let mut keep = 0;
+    for m in &messages {
+        total += encoding.encode(m).map(|b| b.len()).unwrap_or(0);
+        if keep > 0 && total > max {
+            break;
+        }
+        keep += 1;
+    }
+    let cut = keep < messages.len();
+    let mut messages = messages;
+    messages.truncate(keep);
+    (messages, cut)
+}
 
 /// A frame shared by every connection it is sent to. Fan-out to N connections costs one encode per
 /// encoding in use, not N.

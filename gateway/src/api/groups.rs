@@ -12,12 +12,13 @@ use axum::{
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
-use shared::{Message, ids};
+use shared::{Encoding, Message, ids};
 
 use super::{ApiError, ApiJson, json_body, page_cursor, page_limit, query_params};
 use crate::{
     app::App,
     backend::{JoinPolicy, online_members, parse_msg_id},
+    frame::within_bytes,
 };
 
 fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
@@ -174,5 +175,9 @@ pub async fn history(
         .collect();
     metrics::counter!(crate::metrics::UNREADABLE_MESSAGES)
         .increment((total - messages.len()) as u64);
-    Ok(Json(History { messages, more }))
+    let (messages, cut) = within_bytes(messages, Encoding::Json, app.config.max_reply_bytes);
+    Ok(Json(History {
+        messages,
+        more: more || cut,
+    }))
 }

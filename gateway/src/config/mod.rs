@@ -97,6 +97,16 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
+    /// Bytes a connection's outbound queue holds before the connection counts as a slow consumer
+    /// and is closed with 4008.
+    #[arg(long, env = "PRESENCE_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub outbound_queue_bytes: usize,
+
+    /// Largest reply of many messages (`sync`, stored messages at connect, REST history): longer
+    /// ones are cut, with `more: true` where the reply has it.
+    #[arg(long, env = "PRESENCE_MAX_REPLY_BYTES", default_value_t = 1 << 20)]
+    pub max_reply_bytes: usize,
+
     /// What a new login does to the user's older connections (closed with 4011): `all` keeps
     /// them, `platform` replaces those on the same platform, `single` replaces every one.
     #[arg(long, env = "PRESENCE_MULTI_LOGIN", value_enum, default_value_t = MultiLogin::All)]
@@ -292,6 +302,17 @@ impl Config {
         }
         if self.outbound_queue < 8 {
             problems.push("PRESENCE_OUTBOUND_QUEUE must be at least 8".into());
+        }
+        if self.max_reply_bytes < self.max_frame_bytes {
+            problems.push(
+                "PRESENCE_MAX_REPLY_BYTES must be at least PRESENCE_MAX_FRAME_BYTES (one message)"
+                    .into(),
+            );
+        }
+        if self.outbound_queue_bytes < self.max_reply_bytes {
+            problems.push(
+                "PRESENCE_OUTBOUND_QUEUE_BYTES must be at least PRESENCE_MAX_REPLY_BYTES".into(),
+            );
         }
         if self.max_conns_per_user == 0 {
             problems.push("PRESENCE_MAX_CONNS_PER_USER must be at least 1".into());

@@ -23,7 +23,7 @@ use crate::{
     clock::now_ms,
     config::MultiLogin,
     conn_handle::{ConnHandle, close_code},
-    frame::EncodedFrame,
+    frame::{EncodedFrame, within_bytes},
     metrics as m,
     shard::ShardCmd,
 };
@@ -54,6 +54,7 @@ pub async fn run(
         out_tx,
     ));
     conn.set_token(identity.issued_at, identity.expires_at);
+    conn.set_max_queued_bytes(app.config.outbound_queue_bytes);
     let welcome = ServerFrame::Welcome {
         conn_id: format!("{}-{}", app.node_id, conn.id),
         user: conn.user.clone(),
@@ -84,11 +85,14 @@ pub async fn run(
         tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
         Vec::new()
     });
+    let offline = offline.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, user = %conn.user, "cannot read stored messages");
+        Vec::new()
+    });
+    // Bounded in bytes: the rest stays stored and follows on a later connect, after the client
+    // acknowledged these.
+    let (offline, _) = within_bytes(offline, conn.encoding, app.config.max_reply_bytes);
     let offline: Vec<Arc<EncodedFrame>> = offline
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, user = %conn.user, "cannot read stored messages");
-            Vec::new()
-        })
         .into_iter()
         .map(|m| EncodedFrame::new(ServerFrame::Message(m)))
         .collect();

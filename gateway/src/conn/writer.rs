@@ -48,7 +48,7 @@ pub(super) async fn write_loop(
             frame = out.recv() => {
                 let Some(frame) = frame else { break };
                 let sent = tokio::select! {
-                    r = Box::pin(send_burst(&mut sink, &mut out, conn.encoding, frame)) => r.is_ok(),
+                    r = Box::pin(send_burst(&mut sink, &mut out, &conn, frame)) => r.is_ok(),
                     _ = closer.cancelled() => false,
                 };
                 if !sent {
@@ -151,20 +151,23 @@ fn close_reason(code: u16) -> &'static str {
 async fn send_burst(
     sink: &mut SplitSink<WebSocket, Message>,
     out: &mut mpsc::Receiver<Arc<EncodedFrame>>,
-    encoding: Encoding,
+    conn: &ConnHandle,
     first: Arc<EncodedFrame>,
 ) -> Result<(), axum::Error> {
+    let encoding = conn.encoding;
     let mut frames = 0;
     let mut bytes = 0;
     let mut next = Some(first);
     while let Some(frame) = next.take() {
         if let Some(message) = to_message(encoding, &frame) {
-            bytes += match &message {
+            let size = match &message {
                 Message::Binary(b) => b.len(),
                 Message::Text(t) => t.len(),
                 _ => 0,
             };
+            bytes += size;
             sink.feed(message).await?;
+            conn.written(size);
         }
         frames += 1;
         if frames < WRITE_BURST_FRAMES && bytes < WRITE_BURST_BYTES {

@@ -13,6 +13,8 @@ mod access;
 mod connect;
 /// Backend role contracts, each test run in-process against the embedded and the Redis backend.
 mod contract;
+/// Hostile clients: memory bounds, poison bodies.
+mod hostile;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
 mod messaging;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.

@@ -21,6 +21,7 @@ use self::checks::{
     TokenBucket, bad, check_msg_id, check_not_ahead, checked_users, forbidden, unavailable,
 };
 use crate::conn_handle::ConnHandle;
+use crate::frame::within_bytes;
 use crate::{
     app::App,
     authz::{Ask, Verdict},
@@ -267,6 +268,7 @@ impl Requests {
                     return Err(bad(format!("limit must be 1 to {MAX_SYNC}")));
                 }
                 let user = self.conn.user.clone();
+                let (encoding, max_reply) = (self.conn.encoding, self.app.config.max_reply_bytes);
                 self.spawn(id, move |backend| async move {
                     if !backend.groups.is_member(&group, &user).await? {
                         return Ok(forbidden(id, "only members may read a group's messages"));
@@ -279,11 +281,12 @@ impl Requests {
                         .messages
                         .history(&group, since.as_deref(), limit)
                         .await?;
+                    let (messages, cut) = within_bytes(messages, encoding, max_reply);
                     Ok(ServerFrame::History {
                         id,
                         group,
                         messages,
-                        more,
+                        more: more || cut,
                     })
                 })?;
             }

@@ -1,0 +1,125 @@
+//! Hostile clients against a real node: each attack must leave the node under its stated bound.
+
+use std::time::Duration;
+
+use serde_json::json;
+use shared::{Body, ClientFrame, Destination, ErrorCode, ServerFrame};
+
+use crate::{
+    client::{Client, Rest},
+    harness::{Backend, NodeBuilder},
+};
+
+/// A member who never reads asks for the whole history of a group of 60 KB messages, again and
+/// again. Each reply is cut at `PRESENCE_MAX_REPLY_BYTES` and the connection's queue at
+/// `PRESENCE_OUTBOUND_QUEUE_BYTES`, so the node grows by at most about
+/// queue + in-flight replies (4 + 16 × 1 MiB) however many requests come, and the attacker is
+/// closed as a slow consumer. (Before the byte bounds: +1.8 GiB in under a second.)
+#[tokio::test]
+async fn a_reader_that_never_reads_cannot_grow_the_node() {
+    let node = NodeBuilder::new(&Backend::Embedded).start();
+    let rest = Rest::new(&node);
+    assert_eq!(rest.put("/groups/big/members/mallory", None).await, 204);
+    let chunk = "x".repeat(60_000);
+    for i in 0..300 {
+        let (status, body) = rest
+            .post(
+                "/messages",
+                json!({"to": {"group": "big"}, "body": {"n": i, "pad": chunk}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut mallory = Client::connect(&node, "mallory", 1).await;
+    // One honest look: a full `sync` comes back cut, with `more`.
+    let reply = mallory
+        .request(|id| ClientFrame::Sync {
+            id,
+            group: "big".into(),
+            since: None,
+            limit: Some(500),
+        })
+        .await;
+    match reply {
+        ServerFrame::History { messages, more, .. } => {
+            assert!(more, "cut at the reply bound");
+            assert!(
+                (1..300).contains(&messages.len()),
+                "{} messages",
+                messages.len()
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let before = node.rss_bytes();
+    for i in 0..60 {
+        mallory
+            .send(&ClientFrame::Sync {
+                id: Some(1000 + i),
+                group: "big".into(),
+                since: None,
+                limit: Some(500),
+            })
+            .await;
+    }
+    let mut peak = before;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(node.rss_bytes());
+    }
+    let grew_mib = (peak.saturating_sub(before)) as f64 / (1 << 20) as f64;
+    assert!(grew_mib < 64.0, "the node grew by {grew_mib:.1} MiB");
+    let closed = node.metric("presence_slow_consumer_closes_total").await;
+    assert!(closed >= 1.0, "the attacker is closed as a slow consumer");
+}
+
+/// Bodies that not every client could read are refused before anything is stored or sent.
+#[tokio::test]
+async fn poison_bodies_are_refused_in_both_encodings() {
+    let node = NodeBuilder::new(&Backend::Embedded).start();
+    let rest = Rest::new(&node);
+    assert_eq!(rest.put("/groups/g/members/alice", None).await, 204);
+    let mut deep = Body::from(1);
+    for _ in 0..40 {
+        deep = Body::Array(vec![deep]);
+    }
+    let poison = [
+        Body::Map(vec![(Body::Binary(b"k".to_vec()), Body::from(1))]),
+        Body::Map(vec![(Body::Nil, Body::from(1))]),
+        Body::Map(vec![(Body::Array(vec![]), Body::from(1))]),
+        deep,
+    ];
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    for body in poison {
+        let reply = alice
+            .request(|id| ClientFrame::Send {
+                id,
+                to: Destination::Group { group: "g".into() },
+                body: body.clone(),
+            })
+            .await;
+        assert!(
+            matches!(
+                reply,
+                ServerFrame::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            ),
+            "{body:?}: {reply:?}"
+        );
+    }
+    let mut deep_json = json!(1);
+    for _ in 0..40 {
+        deep_json = json!([deep_json]);
+    }
+    let (status, _) = rest
+        .post(
+            "/messages",
+            json!({"to": {"group": "g"}, "body": deep_json}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (_, history) = rest.get("/groups/g/history").await;
+    assert_eq!(history["messages"], json!([]), "nothing was stored");
+}
