@@ -71,6 +71,22 @@ async fn a_reader_that_never_reads_cannot_grow_the_node() {
     assert!(grew_mib < 64.0, "the node grew by {grew_mib:.1} MiB");
     let closed = node.metric("presence_slow_consumer_closes_total").await;
     assert!(closed >= 1.0, "the attacker is closed as a slow consumer");
+    // And the memory goes back once the attacker is gone (the allocator returns freed pages
+    // after a short delay).
+    drop(mallory);
+    let mut after = peak;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = node.rss_bytes();
+        if after < before + (8 << 20) {
+            break;
+        }
+    }
+    let left_mib = after.saturating_sub(before) as f64 / (1 << 20) as f64;
+    assert!(
+        left_mib < 8.0,
+        "{left_mib:.1} MiB still held after the attacker left"
+    );
 }
 
 /// Bodies that not every client could read are refused before anything is stored or sent.
