@@ -69,6 +69,11 @@ impl App {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The open-connections counter, for the accept loop's socket cap.
+    pub fn connection_counter(&self) -> Arc<AtomicI64> {
+        self.connections.clone()
+    }
+
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed).max(0) as u64
     }

@@ -16,13 +16,14 @@ pub mod conn;
 pub mod conn_handle;
 pub mod frame;
 pub mod hooks;
+pub mod listener;
 pub mod metrics;
 pub mod presence;
 pub mod registry;
 pub mod router;
 pub mod shard;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -69,22 +70,26 @@ pub async fn serve(
         "listening"
     );
     let router = api::router(app.clone());
-    let stop_accepting = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop_accepting.cancelled_owned())
-        .await
-    });
+    let limits = listener::Limits {
+        header_timeout: Duration::from_millis(app.config.header_timeout_ms),
+        max_connections: app.config.max_connections,
+        connect_rate_per_ip: app.config.connect_rate_per_ip,
+    };
+    let server = tokio::spawn(listener::serve(
+        listener,
+        router,
+        limits,
+        app.connection_counter(),
+        shutdown.clone(),
+        Duration::from_secs(1),
+    ));
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining connections");
     running.shutdown(grace).await;
-    match tokio::time::timeout(std::time::Duration::from_secs(1), server).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
-        _ => {}
+        Err(_) => tracing::warn!("HTTP server still draining"),
+        Ok(Ok(())) => {}
     }
     Ok(())
 }

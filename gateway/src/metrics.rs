@@ -29,6 +29,7 @@ pub const CLIENT_ERRORS: &str = "presence_client_errors_total";
 pub const SLOW_CONSUMER_CLOSES: &str = "presence_slow_consumer_closes_total";
 pub const SESSION_CLOSES: &str = "presence_session_closes_total";
 pub const UNREADABLE_MESSAGES: &str = "presence_unreadable_messages_total";
+pub const ACCEPT_REFUSED: &str = "presence_accept_refused_total";
 pub const WEBHOOKS: &str = "presence_webhooks_total";
 pub const REAPED_USERS: &str = "presence_reaped_users_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
@@ -102,6 +103,10 @@ fn describe() {
     describe_counter!(
         UNREADABLE_MESSAGES,
         "Stored messages left out of an answer because the client's encoding cannot carry them."
+    );
+    describe_counter!(
+        ACCEPT_REFUSED,
+        "Sockets closed at accept: too many open, over the per-address rate, or accept errors."
     );
     describe_counter!(WEBHOOKS, "Webhook deliveries by result.");
     describe_counter!(

@@ -112,6 +112,22 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_MULTI_LOGIN", value_enum, default_value_t = MultiLogin::All)]
     pub multi_login: MultiLogin,
 
+    /// WebSocket sessions one node holds at most; more upgrades are answered 503. Sockets are
+    /// capped at this plus a headroom kept for probes, metrics and REST. The default leaves room
+    /// under a 20,000 open-files limit.
+    #[arg(long, env = "PRESENCE_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+
+    /// A request's headers must arrive within this many ms, or the socket is closed (silent and
+    /// slowloris sockets).
+    #[arg(long, env = "PRESENCE_HEADER_TIMEOUT_MS", default_value_t = 5_000)]
+    pub header_timeout_ms: u64,
+
+    /// New connections per second from one address (0: no limit). Behind a load balancer that
+    /// hides clients' addresses every client shares one, so it is off by default.
+    #[arg(long, env = "PRESENCE_CONNECT_RATE_PER_IP", default_value_t = 0)]
+    pub connect_rate_per_ip: u32,
+
     /// Connections one user may hold on one node; more are closed with 4009.
     #[arg(long, env = "PRESENCE_MAX_CONNS_PER_USER", default_value_t = 32)]
     pub max_conns_per_user: usize,
@@ -313,6 +329,12 @@ impl Config {
             problems.push(
                 "PRESENCE_OUTBOUND_QUEUE_BYTES must be at least PRESENCE_MAX_REPLY_BYTES".into(),
             );
+        }
+        if self.max_connections == 0 {
+            problems.push("PRESENCE_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if !(100..=600_000).contains(&self.header_timeout_ms) {
+            problems.push("PRESENCE_HEADER_TIMEOUT_MS must be 100 to 600000".into());
         }
         if self.max_conns_per_user == 0 {
             problems.push("PRESENCE_MAX_CONNS_PER_USER must be at least 1".into());

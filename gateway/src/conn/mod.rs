@@ -49,6 +49,15 @@ pub async fn upgrade(
         )
         .into_response();
     }
+    if app.connections() as usize >= app.config.max_connections {
+        metrics::counter!(m::CONNECTS, "result" => "full").increment(1);
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "node is at its connection limit",
+        )
+        .into_response();
+    }
     if !app.allowed_origins.is_empty() {
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if let Some(origin) = origin

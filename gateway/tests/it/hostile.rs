@@ -139,3 +139,68 @@ async fn poison_bodies_are_refused_in_both_encodings() {
     let (_, history) = rest.get("/groups/g/history").await;
     assert_eq!(history["messages"], json!([]), "nothing was stored");
 }
+
+/// 2,000 sockets that never send a request, and one that sends its headers a byte at a time, are
+/// closed within the header timeout; the health endpoint answers throughout.
+#[tokio::test]
+async fn silent_and_slowloris_sockets_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = NodeBuilder::new(&Backend::Embedded)
+        .arg("--header-timeout-ms=1000")
+        .start();
+    let addr = node.addr;
+    let mut silent = Vec::new();
+    for _ in 0..2000 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let drip = tokio::spawn(async move {
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .cycle()
+            .take(100)
+        {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        let health = reqwest::get(format!("{}/healthz", node.http()))
+            .await
+            .expect("healthz answers while 2,000 sockets sit silent");
+        assert_eq!(health.status(), 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut buf = [0u8; 64];
+    for (i, mut s) in silent.into_iter().enumerate() {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "silent socket {i} still open: {read:?}"
+        );
+    }
+    assert!(drip.await.expect("drip"), "the slowloris socket was closed");
+}
+
+/// Past `PRESENCE_MAX_CONNECTIONS` sessions, upgrades get 503 and the REST API still answers.
+#[tokio::test]
+async fn the_session_limit_keeps_room_for_the_api() {
+    let node = NodeBuilder::new(&Backend::Embedded)
+        .arg("--max-connections=2")
+        .start();
+    let _a = Client::connect(&node, "a", 1).await;
+    let _b = Client::connect(&node, "b", 1).await;
+    let refused = Client::open(
+        &node,
+        &crate::client::jwt("c", 1),
+        shared::Encoding::MsgPack,
+    )
+    .await;
+    assert!(refused.is_err(), "a third session is refused");
+    let (status, _) = Rest::new(&node).get("/nodes").await;
+    assert_eq!(status, 200);
+}
