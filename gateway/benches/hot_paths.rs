@@ -103,6 +103,7 @@ impl ShardFixture {
                     offline_cap: 100,
                     history_cap: 100,
                     history_age: Duration::from_secs(3_600),
+                    offline_ttl: Duration::from_secs(3_600),
                 },
             },
             events_tx,

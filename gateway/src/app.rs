@@ -109,6 +109,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             offline_cap: config.offline_cap,
             history_cap: config.history_cap,
             history_age: Duration::from_secs(config.history_age_secs),
+            offline_ttl: Duration::from_secs(config.offline_ttl_secs),
         },
     };
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -179,6 +180,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
     let router = Router::spawn(
         config.shard_count(),
         backend.messages.clone(),
+        config.store_quota(),
         &shards_tracker,
         stop_shards.clone(),
     );

@@ -1,8 +1,13 @@
 //! Message routing workers. Each sender is hashed onto one worker, which sends what queued up
 //! since its last call as one backend call (one pipeline): a sender's messages keep their order
-//! across all their devices, and a burst costs one round trip, not one per message.
+//! across all their devices, and a burst costs one round trip, not one per message. The worker
+//! also keeps each client sender's budget of messages stored for offline recipients.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use shared::{ErrorCode, ServerFrame, shard::shard_of};
 use tokio::sync::{mpsc, oneshot};
@@ -13,6 +18,58 @@ use crate::{
     conn_handle::ConnHandle,
     metrics as m,
 };
+
+/// Senders one worker keeps a storage budget for; beyond it the table starts over (every sender
+/// gets a fresh window: the bound on memory wins over exactness for that moment).
+const BUDGET_SENDERS: usize = 65_536;
+
+/// How much a client may leave stored for offline recipients.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreQuota {
+    /// Stored private messages per sender per window.
+    pub messages: u64,
+    /// Bytes of stored bodies per sender per window.
+    pub bytes: u64,
+    pub window: Duration,
+}
+
+/// Per sender: what they stored in the current window (per node: a sender's devices on several
+/// nodes get a budget on each).
+struct StoreBudget {
+    quota: StoreQuota,
+    spent: HashMap<String, (Instant, u64, u64)>,
+}
+
+impl StoreBudget {
+    fn new(quota: StoreQuota) -> Self {
+        StoreBudget {
+            quota,
+            spent: HashMap::new(),
+        }
+    }
+
+    fn has_room(&mut self, sender: &str, now: Instant) -> bool {
+        match self.spent.get(sender) {
+            Some((since, _, _)) if now.duration_since(*since) >= self.quota.window => {
+                self.spent.remove(sender);
+                true
+            }
+            Some((_, messages, bytes)) => {
+                *messages < self.quota.messages && *bytes < self.quota.bytes
+            }
+            None => true,
+        }
+    }
+
+    fn charge(&mut self, sender: &str, bytes: u64, now: Instant) {
+        if self.spent.len() >= BUDGET_SENDERS && !self.spent.contains_key(sender) {
+            self.spent.clear();
+        }
+        let entry = self.spent.entry(sender.to_string()).or_insert((now, 0, 0));
+        entry.1 += 1;
+        entry.2 += bytes;
+    }
+}
 
 /// Messages one backend call carries at most.
 const BATCH: usize = 256;
@@ -45,13 +102,14 @@ impl Router {
     pub fn spawn(
         count: usize,
         messages: Arc<dyn MessageStore>,
+        quota: StoreQuota,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Router {
         let senders: Vec<_> = (0..count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(MAILBOX);
-                tracker.spawn(run(rx, messages.clone(), stop.clone()));
+                tracker.spawn(run(rx, messages.clone(), quota, stop.clone()));
                 tx
             })
             .collect();
@@ -73,9 +131,11 @@ impl Router {
 async fn run(
     mut jobs: mpsc::Receiver<RouteJob>,
     messages: Arc<dyn MessageStore>,
+    quota: StoreQuota,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut budget = StoreBudget::new(quota);
     loop {
         let first = tokio::select! {
             j = jobs.recv() => match j { Some(j) => j, None => break },
@@ -88,10 +148,26 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let outs = batch.iter().map(|j| j.out.clone()).collect();
+        let now = Instant::now();
+        let outs = batch
+            .iter()
+            .map(|j| {
+                let mut out = j.out.clone();
+                // Clients spend a budget; the app backend (no origin connection) does not.
+                out.may_store = out.origin.is_none() || budget.has_room(&out.from, now);
+                out
+            })
+            .collect();
         match messages.send(outs).await {
             Ok(results) => {
                 for (job, result) in batch.drain(..).zip(results) {
+                    if let Ok(o) = &result
+                        && o.stored > 0
+                        && job.out.origin.is_some()
+                    {
+                        let bytes = rmp_serde::to_vec(&job.out.body).map_or(0, |b| b.len());
+                        budget.charge(&job.out.from, bytes as u64, now);
+                    }
                     answer(job, Ok(result));
                 }
             }
@@ -130,6 +206,9 @@ fn answer(job: RouteJob, result: SendResult) {
                     delivered: o.delivered,
                     stored: o.stored,
                 },
+                Ok(Err(refused @ SendRefused::StoreQuota)) => {
+                    ServerFrame::error(id, ErrorCode::RateLimited, refused.to_string())
+                }
                 Ok(Err(refused)) => {
                     ServerFrame::error(id, ErrorCode::Forbidden, refused.to_string())
                 }

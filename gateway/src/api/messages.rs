@@ -57,6 +57,7 @@ pub async fn send(
             sent_at: now_ms(),
             origin: None,
             check_membership: false,
+            may_store: true,
         },
         reply: Reply::Caller(tx),
     };

@@ -63,6 +63,10 @@ pub struct Outgoing {
     pub origin: Option<Origin>,
     /// Client sends to a group must come from a member; the app backend may send anywhere.
     pub check_membership: bool,
+    /// Whether a private message may be stored for a recipient with no connection. The router
+    /// says no once the sender spent their stored-message budget: such a send is refused
+    /// instead of stored.
+    pub may_store: bool,
 }
 
 /// How one message was routed.
@@ -93,6 +97,8 @@ impl SendOutcome {
 pub enum SendRefused {
     #[error("only members may send to this group")]
     NotMember,
+    #[error("over the budget of messages stored for offline users; try again later")]
+    StoreQuota,
 }
 
 /// Limits of stored messages.
@@ -104,4 +110,6 @@ pub struct MessageSettings {
     pub history_cap: usize,
     /// Oldest message kept per group.
     pub history_age: Duration,
+    /// How long a stored private message waits for its recipient.
+    pub offline_ttl: Duration,
 }

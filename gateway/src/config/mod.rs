@@ -136,6 +136,27 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_RATE_LIMIT", default_value_t = 200)]
     pub rate_limit: u32,
 
+    /// How long a stored private message waits for its recipient, in seconds.
+    #[arg(long, env = "PRESENCE_OFFLINE_TTL_SECS", default_value_t = 30 * 86_400)]
+    pub offline_ttl_secs: u64,
+
+    /// Private messages one client may leave stored for offline recipients per window (per
+    /// node); beyond it such sends answer `rate_limited`.
+    #[arg(long, env = "PRESENCE_STORE_QUOTA_MESSAGES", default_value_t = 500)]
+    pub store_quota_messages: u64,
+
+    /// Bytes of bodies one client may leave stored per window (per node).
+    #[arg(long, env = "PRESENCE_STORE_QUOTA_BYTES", default_value_t = 4 << 20)]
+    pub store_quota_bytes: u64,
+
+    /// The storage budget's window, in seconds.
+    #[arg(
+        long,
+        env = "PRESENCE_STORE_QUOTA_WINDOW_SECS",
+        default_value_t = 3_600
+    )]
+    pub store_quota_window_secs: u64,
+
     /// Private messages kept per offline user until they connect and acknowledge them.
     #[arg(long, env = "PRESENCE_OFFLINE_CAP", default_value_t = 1000)]
     pub offline_cap: usize,
@@ -203,6 +224,15 @@ pub enum BackendChoice {
 }
 
 impl Config {
+    /// The storage budget of client senders.
+    pub fn store_quota(&self) -> crate::router::StoreQuota {
+        crate::router::StoreQuota {
+            messages: self.store_quota_messages,
+            bytes: self.store_quota_bytes,
+            window: Duration::from_secs(self.store_quota_window_secs),
+        }
+    }
+
     /// The defaults, as if started with no flags and an empty environment.
     pub fn defaults() -> Self {
         match Config::try_parse_from_env(["presence-gateway"], |_| None) {
@@ -329,6 +359,12 @@ impl Config {
             problems.push(
                 "PRESENCE_OUTBOUND_QUEUE_BYTES must be at least PRESENCE_MAX_REPLY_BYTES".into(),
             );
+        }
+        if self.store_quota_window_secs == 0 {
+            problems.push("PRESENCE_STORE_QUOTA_WINDOW_SECS must be at least 1".into());
+        }
+        if self.offline_ttl_secs < 60 {
+            problems.push("PRESENCE_OFFLINE_TTL_SECS must be at least 60".into());
         }
         if self.max_connections == 0 {
             problems.push("PRESENCE_MAX_CONNECTIONS must be at least 1".into());

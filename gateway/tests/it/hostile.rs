@@ -204,3 +204,73 @@ async fn the_session_limit_keeps_room_for_the_api() {
     let (status, _) = Rest::new(&node).get("/nodes").await;
     assert_eq!(status, 200);
 }
+
+/// One client sends 64 KB private messages to hundreds of made-up (offline) users: its budget of
+/// stored messages cuts it off, and Redis keeps only what the budget allowed. Messages to online
+/// users still go; the app backend has no budget.
+#[tokio::test]
+async fn a_client_cannot_fill_the_offline_store() {
+    let redis = crate::harness::Redis::start();
+    let node = NodeBuilder::new(&Backend::Redis(redis.url()))
+        .arg("--store-quota-messages=20")
+        .arg("--store-quota-bytes=100000000")
+        .start();
+    let mut spammer = Client::connect(&node, "spammer", 1).await;
+    let mut friend = Client::connect(&node, "friend", 1).await;
+    let big = Body::from("x".repeat(60_000));
+    let (mut stored, mut refused) = (0, 0);
+    for i in 0..60 {
+        let reply = spammer
+            .request(|id| ClientFrame::Send {
+                id,
+                to: Destination::User {
+                    user: format!("ghost{i}"),
+                },
+                body: big.clone(),
+            })
+            .await;
+        match reply {
+            ServerFrame::Ack { stored: 1, .. } => stored += 1,
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((stored, refused), (20, 40));
+    let streams = redis.cli(&["--scan", "--pattern", "presence:ib:*"]);
+    assert_eq!(streams.lines().count(), 20, "only the budget was stored");
+    // Live delivery is not stored, so it is not cut.
+    let reply = spammer
+        .request(|id| ClientFrame::Send {
+            id,
+            to: Destination::User {
+                user: "friend".into(),
+            },
+            body: Body::from("hi"),
+        })
+        .await;
+    assert!(
+        matches!(reply, ServerFrame::Ack { stored: 0, .. }),
+        "{reply:?}"
+    );
+    let got = friend
+        .expect(|f| match f {
+            ServerFrame::Message(m) => Some(m.from.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(got, "spammer");
+    let (status, answer) = Rest::new(&node)
+        .post(
+            "/messages",
+            json!({"to": {"user": "ghost-app"}, "body": "from the app", "from": "spammer"}),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["stored"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+}

@@ -208,6 +208,7 @@ impl Shard {
                     offline_cap: 10,
                     history_cap: 10,
                     history_age: DAY,
+                    offline_ttl: DAY,
                 },
             },
             events_tx,

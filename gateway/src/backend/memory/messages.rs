@@ -28,6 +28,11 @@ impl MessageStore for MemoryBackend {
             let limits = &self.settings.messages;
             for out in messages {
                 let outcome = match &out.to {
+                    Destination::User { user }
+                        if !out.may_store && !state.listens(Topic::Inbox(user.clone())) =>
+                    {
+                        Err(SendRefused::StoreQuota)
+                    }
                     Destination::User { user } => {
                         let inbox = state.stored.entry(user.clone()).or_default();
                         inbox.seq += 1;
@@ -106,8 +111,12 @@ impl MessageStore for MemoryBackend {
     }
 
     async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError> {
-        Ok(self
-            .lock()
+        let oldest = now_ms().saturating_sub(self.settings.messages.offline_ttl.as_millis() as u64);
+        let mut state = self.lock();
+        if let Some(inbox) = state.stored.get_mut(user) {
+            inbox.messages.retain(|m| m.sent_at >= oldest);
+        }
+        Ok(state
             .stored
             .get(user)
             .map(|i| {

@@ -93,6 +93,7 @@ mod tests {
                 conn: 7,
             }),
             check_membership: true,
+            may_store: true,
         };
         let mut payload = b"M0000000000005-0000000001|".to_vec();
         payload.extend(encode(&out).expect("encodes"));

@@ -46,6 +46,8 @@ impl MessageStore for RedisBackend {
                         env_value,
                         self.publish_command().into(),
                         int(RECORD_TTL_MS),
+                        (if out.may_store { "1" } else { "0" }).into(),
+                        int(limits.offline_ttl.as_millis() as u64),
                     ],
                 ),
                 Destination::Group { group } => (
@@ -96,6 +98,7 @@ impl MessageStore for RedisBackend {
             let int = |i: usize| parts.get(i).and_then(Value::as_i64).unwrap_or(0);
             let id = |i: usize| parts.get(i).and_then(Value::as_string).unwrap_or_default();
             let outcome = match &out.to {
+                Destination::User { .. } if int(1) < 0 => Err(SendRefused::StoreQuota),
                 Destination::User { user } => {
                     let (nodes, stored, msg_id) = (int(0) as u64, int(1) as u64, id(2));
                     // The sender's other devices get a copy through their own inbox channel.

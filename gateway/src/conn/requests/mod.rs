@@ -235,6 +235,8 @@ impl Requests {
                             conn: self.conn.id,
                         }),
                         check_membership: true,
+                        // The router decides, from the sender's budget.
+                        may_store: true,
                     },
                     reply: Reply::Conn {
                         conn: self.conn.clone(),

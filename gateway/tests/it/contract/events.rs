@@ -279,6 +279,7 @@ async fn broadcasts_reach_every_node(f: Factory) {
         sent_at: gateway::clock::now_ms(),
         origin: None,
         check_membership: false,
+        may_store: true,
     };
     let outcome = b
         .messages

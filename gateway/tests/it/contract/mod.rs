@@ -176,6 +176,7 @@ pub fn settings() -> BackendSettings {
             offline_cap: 100,
             history_cap: 1000,
             history_age: Duration::from_secs(86_400),
+            offline_ttl: Duration::from_secs(86_400),
         },
     }
 }
@@ -500,6 +501,7 @@ impl Under {
             sent_at: now_ms(),
             origin: None,
             check_membership: false,
+            may_store: true,
         };
         let outcome = self
             .messages
@@ -617,6 +619,7 @@ pub fn private(from: &str, to: &str, text: &str) -> Outgoing {
         sent_at: now_ms(),
         origin: None,
         check_membership: false,
+        may_store: true,
     }
 }
 
@@ -632,6 +635,7 @@ pub fn to_group(from: &str, group: &str, text: &str, check_membership: bool) -> 
         sent_at: now_ms(),
         origin: None,
         check_membership,
+        may_store: true,
     }
 }
 
