@@ -40,7 +40,12 @@ pub struct PresenceRecord {
     pub platforms: u16,
     pub text: Option<String>,
     pub last_seen: Option<u64>,
+    /// Bumped on every change of the record: the version the user sees of themselves.
     pub version: u64,
+    /// Bumped only when what others see changes ([`PresenceRecord::public_view`]): the version
+    /// everyone but the user sees, so an invisible user's activity moves nothing they can see.
+    /// Never above `version`.
+    pub public_version: u64,
 }
 
 impl PresenceRecord {
@@ -53,41 +58,62 @@ impl PresenceRecord {
             text: None,
             last_seen: None,
             version: 0,
+            public_version: 0,
         }
     }
 
-    /// What `viewer` sees: invisible users look offline to everyone but themselves.
+    /// What `viewer` sees: the user sees [`Self::own_view`], everyone else
+    /// [`Self::public_view`].
     pub fn view_for(&self, viewer: Option<&str>) -> Presence {
-        if self.status == Status::Invisible && viewer != Some(self.user.as_str()) {
-            self.public_view()
+        if viewer == Some(self.user.as_str()) {
+            self.own_view()
         } else {
-            Presence {
-                user: self.user.clone(),
-                status: self.status,
-                platforms: platforms_of(self.platforms),
-                text: self.text.clone(),
-                last_seen: (self.status == Status::Offline)
-                    .then_some(self.last_seen)
-                    .flatten(),
-                version: self.version,
-            }
+            self.public_view()
         }
     }
 
-    /// What anyone but the user sees.
-    pub fn public_view(&self) -> Presence {
-        if matches!(self.status, Status::Invisible | Status::Offline) {
-            Presence {
-                user: self.user.clone(),
-                status: Status::Offline,
-                platforms: Vec::new(),
-                text: None,
-                last_seen: self.last_seen,
-                version: self.version,
-            }
-        } else {
-            self.view_for(Some(&self.user))
+    /// What the user sees of themselves: the truth, at `version`.
+    pub fn own_view(&self) -> Presence {
+        Presence {
+            user: self.user.clone(),
+            status: self.status,
+            platforms: platforms_of(self.platforms),
+            text: self.text.clone(),
+            last_seen: (self.status == Status::Offline)
+                .then_some(self.last_seen)
+                .flatten(),
+            version: self.version,
         }
+    }
+
+    /// What anyone but the user sees, at `public_version`: invisible users look offline (no
+    /// platforms, no text, `last_seen` of when they were last visibly online).
+    pub fn public_view(&self) -> Presence {
+        let (status, platforms, text, last_seen) = self.public_state();
+        Presence {
+            user: self.user.clone(),
+            status,
+            platforms: platforms_of(platforms),
+            text: text.map(String::from),
+            last_seen,
+            version: self.public_version,
+        }
+    }
+
+    /// The fields of [`Self::public_view`]: status, platform mask, text, last_seen. `write.lua`
+    /// reaches the same verdict on a change without building them: the public view changed
+    /// exactly when the user was or is visibly online (see `next_record`).
+    fn public_state(&self) -> (Status, u16, Option<&str>, Option<u64>) {
+        if visibly_online(self.status) {
+            (self.status, self.platforms, self.text.as_deref(), None)
+        } else {
+            (Status::Offline, 0, None, self.last_seen)
+        }
+    }
+
+    /// True when `self`, the next record after `prev`, shows others something new.
+    pub fn public_changed_from(&self, prev: &PresenceRecord) -> bool {
+        self.public_version != prev.public_version
     }
 }
 
@@ -114,7 +140,8 @@ pub fn effective_status(platforms: u16, all_idle: bool, chosen: Status) -> Statu
 }
 
 /// Computes a user's next record from the previous one; `None` when nothing visible changed (so no
-/// version bump and no event).
+/// version bump and no event). `version` moves on every change; `public_version` only when the
+/// public view does (so not while an invisible user connects, disconnects or switches platforms).
 pub fn next_record(
     prev: &PresenceRecord,
     platforms: u16,
@@ -136,14 +163,19 @@ pub fn next_record(
     } else {
         prev.last_seen
     };
-    Some(PresenceRecord {
+    let mut next = PresenceRecord {
         user: prev.user.clone(),
         status,
         platforms,
         text,
         last_seen,
         version: next_version(prev.version, now_ms),
-    })
+        public_version: prev.public_version,
+    };
+    if next.public_state() != prev.public_state() {
+        next.public_version = next_version(prev.public_version, now_ms);
+    }
+    Some(next)
 }
 
 /// Versions follow the clock, and always grow: a backend that lost its data (Redis restarted empty)
@@ -232,5 +264,54 @@ mod tests {
         assert_eq!(public.status, Status::Offline);
         assert!(public.platforms.is_empty());
         assert_eq!(public.last_seen, Some(2000));
+    }
+
+    #[test]
+    fn invisible_activity_moves_only_the_own_version() {
+        let prev = PresenceRecord::unknown("u");
+        let on = next_record(&prev, 2, false, &chosen(Status::Online), 1000).expect("changed");
+        assert_eq!((on.version, on.public_version), (1000, 1000));
+        let inv = next_record(&on, 2, false, &chosen(Status::Invisible), 2000).expect("changed");
+        assert_eq!(
+            (inv.version, inv.public_version),
+            (2000, 2000),
+            "went offline"
+        );
+        assert!(inv.public_changed_from(&on));
+        let public = inv.public_view();
+        let mut last = inv;
+        for (mask, now) in [(6, 3000), (4, 4000), (0, 5000), (2, 6000)] {
+            let next =
+                next_record(&last, mask, false, &chosen(Status::Invisible), now).expect("changed");
+            assert_eq!(next.version, now, "the user sees every change");
+            assert_eq!(next.public_version, 2000, "others see none");
+            assert!(!next.public_changed_from(&last));
+            assert_eq!(next.public_view(), public);
+            assert_eq!(next.view_for(Some("v")), public);
+            assert_eq!(next.view_for(Some("u")).version, now);
+            last = next;
+        }
+        let visible = next_record(&last, 2, false, &chosen(Status::Busy), 7000).expect("changed");
+        assert_eq!((visible.version, visible.public_version), (7000, 7000));
+        assert_eq!(visible.view_for(Some("v")).status, Status::Busy);
+    }
+
+    #[test]
+    fn an_invisible_first_connect_shows_others_nothing() {
+        let prev = PresenceRecord::unknown("u");
+        let inv = next_record(&prev, 2, false, &chosen(Status::Invisible), 1000).expect("changed");
+        assert_eq!((inv.version, inv.public_version), (1000, 0));
+        assert_eq!(inv.public_view(), prev.public_view());
+    }
+
+    #[test]
+    fn public_versions_grow_even_when_the_clock_does_not() {
+        let prev = PresenceRecord {
+            version: 5000,
+            public_version: 4000,
+            ..PresenceRecord::unknown("u")
+        };
+        let on = next_record(&prev, 2, false, &chosen(Status::Online), 10).expect("changed");
+        assert_eq!((on.version, on.public_version), (5001, 4001));
     }
 }

@@ -38,8 +38,12 @@ pub trait Subscriptions: Send + Sync + 'static {
 /// What the backend tells the node, in the order it happened per topic.
 #[derive(Debug, Clone)]
 pub enum BackendEvent {
-    /// A watched user's presence changed (visibly: status, platforms or text).
-    Presence(PresenceRecord),
+    /// A watched user's presence changed (visibly: status, platforms or text), for others too
+    /// when `public_changed` (else only the user's own view moved).
+    Presence {
+        record: PresenceRecord,
+        public_changed: bool,
+    },
     /// The backend lost, or may have lost, what this node wrote (Redis came back after an outage,
     /// possibly empty): every shard must rewrite its local presence at once.
     Resync,

@@ -15,7 +15,8 @@ use crate::presence::{ChosenStatus, NodeEntry, PresenceRecord};
 /// - Every entry expires `presence_ttl` after it was last written or renewed, so a crashed node's
 ///   users stop counting by themselves; the writer renews every third of the TTL.
 /// - A user's record changes only when their visible presence does (status, platform set, text);
-///   each change gets a version above every earlier one of that user, even after data loss.
+///   each change gets a version above every earlier one of that user, even after data loss. Its
+///   public version moves only when what others see changes (`PresenceRecord::public_view`).
 /// - Every record change is published exactly once, to every node that watches the user
 ///   ([`super::Subscriptions`]), in version order per user.
 /// - A write that fails changed nothing the caller relies on; the caller retries it.
@@ -82,6 +83,9 @@ pub struct Changed {
     /// Platform mask before the change: 0 means the user had no connection anywhere.
     pub before_platforms: u16,
     pub record: PresenceRecord,
+    /// Others see the change too (`record.public_version` moved); else only the user does (an
+    /// invisible user connecting, disconnecting or switching platforms).
+    pub public_changed: bool,
 }
 
 impl Changed {

@@ -48,8 +48,12 @@ pub enum ShardCmd {
     },
     /// `conn` no longer wants `users`' presence events.
     Unwatch { users: Vec<String>, conn: ConnId },
-    /// A presence change from the backend (this node's or another's).
-    Presence(PresenceRecord),
+    /// A presence change from the backend (this node's or another's); `public_changed` when
+    /// others see it change too.
+    Presence {
+        record: PresenceRecord,
+        public_changed: bool,
+    },
     /// The backend may have lost this node's entries: rewrite them all now.
     Resync,
     /// A message for local connections of a user of this shard, of a group of this shard, or of

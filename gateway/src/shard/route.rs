@@ -25,9 +25,16 @@ pub async fn route_events(
             _ = stop.cancelled() => break,
         };
         match event {
-            BackendEvent::Presence(record) => {
+            BackendEvent::Presence {
+                record,
+                public_changed,
+            } => {
                 let user = record.user.clone();
-                shards.send(&user, ShardCmd::Presence(record)).await;
+                let cmd = ShardCmd::Presence {
+                    record,
+                    public_changed,
+                };
+                shards.send(&user, cmd).await;
             }
             BackendEvent::Control {
                 user,

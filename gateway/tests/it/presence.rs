@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shared::{ClientFrame, ServerFrame, Status};
+use shared::{ClientFrame, Presence, ServerFrame, Status};
 
 use crate::{
     client::{Client, Rest},
@@ -93,6 +93,7 @@ behaviour_suite!(
     everywhere: [
         platforms_aggregate_and_versions_grow,
         invisible_looks_offline_to_others,
+        invisible_activity_moves_no_version_others_see,
         busy_with_text_reaches_subscribers,
         idle_connections_turn_away_and_activity_brings_back,
         second_tab_on_same_platform_changes_nothing,
@@ -180,6 +181,109 @@ async fn invisible_looks_offline_to_others(setup: Setup) {
 
     alice.set_status(Status::Online, None).await;
     assert_eq!(bob.presence_of("alice").await.status, Status::Online);
+}
+
+/// An invisible user connects a second device, drops it, leaves and comes back: they see each
+/// change of their own; a watcher (subscribed after they hid) gets no event, and a poller (`query`,
+/// REST) sees the same version throughout, until they turn visible.
+async fn invisible_activity_moves_no_version_others_see(setup: Setup) {
+    let node = setup.node().start();
+    let rest = Rest::new(&node);
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    rest.wait_presence("alice", |p| p["status"] == "online")
+        .await;
+    alice.set_status(Status::Invisible, None).await;
+    rest.wait_presence("alice", |p| p["status"] == "offline")
+        .await;
+
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    let hidden = bob.subscribe(&["alice"]).await.remove(0);
+    assert_eq!(hidden.status, Status::Offline);
+    assert!(hidden.last_seen.is_some());
+    let mut carol = Client::connect(&node, "carol", 2).await;
+    let mut own = alice.subscribe(&["alice"]).await.remove(0);
+    assert_eq!(
+        (own.status, own.platforms.clone()),
+        (Status::Invisible, vec![1])
+    );
+    assert!(own.version >= hidden.version);
+
+    let mut unmoved = async |own: &Presence, seen: Presence| {
+        assert!(
+            seen.version > own.version,
+            "alice sees her change: {seen:?}"
+        );
+        assert_eq!(seen.status, Status::Invisible);
+        bob.expect_silence(Duration::from_millis(300)).await;
+        assert_eq!(query_one(&mut carol, "alice").await, hidden, "polled");
+        assert_eq!(query_one(&mut bob, "alice").await, hidden, "polled");
+        let by_rest = rest.presence("alice").await;
+        assert_eq!(by_rest["version"], hidden.version);
+        assert_eq!(by_rest["status"], "offline");
+        seen
+    };
+
+    let web = Client::connect(&node, "alice", 5).await;
+    let seen = event_until(&mut alice, "alice", |p| p.platforms == vec![1, 5]).await;
+    own = unmoved(&own, seen).await;
+    web.close().await;
+    let seen = event_until(&mut alice, "alice", |p| p.platforms == vec![1]).await;
+    own = unmoved(&own, seen).await;
+
+    // Every device gone (alice alone sees herself offline), then back on another platform.
+    alice.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut alice = Client::connect(&node, "alice", 2).await;
+    let seen = loop {
+        let p = query_one(&mut alice, "alice").await;
+        if p.platforms == vec![2] {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    own = unmoved(&own, seen).await;
+
+    alice.set_status(Status::Online, None).await;
+    let visible = bob.presence_of("alice").await;
+    assert_eq!(
+        (visible.status, visible.platforms),
+        (Status::Online, vec![2])
+    );
+    assert!(
+        visible.version > hidden.version,
+        "a change others see moves it"
+    );
+    let mine = query_one(&mut alice, "alice").await;
+    assert_eq!(mine.status, Status::Online);
+    assert!(mine.version > own.version);
+}
+
+/// `user` as `client` may see them, by `query`.
+async fn query_one(client: &mut Client, user: &str) -> Presence {
+    match client
+        .request(|id| ClientFrame::Query {
+            id,
+            users: vec![user.to_string()],
+        })
+        .await
+    {
+        ServerFrame::PresenceList { mut items, .. } => items.remove(0),
+        other => panic!("expected presence_list, got {other:?}"),
+    }
+}
+
+/// The first event of `user`'s presence to `client` that satisfies `check`.
+async fn event_until(
+    client: &mut Client,
+    user: &str,
+    check: impl Fn(&Presence) -> bool,
+) -> Presence {
+    loop {
+        let p = client.presence_of(user).await;
+        if check(&p) {
+            return p;
+        }
+    }
 }
 
 async fn busy_with_text_reaches_subscribers(setup: Setup) {

@@ -130,7 +130,10 @@ impl MemoryBackend {
                 // The node is shutting down when the sink is closed; nobody is left to tell.
                 let _ = self
                     .events
-                    .send(BackendEvent::Presence(change.record.clone()))
+                    .send(BackendEvent::Presence {
+                        record: change.record.clone(),
+                        public_changed: change.public_changed,
+                    })
                     .await;
             }
         }
@@ -145,6 +148,9 @@ impl State {
         state.entries.retain(|_, (_, expires)| *expires > now);
         let (mask, idle) = fold_entries(state.entries.values().map(|(e, _)| *e));
         let next = next_record(&state.record, mask, idle, &state.chosen, now_ms());
+        let public_changed = next
+            .as_ref()
+            .is_some_and(|next| next.public_changed_from(&state.record));
         if let Some(next) = &next {
             state.record = next.clone();
             if visibly_online(next.status) {
@@ -156,6 +162,7 @@ impl State {
         next.map(|record| Changed {
             before_platforms,
             record,
+            public_changed,
         })
     }
 

@@ -181,8 +181,12 @@ fn to_event(kind: ChannelKind<'_>, payload: &[u8]) -> Option<BackendEvent> {
     };
     match kind {
         ChannelKind::Presence(user) => {
-            let (_, rec) = record::parse_payload(std::str::from_utf8(payload).ok()?)?;
-            (rec.user == user).then_some(BackendEvent::Presence(rec))
+            let (record, public_changed) =
+                record::parse_payload(std::str::from_utf8(payload).ok()?)?;
+            (record.user == user).then_some(BackendEvent::Presence {
+                record,
+                public_changed,
+            })
         }
         ChannelKind::Inbox(user) => match envelope::parse_published(payload)? {
             Published::Message(message, origin) => {

@@ -6,7 +6,9 @@
 --   then six per user: user, entry "mask:idle" or "" to remove, chosen status or "", its text,
 --   status to restore if none is stored or "", its text.
 -- Returns one reply per user: 0 when nothing visible changed, else {mask before, payload}.
--- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|').
+-- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|'), where
+-- version is "v" when the public version is the same, else "v:pv:1" when others see the change,
+-- "v:pv:0" when only the user does (record.rs, parse_payload).
 --
 -- Every presence change of every node runs through here, so Redis CPU per user is what caps a
 -- node's flush rate. Each redis.call costs 1.5-5 us (a HGETALL reply becomes Lua strings), so a
@@ -29,7 +31,7 @@ for u = 1, #KEYS / 2 do
   -- that died) are dropped on the way. Record fields go to locals, not a table: building a
   -- table per user was a measurable part of the script's cost.
   local fields = redis.call('HGETALL', key)
-  local st, pl, tx, v, ls, rcs, rct
+  local st, pl, tx, v, pv, ls, rcs, rct
   local drop = {}
   local mask, idle, old = 0, true, nil
   for i = 1, #fields, 2 do
@@ -41,6 +43,7 @@ for u = 1, #KEYS / 2 do
     elseif f == 'ls' then ls = x
     elseif f == 'cs' then rcs = x
     elseif f == 'ct' then rct = x
+    elseif f == 'pv' then pv = x
     elseif f == mine then old = x
     elseif string.byte(f, 1) == 110 and string.byte(f, 2) == 58 then -- "n:"
       local m, id, exp = string.match(x, '^(%d+):(%d):(%d+)$')
@@ -95,12 +98,33 @@ for u = 1, #KEYS / 2 do
   local payload
   if status ~= before_status or mask ~= before_mask or text ~= (tx or '') then
     local version = string.format('%d', math.max(tonumber(v or '0') + 1, now))
+    local was, is = visible(before_status), visible(status)
     local last_seen = ls or ''
-    if visible(before_status) and not visible(status) then last_seen = tostring(now) end
+    if was and not is then last_seen = tostring(now) end
+    -- What others see (PresenceRecord::public_state) is status, mask and text of a visibly online
+    -- user, only last_seen of anyone else. Something of the first three changed, so that view
+    -- changed if the user was or is visibly online; if neither, last_seen stayed too (it moves
+    -- only when the user stops being visibly online). The public version moves only then.
+    -- A hash has pv only once it differed from v (a change only the user saw): without it, it is v.
+    local public = was or is
+    local public_version = pv or v or '0'
+    if public then
+      if public_version == (v or '0') then
+        public_version = version -- max(pv + 1, now) with pv == v
+      else
+        public_version = string.format('%d', math.max(tonumber(public_version) + 1, now))
+      end
+    end
+    local versions = version
+    if public_version ~= version then
+      versions = version .. ':' .. public_version .. (public and ':1' or ':0')
+    end
     local n = #set
     set[n + 1], set[n + 2], set[n + 3], set[n + 4], set[n + 5] = 'st', status, 'pl', mask, 'tx'
     set[n + 6], set[n + 7], set[n + 8], set[n + 9], set[n + 10] = text, 'v', version, 'ls', last_seen
-    payload = user .. '|' .. status .. '|' .. mask .. '|' .. version .. '|' .. last_seen .. '|' .. text
+    -- Written when it moved, or when v moves away from it (so it is no longer implied).
+    if public_version ~= (pv or version) then set[n + 11], set[n + 12] = 'pv', public_version end
+    payload = user .. '|' .. status .. '|' .. mask .. '|' .. versions .. '|' .. last_seen .. '|' .. text
   end
 
   if #set > 0 then redis.call('HSET', key, unpack(set)) end

@@ -112,11 +112,14 @@ impl RedisBackend {
                 let Value::Array(parts) = user else { continue };
                 let before = parts.first().and_then(|v| v.as_u64()).unwrap_or(0) as u16;
                 let payload = parts.get(1).and_then(|v| v.as_string());
-                if let Some((_, record)) = payload.as_deref().and_then(record::parse_payload) {
+                if let Some((record, public_changed)) =
+                    payload.as_deref().and_then(record::parse_payload)
+                {
                     metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "out").increment(1);
                     changed.push(Changed {
                         before_platforms: before,
                         record,
+                        public_changed,
                     });
                 }
             }

@@ -66,29 +66,47 @@ impl Worker {
         metrics::histogram!(m::DELIVERY_SECONDS).record(age as f64 / 1000.0);
     }
 
-    /// Passes a presence change to this node's watchers of the user, once per version.
-    pub(super) fn fan_out(&mut self, record: PresenceRecord) {
+    /// Passes a presence change to this node's watchers of the user: the user's own connections
+    /// get their own view when `version` moved, everyone else the public view when
+    /// `public_version` did; each at most once per version, never one below what they saw.
+    pub(super) fn fan_out(&mut self, record: PresenceRecord, public_changed: bool) {
         let Some(slot) = self.users.get_mut(&record.user) else {
             return;
         };
-        if slot.watchers.is_empty() || record.version <= slot.seen_version {
+        if slot.watchers.is_empty() {
             return;
         }
-        slot.seen_version = record.version;
-        let public = record.public_view();
-        let public_changed = slot.last_public.as_ref().is_none_or(|p| {
-            p.status != public.status || p.platforms != public.platforms || p.text != public.text
-        });
-        let own_view = (record.status == shared::Status::Invisible)
-            .then(|| EncodedFrame::new(ServerFrame::Presence(record.view_for(Some(&record.user)))));
-        let public_frame = EncodedFrame::new(ServerFrame::Presence(public.clone()));
-        slot.last_public = Some(public);
+        let own = record.version > slot.seen_version;
+        // Before any public version is known here (the user was just watched), only a change
+        // this very event made is news to others: their `presence_list` already shows the public
+        // version an event of a change they cannot see carries, and passing it on would tell
+        // them the user did something. Later, any higher public version is, even one whose
+        // change reached this node in an event since lost.
+        let public = record.public_version > slot.seen_public_version
+            && (public_changed || slot.seen_public_version > 0);
+        slot.seen_version = slot.seen_version.max(record.version);
+        slot.seen_public_version = slot.seen_public_version.max(record.public_version);
+        if !own && !public {
+            return;
+        }
+        let mut own_frame = None;
+        let mut public_frame = None;
         let mut sent = 0u64;
         for watcher in slot.watchers.values() {
-            let frame = match &own_view {
-                Some(own) if watcher.user == record.user => own,
-                _ if public_changed || watcher.user == record.user => &public_frame,
-                _ => continue,
+            let frame = if watcher.user == record.user {
+                if !own {
+                    continue;
+                }
+                &*own_frame.get_or_insert_with(|| {
+                    EncodedFrame::new(ServerFrame::Presence(record.own_view()))
+                })
+            } else {
+                if !public {
+                    continue;
+                }
+                &*public_frame.get_or_insert_with(|| {
+                    EncodedFrame::new(ServerFrame::Presence(record.public_view()))
+                })
             };
             if watcher.push(frame) {
                 sent += 1;

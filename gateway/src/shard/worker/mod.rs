@@ -17,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use shared::Presence;
 use tokio::{
     sync::mpsc,
     task::JoinHandle,
@@ -72,11 +71,14 @@ struct UserSlot {
     chosen_here: Option<ChosenStatus>,
     /// Part of the backend job in flight.
     in_flight: bool,
-    /// Highest event version passed to watchers: later events with lower versions are stale.
+    /// Highest event version (`version`, what the user sees of themselves) seen since the user
+    /// was first watched here: later events with lower versions are stale for the user's own
+    /// watchers.
     seen_version: u64,
-    /// Last presence shown to watchers other than the user, to skip events that change nothing
-    /// they can see (an invisible user switching platforms).
-    last_public: Option<Presence>,
+    /// Highest public version (what others see) seen since the user was first watched here: an
+    /// event shows others something only above it, so they never see it go back, nor an event
+    /// for a change they cannot see (an invisible user connecting or switching platforms).
+    seen_public_version: u64,
 }
 
 impl UserSlot {
@@ -288,7 +290,7 @@ impl Worker {
                     if let Some(slot) = self.users.get_mut(&user) {
                         if slot.watchers.remove(&conn).is_some() && slot.watchers.is_empty() {
                             slot.seen_version = 0;
-                            slot.last_public = None;
+                            slot.seen_public_version = 0;
                             gone.push(Topic::Presence(user.clone()));
                         }
                         self.forget_if_done(&user);
@@ -298,7 +300,10 @@ impl Worker {
                     self.subscriptions.unwatch(gone);
                 }
             }
-            ShardCmd::Presence(record) => self.fan_out(record),
+            ShardCmd::Presence {
+                record,
+                public_changed,
+            } => self.fan_out(record, public_changed),
             ShardCmd::Resync => {
                 self.renew_due = true;
                 self.retry_at = None;

@@ -47,7 +47,7 @@ async fn presence_events_only_for_watched_users(f: Factory) {
         .expect("watched changed");
     let events = b.sync().await;
     assert!(
-        matches!(&events[..], [BackendEvent::Presence(r)] if *r == watched.record),
+        matches!(&events[..], [BackendEvent::Presence { record, .. }] if *record == watched.record),
         "one event, of the watched user: {events:?}"
     );
 }

@@ -544,11 +544,23 @@ impl Under {
 
     /// [`Under::sync`], keeping only presence events.
     pub async fn presence_events(&mut self) -> Vec<PresenceRecord> {
+        self.public_flagged_events()
+            .await
+            .into_iter()
+            .map(|(record, _)| record)
+            .collect()
+    }
+
+    /// [`Under::presence_events`], each with whether others see its change.
+    pub async fn public_flagged_events(&mut self) -> Vec<(PresenceRecord, bool)> {
         self.sync()
             .await
             .into_iter()
             .filter_map(|e| match e {
-                BackendEvent::Presence(r) => Some(r),
+                BackendEvent::Presence {
+                    record,
+                    public_changed,
+                } => Some((record, public_changed)),
                 _ => None,
             })
             .collect()

@@ -1,5 +1,5 @@
 //! `PresenceStore` (backend/presence.rs): records follow visible changes only, with versions that
-//! grow per change; entries expire without renewal; renewal keeps and re-creates them; online lists
+//! grow per change (public versions only per change others see); entries expire without renewal; renewal keeps and re-creates them; online lists
 //! page in id order and hide invisible users; counts; unknown users; `Changed::transition`.
 
 use std::time::Duration;
@@ -15,6 +15,9 @@ use super::{Factory, MARGIN, N1, chosen, entry, idle, mask, short_ttl, sleep_pas
 contract!(
     write_reads_back_with_growing_versions,
     invisible_changes_nothing_visible_twice,
+    invisible_activity_moves_only_the_own_version,
+    an_invisible_first_connect_shows_others_nothing,
+    an_invisible_users_expiry_shows_others_nothing,
     nothing_visible_changed_means_no_version_and_no_event,
     records_fold_every_nodes_entries,
     transitions_mark_first_connect_and_last_disconnect,
@@ -111,6 +114,153 @@ async fn invisible_changes_nothing_visible_twice(f: Factory) {
         .expect("visible again");
     assert_eq!(online.record.status, Status::Online);
     assert!(online.record.version > inv.record.version);
+}
+
+async fn invisible_activity_moves_only_the_own_version(f: Factory) {
+    let mut b = f.backend().await;
+    b.announce("n2").await;
+    b.watch(vec![Topic::Presence("ivy".into())]).await;
+    let online = b.connect("ivy", &[1]).await.expect("online").record;
+    assert_eq!(
+        online.public_version, online.version,
+        "a visible change is everyone's"
+    );
+    let hidden = b
+        .set_status("ivy", Status::Invisible, None)
+        .await
+        .expect("invisible is a change");
+    assert!(hidden.public_changed, "others see ivy go offline");
+    assert!(hidden.record.public_version > online.public_version);
+    let public = hidden.record.public_view();
+    assert_eq!(
+        (public.status, public.version),
+        (Status::Offline, hidden.record.public_version)
+    );
+    assert!(public.last_seen.is_some());
+    b.presence_events().await;
+
+    // Changes only ivy sees: a second device, another node, a switch, every device gone, back.
+    let mut changes = vec![b.connect("ivy", &[1, 5]).await];
+    changes.push(
+        b.write("n2", &[("ivy", Some(entry(&[2])), None)])
+            .await
+            .pop(),
+    );
+    changes.push(b.connect("ivy", &[5]).await);
+    changes.push(b.disconnect("ivy").await);
+    changes.push(b.write("n2", &[("ivy", None, None)]).await.pop());
+    changes.push(b.connect("ivy", &[3]).await);
+    let changes: Vec<_> = changes
+        .into_iter()
+        .map(|c| c.expect("each is a change to ivy"))
+        .collect();
+    assert_eq!(changes.len(), 6);
+    let mut own = hidden.record.version;
+    for change in &changes {
+        let record = &change.record;
+        assert!(record.version > own, "ivy sees every change: {record:?}");
+        own = record.version;
+        assert!(!change.public_changed, "{record:?}");
+        assert_eq!(record.public_version, hidden.record.public_version);
+        assert_eq!(record.public_view(), public, "others see nothing move");
+        assert_eq!(record.view_for(Some("bob")), public);
+        assert_eq!(record.view_for(Some("ivy")).version, record.version);
+    }
+    assert_eq!(changes[3].record.status, Status::Invisible, "still on n2");
+    assert_eq!(changes[4].record.status, Status::Offline, "no device left");
+    assert_eq!(changes[5].record.status, Status::Invisible, "back");
+    let read = b.record("ivy").await;
+    assert_eq!(read, changes[5].record);
+    assert_eq!(read.public_view(), public, "a poller sees nothing move");
+    let events = b.public_flagged_events().await;
+    assert_eq!(
+        events,
+        changes
+            .iter()
+            .map(|c| (c.record.clone(), false))
+            .collect::<Vec<_>>(),
+        "each published, flagged as the user's own"
+    );
+
+    let visible = b
+        .set_status("ivy", Status::Online, None)
+        .await
+        .expect("visible again");
+    assert!(visible.public_changed);
+    assert!(visible.record.version > own);
+    assert!(visible.record.public_version > hidden.record.public_version);
+    assert!(visible.record.public_version <= visible.record.version);
+    let seen = visible.record.view_for(Some("bob"));
+    assert_eq!(
+        (seen.status, seen.platforms, seen.version),
+        (Status::Online, vec![3], visible.record.public_version)
+    );
+    assert_eq!(
+        b.public_flagged_events().await,
+        vec![(visible.record, true)]
+    );
+}
+
+async fn an_invisible_first_connect_shows_others_nothing(f: Factory) {
+    let mut b = f.backend().await;
+    let hidden = b
+        .write(
+            N1,
+            &[(
+                "ghost",
+                Some(entry(&[1])),
+                Some(chosen(Status::Invisible, None)),
+            )],
+        )
+        .await;
+    assert_eq!(hidden.len(), 1);
+    assert!(!hidden[0].public_changed);
+    let record = b.record("ghost").await;
+    assert!(record.version > 0);
+    assert_eq!(
+        record.public_view(),
+        PresenceRecord::unknown("ghost").public_view(),
+        "as if ghost never came: offline, no last_seen, version 0"
+    );
+    let gone = b.disconnect("ghost").await.expect("offline");
+    assert!(!gone.public_changed);
+    assert_eq!(gone.record.public_version, 0);
+}
+
+async fn an_invisible_users_expiry_shows_others_nothing(f: Factory) {
+    let ttl = Duration::from_millis(300);
+    let mut b = f
+        .backend_with(BackendSettings {
+            node_ttl: Duration::from_secs(30),
+            ..short_ttl(ttl)
+        })
+        .await;
+    b.connect("ivy", &[1]).await.expect("online");
+    b.set_status("ivy", Status::Invisible, None)
+        .await
+        .expect("invisible");
+    b.write(
+        N1,
+        &[(
+            "ghost",
+            Some(entry(&[2])),
+            Some(chosen(Status::Invisible, None)),
+        )],
+    )
+    .await;
+    let hidden = [b.record("ivy").await, b.record("ghost").await];
+    assert!(hidden[0].public_view().last_seen.is_some());
+    assert_eq!(hidden[1].public_view().last_seen, None, "never visible");
+    sleep_past(ttl).await;
+    for before in hidden {
+        let expired = b.record(&before.user).await;
+        assert_eq!(
+            (expired.status, expired.platforms),
+            (Status::Offline, 0),
+            "they see themselves offline: {expired:?}"
+        );
+        assert_eq!(expired.public_view(), before.public_view());
+    }
 }
 
 async fn nothing_visible_changed_means_no_version_and_no_event(f: Factory) {
