@@ -211,8 +211,10 @@ async fn connections_are_listed_across_nodes() {
     assert_eq!(body, json!({"connections": []}));
 }
 
+/// Whether the connection is still open once every node had its chance to close it: the
+/// replacement is announced at once, and each login checks again a second after it connected.
 async fn still_open(client: &mut Client) -> bool {
-    match tokio::time::timeout(Duration::from_secs(3), async {
+    match tokio::time::timeout(Duration::from_millis(1800), async {
         client.send(&ClientFrame::Ping { id: Some(999) }).await;
         client.closed().await
     })
@@ -257,7 +259,7 @@ async fn racing_logins_leave_exactly_one() {
                 .start()
         })
         .collect();
-    for round in 0..3 {
+    for round in 0..2 {
         let user = format!("racer{round}");
         let (mut a, mut b) = tokio::join!(
             Client::connect(&nodes[0], &user, 1),
