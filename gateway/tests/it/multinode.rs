@@ -225,8 +225,9 @@ async fn presence_recovers_after_redis_restarts_empty() {
     rest.wait_presence("n1-u4", |p| p["status"] == "online")
         .await;
 
+    // Restarted without its data (the nodes may already be rewriting theirs by the time a
+    // DBSIZE would run, so the test looks at what they rebuild, not at the empty moment).
     redis.restart_empty();
-    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
 
     for node in &n {
         let rest = Rest::new(node);
