@@ -763,3 +763,69 @@ async fn closed_groups_take_members_only_from_the_app(setup: Setup) {
         (Some("open"), Some(2))
     );
 }
+
+/// The closed-group rules hold across nodes: membership set through one node's REST API is what
+/// every node checks, and opening the group through a third lets a client on another join and
+/// receive.
+#[tokio::test]
+async fn closed_groups_hold_across_three_nodes() {
+    let redis = Redis::start();
+    let backend = Backend::Redis(redis.url());
+    let nodes: Vec<Node> = (0..3).map(|_| NodeBuilder::new(&backend).start()).collect();
+    assert_eq!(
+        Rest::new(&nodes[0])
+            .put("/groups/ops/members/alice", None)
+            .await,
+        204
+    );
+    let mut alice = Client::connect(&nodes[1], "alice", 1).await;
+    let mut eve = Client::connect(&nodes[2], "eve", 1).await;
+    let reply = eve
+        .request(|id| ClientFrame::Join {
+            id,
+            group: "ops".into(),
+        })
+        .await;
+    assert!(is_forbidden(&reply), "{reply:?}");
+    let reply = eve
+        .request(|id| ClientFrame::Send {
+            id,
+            to: group("ops"),
+            body: text("hi"),
+        })
+        .await;
+    assert!(is_forbidden(&reply), "{reply:?}");
+    let reply = eve
+        .request(|id| ClientFrame::Sync {
+            id,
+            group: "ops".into(),
+            since: None,
+            limit: None,
+        })
+        .await;
+    assert!(is_forbidden(&reply), "{reply:?}");
+    let (_, sent, _, _) = send(&mut alice, group("ops"), text("members only")).await;
+    assert_eq!(sent, RouteResult::NoRecipients);
+
+    assert_eq!(
+        Rest::new(&nodes[0])
+            .put("/groups/ops", Some(json!({"join": "open"})))
+            .await,
+        204
+    );
+    let reply = eve
+        .request(|id| ClientFrame::Join {
+            id,
+            group: "ops".into(),
+        })
+        .await;
+    assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+    let (_, info) = Rest::new(&nodes[2]).get("/groups/ops").await;
+    assert_eq!(
+        (info["join"].as_str(), info["members"].as_u64()),
+        (Some("open"), Some(2))
+    );
+    send(&mut alice, group("ops"), text("welcome")).await;
+    let m = next_message(&mut eve).await;
+    assert_eq!(m.from, "alice");
+}
