@@ -12,13 +12,12 @@ use axum::{
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
-use shared::{Encoding, Message, ids};
+use shared::{Message, ids};
 
 use super::{ApiError, ApiJson, json_body, page_cursor, page_limit, query_params};
 use crate::{
     app::App,
     backend::{JoinPolicy, online_members, parse_msg_id},
-    frame::within_bytes,
 };
 
 fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
@@ -167,15 +166,25 @@ pub async fn history(
         .history(&group, since.as_deref(), limit)
         .await?;
     // A message stored before bodies were checked may not be JSON; it is left out (and counted)
-    // rather than failing the whole answer.
-    let total = messages.len();
-    let messages: Vec<Message> = messages
-        .into_iter()
-        .filter(|m| serde_json::to_vec(m).is_ok())
-        .collect();
-    metrics::counter!(crate::metrics::UNREADABLE_MESSAGES)
-        .increment((total - messages.len()) as u64);
-    let (messages, cut) = within_bytes(messages, Encoding::Json, app.config.max_reply_bytes);
+    // rather than failing the whole answer. One encode per message serves both that check and
+    // the reply's size bound.
+    let max = app.config.max_reply_bytes;
+    let (mut kept, mut bytes, mut unreadable, mut cut) = (Vec::new(), 0, 0u64, false);
+    for m in messages {
+        match serde_json::to_vec(&m) {
+            Err(_) => unreadable += 1,
+            Ok(json) if !kept.is_empty() && bytes + json.len() > max => {
+                cut = true;
+                break;
+            }
+            Ok(json) => {
+                bytes += json.len();
+                kept.push(m);
+            }
+        }
+    }
+    metrics::counter!(crate::metrics::UNREADABLE_MESSAGES).increment(unreadable);
+    let messages: Vec<Message> = kept;
     Ok(Json(History {
         messages,
         more: more || cut,
