@@ -207,6 +207,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         announce_now: Arc::new(tokio::sync::Notify::new()),
         config,
     });
+    app.backend.health.export();
 
     background.spawn(route_events(
         events_rx,

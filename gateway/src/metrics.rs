@@ -19,6 +19,10 @@ pub const PRESENCE_WRITES: &str = "presence_writes_total";
 pub const BACKEND_ROUND_TRIPS: &str = "presence_backend_round_trips_total";
 pub const BACKEND_ERRORS: &str = "presence_backend_errors_total";
 pub const BACKEND_UP: &str = "presence_backend_up";
+pub const BACKEND_TRANSITIONS: &str = "presence_backend_transitions_total";
+pub const BACKEND_REFUSED: &str = "presence_backend_refused_total";
+pub const RESYNC_EVENTS: &str = "presence_resync_events_total";
+pub const DEFERRED_CONNECTS: &str = "presence_deferred_connects_total";
 pub const SHARD_QUEUE_DEPTH: &str = "presence_shard_queue_depth";
 pub const SHARD_USERS: &str = "presence_shard_users";
 pub const RENEWALS: &str = "presence_renewals_total";
@@ -77,7 +81,23 @@ fn describe() {
     describe_counter!(BACKEND_ERRORS, "Failed backend calls by operation.");
     describe_gauge!(
         BACKEND_UP,
-        "1 while the backend answers, 0 during an outage."
+        "1 while the backend answers its probe, 0 during an outage (within 2 s of its start)."
+    );
+    describe_counter!(
+        BACKEND_TRANSITIONS,
+        "Times the backend was found down or up again (label to)."
+    );
+    describe_counter!(
+        BACKEND_REFUSED,
+        "Backend calls refused at once because the backend was known down, by operation."
+    );
+    describe_counter!(
+        RESYNC_EVENTS,
+        "Presence events sent to watchers by a resync after the backend came back or events were lost."
+    );
+    describe_counter!(
+        DEFERRED_CONNECTS,
+        "Connections welcomed without their connect-time reads (groups, stored messages) because the backend was away; by result of the later read."
     );
     describe_gauge!(
         SHARD_QUEUE_DEPTH,

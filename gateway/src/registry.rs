@@ -74,7 +74,6 @@ impl Heartbeat {
                     up = false;
                 }
             }
-            metrics::gauge!(m::BACKEND_UP).set(if up { 1.0 } else { 0.0 });
             if let Ok(changes) = reaped
                 && !changes.is_empty()
             {

@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod groups;
+pub mod health;
 pub mod memory;
 pub mod messages;
 pub mod presence;
@@ -18,6 +19,7 @@ use std::{sync::Arc, time::Duration};
 
 pub use events::{Audience, BackendEvent, Delivery, EventSink, Origin, Subscriptions, Topic};
 pub use groups::{GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members};
+pub use health::Health;
 pub use memory::MemoryBackend;
 pub use messages::{MessageSettings, MessageStore, Outgoing, SendOutcome, SendRefused};
 pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal};
@@ -32,12 +34,16 @@ pub trait Backend:
 {
     /// `embedded` or `redis`, for logs and metrics.
     fn kind(&self) -> &'static str;
+
+    /// The circuit: whether the backend is reachable, as the node last found out.
+    fn health(&self) -> Health;
 }
 
 /// A backend split into the roles its consumers receive.
 #[derive(Clone)]
 pub struct Roles {
     pub kind: &'static str,
+    pub health: Health,
     pub presence: Arc<dyn PresenceStore>,
     pub subscriptions: Arc<dyn Subscriptions>,
     pub registry: Arc<dyn Registry>,
@@ -51,6 +57,7 @@ impl Roles {
     pub fn of<B: Backend>(backend: Arc<B>) -> Self {
         Roles {
             kind: backend.kind(),
+            health: backend.health(),
             presence: backend.clone(),
             subscriptions: backend.clone(),
             registry: backend.clone(),
@@ -74,11 +81,14 @@ pub enum ErrorKind {
 
 /// Why a backend call failed. Callers keep their work and retry: nothing here is fatal.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {op}{}", kind_text(.kind), source_text(.source))]
+#[error("{}: {op}{}{}", kind_text(.kind), source_text(.source), if *.attempted { "" } else { ": not attempted, the backend is down" })]
 pub struct BackendError {
     kind: ErrorKind,
     /// The operation that failed (`flush`, `send`, …), as in the metrics' `op` label.
     op: &'static str,
+    /// False when the call was refused before anything was sent (the backend is known down),
+    /// so nothing it would have done happened; true when it may have happened.
+    attempted: bool,
     #[source]
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
@@ -120,8 +130,22 @@ impl BackendError {
         BackendError {
             kind,
             op,
+            attempted: true,
             source: source.map(Arc::from),
         }
+    }
+
+    /// Refused without trying: the backend is known to be down ([`Health`]).
+    pub fn not_attempted(op: &'static str) -> Self {
+        BackendError {
+            attempted: false,
+            ..Self::new(ErrorKind::Unavailable, op, None)
+        }
+    }
+
+    /// Whether the call may have taken effect (false: it was never sent).
+    pub fn attempted(&self) -> bool {
+        self.attempted
     }
 
     pub fn kind(&self) -> ErrorKind {

@@ -69,6 +69,22 @@ pub struct ConnectState {
     pub revoked_at: Result<Option<u64>, BackendError>,
 }
 
+impl ConnectState {
+    /// Nothing could be read.
+    pub fn failed(e: BackendError) -> Self {
+        ConnectState {
+            groups: Err(e.clone()),
+            offline: Err(e.clone()),
+            revoked_at: Err(e),
+        }
+    }
+
+    /// Everything was read.
+    pub fn is_complete(&self) -> bool {
+        self.groups.is_ok() && self.offline.is_ok() && self.revoked_at.is_ok()
+    }
+}
+
 /// What the app backend asks of a user's live connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]

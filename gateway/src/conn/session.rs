@@ -12,14 +12,14 @@ use futures_util::{
     StreamExt,
     stream::{SplitSink, SplitStream},
 };
-use shared::{Encoding, ErrorCode, Platform, ServerFrame};
+use shared::{Encoding, ErrorCode, Message as ChatMessage, Platform, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{requests::Requests, writer::write_loop};
 use crate::{
     app::App,
     auth::Identity,
-    backend::ConnectState,
+    backend::{BackendError, ConnectState},
     clock::now_ms,
     config::MultiLogin,
     conn_handle::{ConnHandle, close_code},
@@ -65,37 +65,23 @@ pub async fn run(
         expires_at: (identity.expires_at != 0).then_some(identity.expires_at),
     };
     // The user's groups and stored messages are read before the connection is registered, so
-    // that `welcome` and the stored messages are the first frames, in that order.
+    // that `welcome` and the stored messages are the first frames, in that order. Without the
+    // backend (down, or not answering in time) the connection is welcomed all the same and what
+    // could not be read follows once the backend is back (`catch_up`).
+    let state = connect_reads(&app, &conn.user).await;
+    let mut missing = Missing::of(&state);
     let ConnectState {
         groups,
         offline,
         revoked_at,
-    } = app.backend.sessions.connect_state(&conn.user).await;
-    // A revocation that cannot be read lets the connection in: an outage must not lock every
-    // user out. The revoke also closed live connections, so this only matters for a token
-    // presented again while the backend is away.
-    let revoked = match revoked_at {
-        Ok(at) => at.is_some_and(|at| conn.token_issued_before(at)),
-        Err(e) => {
-            tracing::warn!(error = %e, user = %conn.user, "cannot read the user's revocation");
-            false
-        }
-    };
-    let groups = groups.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, user = %conn.user, "cannot read the user's groups");
-        Vec::new()
-    });
-    let offline = offline.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, user = %conn.user, "cannot read stored messages");
-        Vec::new()
-    });
-    // Bounded in bytes: the rest stays stored and follows on a later connect, after the client
-    // acknowledged these.
-    let (offline, _) = within_bytes(offline, conn.encoding, app.config.max_reply_bytes);
-    let offline: Vec<Arc<EncodedFrame>> = offline
-        .into_iter()
-        .map(|m| EncodedFrame::new(ServerFrame::Message(m)))
-        .collect();
+    } = state;
+    // A revocation that cannot be read lets the connection in for now: an outage must not lock
+    // every user out. It is checked again when the backend is back.
+    let revoked = revoked_at
+        .as_ref()
+        .is_ok_and(|at| at.is_some_and(|at| conn.token_issued_before(at)));
+    let groups = groups.unwrap_or_default();
+    let offline = offline_frames(&app, &conn, offline.unwrap_or_default());
     if revoked {
         metrics::counter!(m::CONNECTS, "result" => "revoked").increment(1);
         conn.close_with(close_code::UNAUTHORIZED, "token revoked");
@@ -139,6 +125,10 @@ pub async fn run(
     }
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     app.count_connection(conn.platform, 1);
+    if missing.any() {
+        metrics::counter!(m::DEFERRED_CONNECTS, "result" => "deferred").increment(1);
+        tokio::spawn(catch_up(app.clone(), conn.clone(), missing.take()));
+    }
     tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
 
     let mut requests = Requests::new(app.clone(), conn.clone());
@@ -178,6 +168,108 @@ async fn finish(
     tracing::debug!(conn = conn.id, user = %conn.user, reason, "disconnected");
 }
 
+/// How long a connect waits for its connect-time reads: a client is welcomed within a second
+/// even when the backend stalls before the circuit notices (a healthy round trip takes about a
+/// millisecond).
+const CONNECT_READ_WAIT: Duration = Duration::from_millis(750);
+/// Between attempts of a connection's late connect-time reads.
+const CATCH_UP_RETRY: Duration = Duration::from_millis(500);
+
+async fn connect_reads(app: &App, user: &str) -> ConnectState {
+    tokio::time::timeout(CONNECT_READ_WAIT, app.backend.sessions.connect_state(user))
+        .await
+        .unwrap_or_else(|_| {
+            ConnectState::failed(BackendError::unavailable("connect", "no answer in time"))
+        })
+}
+
+/// Stored messages as frames, bounded in bytes: the rest stays stored and follows on a later
+/// connect, after the client acknowledged these.
+fn offline_frames(
+    app: &App,
+    conn: &ConnHandle,
+    offline: Vec<ChatMessage>,
+) -> Vec<Arc<EncodedFrame>> {
+    let (offline, _) = within_bytes(offline, conn.encoding, app.config.max_reply_bytes);
+    offline
+        .into_iter()
+        .map(|m| EncodedFrame::new(ServerFrame::Message(m)))
+        .collect()
+}
+
+/// Which connect-time reads a connection still lacks.
+#[derive(Default, Clone, Copy)]
+struct Missing {
+    groups: bool,
+    offline: bool,
+    revocation: bool,
+}
+
+impl Missing {
+    fn of(state: &ConnectState) -> Self {
+        Missing {
+            groups: state.groups.is_err(),
+            offline: state.offline.is_err(),
+            revocation: state.revoked_at.is_err(),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.groups || self.offline || self.revocation
+    }
+
+    fn take(&mut self) -> Self {
+        std::mem::take(self)
+    }
+}
+
+/// A connection welcomed while the backend was away gets, once it is back, what the connect could
+/// not read: it follows its groups, receives its stored messages, and is closed if its token was
+/// revoked. Retried until done or the connection closes.
+async fn catch_up(app: Arc<App>, conn: Arc<ConnHandle>, mut missing: Missing) {
+    loop {
+        tokio::select! {
+            _ = app.backend.health.wait_up() => {}
+            _ = conn.close_requested().cancelled() => return,
+        }
+        let state = app.backend.sessions.connect_state(&conn.user).await;
+        if missing.revocation
+            && let Ok(at) = &state.revoked_at
+        {
+            missing.revocation = false;
+            if at.is_some_and(|at| conn.token_issued_before(at)) {
+                metrics::counter!(m::DEFERRED_CONNECTS, "result" => "revoked").increment(1);
+                conn.close_with(close_code::UNAUTHORIZED, "token revoked");
+                return;
+            }
+        }
+        if missing.groups
+            && let Ok(groups) = state.groups
+        {
+            missing.groups = false;
+            for group in groups {
+                app.shards.follow(&conn, &group, true).await;
+            }
+        }
+        if missing.offline
+            && let Ok(offline) = state.offline
+        {
+            missing.offline = false;
+            for frame in offline_frames(&app, &conn, offline) {
+                conn.push(&frame);
+            }
+        }
+        if !missing.any() {
+            metrics::counter!(m::DEFERRED_CONNECTS, "result" => "caught_up").increment(1);
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            _ = conn.close_requested().cancelled() => return,
+        }
+    }
+}
+
 /// A multi-login policy's scope for a login on `platform`: `None` when every login stays.
 fn login_scope(policy: MultiLogin, platform: Platform) -> Option<Option<Platform>> {
     match policy {
@@ -193,7 +285,13 @@ fn login_scope(policy: MultiLogin, platform: Platform) -> Option<Option<Platform
 /// also looks again once the announcement has surely been heard: two logins racing on two
 /// nodes leave exactly the later one. Without the backend, the login stays (and is logged).
 async fn login(app: &Arc<App>, conn: &Arc<ConnHandle>, scope: Option<Platform>) {
-    match app.backend.sessions.login(&conn.user, scope).await {
+    let numbered = tokio::time::timeout(
+        CONNECT_READ_WAIT,
+        app.backend.sessions.login(&conn.user, scope),
+    )
+    .await
+    .unwrap_or_else(|_| Err(BackendError::unavailable("login", "no answer in time")));
+    match numbered {
         Ok(seq) => conn.set_login_seq(seq),
         Err(e) => {
             tracing::warn!(error = %e, user = %conn.user, "cannot number the login; it stays");

@@ -54,8 +54,11 @@ pub enum ShardCmd {
         record: PresenceRecord,
         public_changed: bool,
     },
-    /// The backend may have lost this node's entries: rewrite them all now.
+    /// The backend may have lost this node's entries, and events may have been lost: rewrite
+    /// them all now, and re-read what local connections watch once other nodes had time to.
     Resync,
+    /// A re-read of watched users' presence (the shard's own, from a task of its own).
+    Reread(Reread),
     /// A message for local connections of a user of this shard, of a group of this shard, or of
     /// everyone on this shard.
     Deliver(Arc<Delivery>),
@@ -87,6 +90,15 @@ pub enum ShardCmd {
     },
     /// `conn` no longer gets this group's messages.
     GroupDetach { group: String, conn: ConnId },
+}
+
+/// What a shard's re-read task reports back.
+pub enum Reread {
+    Records(Vec<PresenceRecord>),
+    /// The re-read ended; not `ok` means it failed part-way and is tried again.
+    Finished {
+        ok: bool,
+    },
 }
 
 /// Tunables of a shard worker.

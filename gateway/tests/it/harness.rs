@@ -362,6 +362,27 @@ impl Redis {
         }
     }
 
+    /// Stalls the server (SIGSTOP): its sockets stay open and nothing answers, as when Redis
+    /// hangs on a slow disk or a long command.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Ends a [`Redis::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal} redis-server");
+        }
+    }
+
     /// Starts a fresh, empty server on the same port.
     pub fn restart_empty(&mut self) {
         self.stop();

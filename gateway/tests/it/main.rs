@@ -19,6 +19,9 @@ mod hostile;
 mod messaging;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.
 mod multinode;
+/// Redis stalled, killed and restarted empty under two nodes: nothing waits for it, nothing stays
+/// stale after.
+mod outage;
 /// Presence behaviour, one suite run against the embedded backend (in a node process and in-process)
 /// and the Redis backend.
 mod presence;

@@ -10,10 +10,12 @@ use crate::backend::{BackendError, GroupInfo, Groups, JoinPolicy};
 #[async_trait]
 impl Groups for RedisBackend {
     async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        self.admit("add_member")?;
         self.change_member(group, user, true).await
     }
 
     async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+        self.admit("remove_member")?;
         self.change_member(group, user, false).await
     }
 
@@ -23,6 +25,7 @@ impl Groups for RedisBackend {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        self.admit("members")?;
         let min = after.map(|a| format!("({a}")).unwrap_or_else(|| "-".into());
         Self::count_round_trip("groups");
         let mut page: Vec<String> = self
@@ -48,6 +51,7 @@ impl Groups for RedisBackend {
     }
 
     async fn is_member(&self, group: &str, user: &str) -> Result<bool, BackendError> {
+        self.admit("is_member")?;
         Self::count_round_trip("groups");
         let score: Option<f64> = self
             .client
@@ -61,6 +65,7 @@ impl Groups for RedisBackend {
     }
 
     async fn set_join_policy(&self, group: &str, join: JoinPolicy) -> Result<(), BackendError> {
+        self.admit("set_join_policy")?;
         Self::count_round_trip("groups");
         let _: Value = self
             .client
@@ -78,6 +83,7 @@ impl Groups for RedisBackend {
     }
 
     async fn join_policy(&self, group: &str) -> Result<JoinPolicy, BackendError> {
+        self.admit("join_policy")?;
         Self::count_round_trip("groups");
         let join: Option<String> = self
             .client
@@ -91,6 +97,7 @@ impl Groups for RedisBackend {
     }
 
     async fn group_info(&self, group: &str) -> Result<GroupInfo, BackendError> {
+        self.admit("group_info")?;
         let pipeline = self.client.pipeline();
         let queued: Result<(), fred::error::Error> = async {
             let _: () = pipeline
@@ -119,6 +126,7 @@ impl Groups for RedisBackend {
     }
 
     async fn user_groups(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        self.admit("user_groups")?;
         Self::count_round_trip("groups");
         self.client
             .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])

@@ -24,6 +24,7 @@ impl MessageStore for RedisBackend {
         &self,
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Result<SendOutcome, SendRefused>>, BackendError> {
+        self.admit("send")?;
         let now = now_ms();
         let limits = &self.settings.messages;
         let oldest = now.saturating_sub(limits.history_age.as_millis() as u64);
@@ -150,6 +151,7 @@ impl MessageStore for RedisBackend {
         Ok(outcomes)
     }
     async fn offline_messages(&self, user: &str) -> Result<Vec<Message>, BackendError> {
+        self.admit("offline_messages")?;
         Self::count_round_trip("offline");
         let entries: Vec<Value> = self
             .client
@@ -159,6 +161,7 @@ impl MessageStore for RedisBackend {
         Ok(Self::offline_from(entries))
     }
     async fn ack_offline(&self, user: &str, up_to: &str) -> Result<(), BackendError> {
+        self.admit("ack_offline")?;
         let (ms, seq) = parse_msg_id(up_to)
             .ok_or_else(|| BackendError::internal("offline", "bad message id"))?;
         Self::count_round_trip("offline");
@@ -182,6 +185,7 @@ impl MessageStore for RedisBackend {
         since: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<Message>, bool), BackendError> {
+        self.admit("history")?;
         let start = match since.and_then(parse_msg_id) {
             Some((ms, seq)) => format!("({ms}-{seq}"),
             None => "-".into(),
@@ -212,6 +216,7 @@ impl MessageStore for RedisBackend {
     }
 
     async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError> {
+        self.admit("read_position")?;
         Self::count_round_trip("read");
         self.client
             .custom(
@@ -228,6 +233,7 @@ impl MessageStore for RedisBackend {
         group: &str,
         up_to: &str,
     ) -> Result<(), BackendError> {
+        self.admit("set_read_position")?;
         let call: ScriptCall<'_> = (
             &self.scripts.read,
             vec![self.keys.read_positions(user).into()],
@@ -237,6 +243,7 @@ impl MessageStore for RedisBackend {
         Ok(())
     }
     async fn unread(&self, user: &str) -> Result<BTreeMap<String, u64>, BackendError> {
+        self.admit("unread")?;
         let pipeline = self.client.pipeline();
         let _: () = pipeline
             .custom(cmd("SMEMBERS"), vec![self.keys.user_groups(user)])

@@ -8,6 +8,7 @@ mod groups;
 mod keys;
 mod messages;
 mod presence;
+mod probe;
 mod pubsub;
 mod record;
 mod registry;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::{keys::Keys, pubsub::SubCmd, scripts::Scripts};
-use super::{Backend, BackendError, BackendEvent, BackendSettings, EventSink};
+use super::{Backend, BackendError, BackendEvent, BackendSettings, EventSink, Health};
 use crate::metrics as m;
 
 /// A user's record (not its entries) outlives its last write by this long, so `last_seen` and the
@@ -49,6 +50,7 @@ pub struct RedisBackend {
     cluster: bool,
     scripts: Scripts,
     subscriptions: mpsc::UnboundedSender<SubCmd>,
+    health: Health,
 }
 
 fn cmd(name: &'static str) -> CustomCommand {
@@ -129,7 +131,20 @@ impl RedisBackend {
             events.clone(),
             stop.clone(),
         ));
-        tracker.spawn(watch_reconnects(client.clone(), events, stop));
+        tracker.spawn(watch_reconnects(
+            client.clone(),
+            subscriber.clone(),
+            events.clone(),
+            stop.clone(),
+        ));
+        let health = Health::new();
+        tracker.spawn(probe::run_probe(
+            client.clone(),
+            subscriber.clone(),
+            health.clone(),
+            events,
+            stop,
+        ));
 
         let backend = RedisBackend {
             client,
@@ -138,6 +153,7 @@ impl RedisBackend {
             cluster,
             scripts: Scripts::new(),
             subscriptions: sub_tx,
+            health,
         };
         backend.load_scripts().await?;
         // A node restarted under the same id must not leave its old users online forever: nobody
@@ -160,6 +176,12 @@ impl RedisBackend {
         metrics::counter!(m::BACKEND_ROUND_TRIPS, "op" => op).increment(1);
     }
 
+    /// The circuit: refuses a call at once while Redis is known down, instead of letting it wait
+    /// out the command timeout.
+    fn admit(&self, op: &'static str) -> Result<(), BackendError> {
+        self.health.admit(op)
+    }
+
     fn error(op: &'static str, e: fred::error::Error) -> BackendError {
         metrics::counter!(m::BACKEND_ERRORS, "op" => op).increment(1);
         BackendError::unavailable(op, e)
@@ -167,23 +189,30 @@ impl RedisBackend {
 }
 
 /// A reconnect may follow a Redis restart that lost everything: every shard rewrites its users.
-async fn watch_reconnects(client: Client, events: EventSink, stop: CancellationToken) {
+/// The subscriber's reconnect means events were missed: shards re-read what their clients watch.
+async fn watch_reconnects(
+    client: Client,
+    subscriber: SubscriberClient,
+    events: EventSink,
+    stop: CancellationToken,
+) {
     let mut reconnects = client.reconnect_rx();
+    let mut resubscribed = subscriber.reconnect_rx();
     loop {
-        tokio::select! {
-            r = reconnects.recv() => match r {
-                Ok(server) => {
-                    tracing::info!(%server, "reconnected to Redis: rewriting local presence");
-                    if events.send(BackendEvent::Resync).await.is_err() {
-                        break;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    let _ = events.send(BackendEvent::Resync).await;
-                }
-                Err(_) => break,
-            },
+        let server = tokio::select! {
+            r = reconnects.recv() => r,
+            r = resubscribed.recv() => r,
             _ = stop.cancelled() => break,
+        };
+        match server {
+            Ok(server) => {
+                tracing::info!(%server, "reconnected to Redis: rewriting local presence");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+        if events.send(BackendEvent::Resync).await.is_err() {
+            break;
         }
     }
 }
@@ -191,5 +220,9 @@ async fn watch_reconnects(client: Client, events: EventSink, stop: CancellationT
 impl Backend for RedisBackend {
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn health(&self) -> Health {
+        self.health.clone()
     }
 }

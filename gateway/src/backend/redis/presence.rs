@@ -24,6 +24,7 @@ impl PresenceStore for RedisBackend {
         node: &str,
         writes: Vec<PresenceWrite>,
     ) -> Result<Vec<Changed>, BackendError> {
+        self.admit("write_presence")?;
         let now = now_ms();
         let mut changed = Vec::new();
         for chunk in writes.chunks(PIPELINE_USERS) {
@@ -38,6 +39,7 @@ impl PresenceStore for RedisBackend {
                     entry: w.entry,
                     status: w.status.as_ref(),
                     restore: None,
+                    was: w.before,
                 }
             });
             let calls = self.write_calls(node, now, false, users);
@@ -51,6 +53,7 @@ impl PresenceStore for RedisBackend {
         node: &str,
         entries: Vec<Renewal>,
     ) -> Result<Vec<Changed>, BackendError> {
+        self.admit("renew_presence")?;
         let now = now_ms();
         let mut changed = Vec::new();
         for chunk in entries.chunks(PIPELINE_USERS) {
@@ -68,6 +71,7 @@ impl PresenceStore for RedisBackend {
                     entry: Some(r.entry),
                     status: None,
                     restore: r.chosen.as_ref(),
+                    was: None,
                 }
             });
             let calls = self.write_calls(node, now, true, users);
@@ -77,6 +81,7 @@ impl PresenceStore for RedisBackend {
     }
 
     async fn presence(&self, users: &[String]) -> Result<Vec<PresenceRecord>, BackendError> {
+        self.admit("presence")?;
         let now = now_ms();
         let mut records = Vec::with_capacity(users.len());
         for chunk in users.chunks(PIPELINE_USERS) {
@@ -103,6 +108,7 @@ impl PresenceStore for RedisBackend {
         limit: usize,
         platform: Option<Platform>,
     ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        self.admit("online_users")?;
         let nodes = self.live_nodes().await?;
         let sets: Vec<String> = nodes
             .iter()
@@ -176,6 +182,7 @@ impl PresenceStore for RedisBackend {
     }
 
     async fn counts(&self) -> Result<Counts, BackendError> {
+        self.admit("counts")?;
         let nodes = self.live_nodes().await?;
         let mut keys = vec![self.keys.scratch(), self.keys.invisible()];
         keys.extend(nodes.iter().map(|n| self.keys.node_users(n)));

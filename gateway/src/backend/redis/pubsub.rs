@@ -163,8 +163,13 @@ pub async fn run_messages(
                 metrics::counter!(m::BACKEND_ERRORS, "op" => "pubsub_lagged").increment(n);
                 tracing::warn!(
                     missed = n,
-                    "pub/sub messages dropped: the node read them too slowly"
+                    "pub/sub messages dropped: the node read them too slowly; re-reading presence"
                 );
+                // Lost presence events are repaired by the shards' re-read (lost messages are
+                // not: they stay in group history and stored messages).
+                if events.send(BackendEvent::Resync).await.is_err() {
+                    break;
+                }
             }
             Err(RecvError::Closed) => break,
         }

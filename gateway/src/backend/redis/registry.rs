@@ -16,6 +16,7 @@ const REAP_LOCK_MS: u64 = 30_000;
 #[async_trait]
 impl Registry for RedisBackend {
     async fn announce_node(&self, info: &NodeInfo) -> Result<(), BackendError> {
+        self.admit("announce_node")?;
         let json =
             serde_json::to_string(info).map_err(|e| BackendError::internal("registry", e))?;
         let pipeline = self.client.pipeline();
@@ -43,6 +44,7 @@ impl Registry for RedisBackend {
     }
 
     async fn leave_node(&self, node: &str) -> Result<(), BackendError> {
+        self.admit("leave_node")?;
         // The final flush removed this node's entries; reaping clears whatever a failed flush left.
         let changed = self.reap_node(node).await?;
         if !changed.is_empty() {
@@ -55,6 +57,7 @@ impl Registry for RedisBackend {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError> {
+        self.admit("nodes")?;
         let ids = self.live_nodes().await?;
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -77,6 +80,7 @@ impl Registry for RedisBackend {
     }
 
     async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError> {
+        self.admit("reap_dead_nodes")?;
         let before = now_ms().saturating_sub(self.settings.node_ttl.as_millis() as u64);
         Self::count_round_trip("reap");
         let dead: Vec<String> = self

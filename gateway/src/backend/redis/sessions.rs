@@ -28,6 +28,9 @@ impl Sessions for RedisBackend {
     /// Groups, stored messages and the revocation time in one pipeline: a connect costs one
     /// round trip.
     async fn connect_state(&self, user: &str) -> ConnectState {
+        if let Err(e) = self.admit("connect") {
+            return ConnectState::failed(e);
+        }
         let pipeline = self.client.pipeline();
         let queued: Result<(), fred::error::Error> = async {
             let _: () = pipeline
@@ -42,12 +45,7 @@ impl Sessions for RedisBackend {
         }
         .await;
         if let Err(e) = queued {
-            let e = Self::error("connect", e);
-            return ConnectState {
-                groups: Err(e.clone()),
-                offline: Err(e.clone()),
-                revoked_at: Err(e),
-            };
+            return ConnectState::failed(Self::error("connect", e));
         }
         Self::count_round_trip("connect");
         let mut results = pipeline.try_all::<Value>().await.into_iter();
@@ -78,6 +76,7 @@ impl Sessions for RedisBackend {
     }
 
     async fn control(&self, user: &str, control: &Control) -> Result<u64, BackendError> {
+        self.admit("control")?;
         let json =
             serde_json::to_string(control).map_err(|e| BackendError::internal("control", e))?;
         Self::count_round_trip("control");
@@ -91,6 +90,7 @@ impl Sessions for RedisBackend {
     }
 
     async fn revoke(&self, user: &str, at: u64) -> Result<u64, BackendError> {
+        self.admit("revoke")?;
         let control = Control::Revoke { before: at };
         let json =
             serde_json::to_string(&control).map_err(|e| BackendError::internal("control", e))?;
@@ -126,6 +126,7 @@ impl Sessions for RedisBackend {
     }
 
     async fn login(&self, user: &str, scope: Option<Platform>) -> Result<u64, BackendError> {
+        self.admit("login")?;
         let call: ScriptCall<'_> = (
             &self.scripts.login,
             vec![
@@ -146,6 +147,7 @@ impl Sessions for RedisBackend {
     }
 
     async fn latest_login(&self, user: &str, scope: Option<Platform>) -> Result<u64, BackendError> {
+        self.admit("latest_login")?;
         Self::count_round_trip("login");
         let seq: Option<u64> = self
             .client
@@ -159,6 +161,7 @@ impl Sessions for RedisBackend {
     }
 
     async fn connections(&self, user: &str) -> Result<Vec<ConnectionInfo>, BackendError> {
+        self.admit("connections")?;
         let reply = hex::encode(rand::random::<[u8; 8]>());
         let asked = self
             .control(
@@ -197,6 +200,7 @@ impl Sessions for RedisBackend {
         node: &str,
         connections: Vec<ConnectionInfo>,
     ) -> Result<(), BackendError> {
+        self.admit("answer_list")?;
         let json =
             serde_json::to_string(&connections).map_err(|e| BackendError::internal("list", e))?;
         let key = self.keys.list_replies(user, reply);

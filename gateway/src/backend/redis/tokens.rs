@@ -12,6 +12,7 @@ use crate::{
 #[async_trait]
 impl TokenStore for RedisBackend {
     async fn put_token(&self, token: &str, claims: &TokenClaims) -> Result<(), BackendError> {
+        self.admit("put_token")?;
         let ttl = claims.expires_at.saturating_sub(now_ms());
         if ttl == 0 {
             // Already expired: never redeemable, so nothing to store.
@@ -32,6 +33,7 @@ impl TokenStore for RedisBackend {
     }
 
     async fn get_token(&self, token: &str) -> Result<Option<TokenClaims>, BackendError> {
+        self.admit("get_token")?;
         Self::count_round_trip("token");
         let value: Option<String> = self
             .client

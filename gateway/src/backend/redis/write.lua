@@ -3,8 +3,9 @@
 --   cluster the caller sends one user per call (a script's keys must share a slot).
 -- ARGV: 1 node, 2 now (ms), 3 entry ttl (ms), 4 record ttl (ms), 5 "PUBLISH" or "SPUBLISH",
 --   6 "1" to push the record's expiry out for every user (renewal, reaper) or "",
---   then six per user: user, entry "mask:idle" or "" to remove, chosen status or "", its text,
---   status to restore if none is stored or "", its text.
+--   then six per user: user, entry "mask:idle" or, to remove it, "-mask" (the entry Redis last
+--   acknowledged) or "", chosen status or "", its text, status to restore if none is stored or "",
+--   its text.
 -- Returns one reply per user: 0 when nothing visible changed, else {mask before, payload}.
 -- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|'), where
 -- version is "v" when the public version is the same, else "v:pv:1" when others see the change,
@@ -25,6 +26,10 @@ for u = 1, #KEYS / 2 do
   local key, channel = KEYS[2 * u - 1], KEYS[2 * u]
   local a = 6 + (u - 1) * 6
   local user, entry = ARGV[a + 1], ARGV[a + 2]
+  local was_mask
+  if string.byte(entry, 1) == 45 then -- "-mask": a removal that knows what this node had
+    was_mask, entry = tonumber(string.sub(entry, 2)), ''
+  end
   local cs, ct, rs, rt = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
 
   -- Fold every live entry but this node's, which is replaced by `entry`; expired ones (nodes
@@ -95,6 +100,12 @@ for u = 1, #KEYS / 2 do
 
   local before_status = st or 'offline'
   local before_mask = tonumber(pl or '0')
+  -- Removing an entry from a record Redis lost (restarted empty while the user was online here):
+  -- the user was online as far as anyone knew, so the offline transition is published (watchers
+  -- and webhooks hear of it) and the record is kept, with last_seen.
+  if #fields == 0 and was_mask and was_mask > 0 then
+    before_status, before_mask, touch = 'online', was_mask, true
+  end
   local payload
   if status ~= before_status or mask ~= before_mask or text ~= (tx or '') then
     local version = string.format('%d', math.max(tonumber(v or '0') + 1, now))

@@ -27,6 +27,10 @@ pub(super) struct UserWrite<'a> {
     pub(super) entry: Option<NodeEntry>,
     pub(super) status: Option<&'a ChosenStatus>,
     pub(super) restore: Option<&'a ChosenStatus>,
+    /// This node's entry as Redis last acknowledged it, sent with a removal: if Redis lost the
+    /// record meanwhile (restarted empty), the script still knows the user was online and
+    /// publishes the offline transition instead of nothing.
+    pub(super) was: Option<NodeEntry>,
 }
 
 impl<'a> UserWrite<'a> {
@@ -36,6 +40,7 @@ impl<'a> UserWrite<'a> {
             entry: None,
             status: None,
             restore: None,
+            was: None,
         }
     }
 }
@@ -83,10 +88,11 @@ impl RedisBackend {
             };
             keys.push(self.keys.user(w.user).into());
             keys.push(self.keys.user_channel(w.user).into());
-            let entry = w
-                .entry
-                .map(|e| format!("{}:{}", e.platforms, u8::from(e.idle)))
-                .unwrap_or_default();
+            let entry = match (w.entry, w.was) {
+                (Some(e), _) => format!("{}:{}", e.platforms, u8::from(e.idle)),
+                (None, Some(was)) => format!("-{}", was.platforms),
+                (None, None) => String::new(),
+            };
             let (cs, ct) = status_args(w.status);
             let (rs, rt) = status_args(w.restore);
             args.extend([Value::from(w.user), Value::from(entry), cs, ct, rs, rt]);

@@ -86,6 +86,9 @@ impl Worker {
             && (public_changed || slot.seen_public_version > 0);
         slot.seen_version = slot.seen_version.max(record.version);
         slot.seen_public_version = slot.seen_public_version.max(record.public_version);
+        if public {
+            slot.shown_offline = !crate::presence::visibly_online(record.status);
+        }
         if !own && !public {
             return;
         }

@@ -10,6 +10,7 @@
 
 mod batch;
 mod delivery;
+mod reread;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -79,6 +80,8 @@ struct UserSlot {
     /// event shows others something only above it, so they never see it go back, nor an event
     /// for a change they cannot see (an invisible user connecting or switching platforms).
     seen_public_version: u64,
+    /// Watchers were last shown the user offline (a re-read finding no record sends nothing).
+    shown_offline: bool,
 }
 
 impl UserSlot {
@@ -142,6 +145,10 @@ pub(super) struct Worker {
     retry_at: Option<Instant>,
     backoff: Duration,
     shard_label: String,
+    /// When to re-read the presence of watched users (after the backend came back).
+    reread_at: Option<Instant>,
+    /// A re-read is running.
+    rereading: bool,
 }
 
 impl Worker {
@@ -172,6 +179,8 @@ impl Worker {
             retry_at: None,
             backoff: MIN_BACKOFF,
             shard_label: index.to_string(),
+            reread_at: None,
+            rereading: false,
         }
     }
 
@@ -192,6 +201,10 @@ impl Worker {
 
         loop {
             let flush_at = self.next_flush_at().unwrap_or_else(|| Instant::now() + far);
+            let reread_at = match self.reread_at {
+                Some(at) if !self.rereading => at,
+                _ => Instant::now() + far,
+            };
             tokio::select! {
                 biased;
                 done = wait_job(&mut self.job), if self.job.is_some() => {
@@ -208,6 +221,9 @@ impl Worker {
                 _ = stop.cancelled() => break,
                 _ = sleep_until(flush_at), if self.job.is_none() => {}
                 _ = renew.tick() => self.renew_due = true,
+                _ = sleep_until(reread_at), if self.reread_at.is_some() && !self.rereading => {
+                    self.start_reread();
+                }
                 _ = idle_check.tick() => self.check_idle(),
             }
             self.maybe_start_job();
@@ -291,6 +307,7 @@ impl Worker {
                         if slot.watchers.remove(&conn).is_some() && slot.watchers.is_empty() {
                             slot.seen_version = 0;
                             slot.seen_public_version = 0;
+                            slot.shown_offline = false;
                             gone.push(Topic::Presence(user.clone()));
                         }
                         self.forget_if_done(&user);
@@ -307,7 +324,9 @@ impl Worker {
             ShardCmd::Resync => {
                 self.renew_due = true;
                 self.retry_at = None;
+                self.schedule_reread();
             }
+            ShardCmd::Reread(reread) => self.reread(reread),
             ShardCmd::Deliver(delivery) => self.deliver(&delivery),
             ShardCmd::Membership {
                 user,

@@ -1,0 +1,118 @@
+//! After the backend was away (or events were lost on the way), watchers may hold a presence that
+//! is no longer true: events published meanwhile never arrived, and a Redis restarted empty has
+//! forgotten users nobody rewrites. So the shard re-reads the records of every user its local
+//! connections watch and passes on what they did not see. Clients drop what they already have
+//! (an event whose version is not above the last one they saw), so a repeat costs a frame, never
+//! a wrong state.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{super::Reread, Worker};
+use crate::{clock::now_ms, metrics as m, presence::PresenceRecord};
+
+/// Users per backend read.
+const REREAD_CHUNK: usize = 500;
+/// A failed re-read is tried again after this long.
+const REREAD_RETRY: Duration = Duration::from_secs(1);
+
+impl Worker {
+    /// The backend is back: re-read once every node had time to rewrite its presence (they
+    /// reconnect within about a second of each other; what they rewrite later reaches watchers
+    /// as ordinary events).
+    pub(super) fn schedule_reread(&mut self) {
+        let at = Instant::now() + self.settings.batch_interval + Duration::from_secs(1);
+        self.reread_at = Some(self.reread_at.map_or(at, |t| t.max(at)));
+    }
+
+    pub(super) fn start_reread(&mut self) {
+        self.reread_at = None;
+        let users: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, slot)| !slot.watchers.is_empty())
+            .map(|(user, _)| user.clone())
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        self.rereading = true;
+        let (presence, shards, index) = (self.presence.clone(), self.shards.clone(), self.index);
+        tokio::spawn(async move {
+            for chunk in users.chunks(REREAD_CHUNK) {
+                let reread = match presence.presence(chunk).await {
+                    Ok(records) => Reread::Records(records),
+                    Err(e) => {
+                        tracing::debug!(shard = index, error = %e, "re-read failed; retrying");
+                        shards
+                            .send_to(
+                                index,
+                                super::ShardCmd::Reread(Reread::Finished { ok: false }),
+                            )
+                            .await;
+                        return;
+                    }
+                };
+                if !shards.send_to(index, super::ShardCmd::Reread(reread)).await {
+                    return;
+                }
+            }
+            shards
+                .send_to(
+                    index,
+                    super::ShardCmd::Reread(Reread::Finished { ok: true }),
+                )
+                .await;
+        });
+    }
+
+    pub(super) fn reread(&mut self, reread: Reread) {
+        match reread {
+            Reread::Records(records) => {
+                for record in records {
+                    self.reconcile(record);
+                }
+            }
+            Reread::Finished { ok } => {
+                self.rereading = false;
+                if !ok && self.reread_at.is_none() {
+                    self.reread_at = Some(Instant::now() + REREAD_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Passes on a re-read record as if it were an event. A user the backend no longer knows
+    /// (version 0: it restarted empty and nobody rewrote them) is offline: watchers get that at a
+    /// version that follows the clock like every other, unless they were last shown offline.
+    fn reconcile(&mut self, record: PresenceRecord) {
+        let Some(slot) = self.users.get(&record.user) else {
+            return;
+        };
+        if slot.watchers.is_empty() {
+            return;
+        }
+        let record = if record.version == 0 {
+            if slot.shown_offline {
+                return;
+            }
+            let version = now_ms()
+                .max(slot.seen_version + 1)
+                .max(slot.seen_public_version + 1);
+            PresenceRecord {
+                version,
+                public_version: version,
+                ..record
+            }
+        } else {
+            record
+        };
+        if record.version > slot.seen_version || record.public_version > slot.seen_public_version {
+            metrics::counter!(m::RESYNC_EVENTS).increment(1);
+        }
+        // Forced public: the re-read may carry a change whose event was lost; a client that saw
+        // this version already drops it.
+        self.fan_out(record, true);
+    }
+}
