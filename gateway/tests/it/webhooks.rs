@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::{
     client::{Client, Rest},
-    harness::{Backend, Node, NodeBuilder, Redis},
+    harness::{Backend, Node, NodeBuilder, Redis, RedisCluster},
 };
 
 const SECRET: &str = "webhook-secret";
@@ -250,6 +250,14 @@ async fn transitions_arrive_signed_with_event_ids_on_the_embedded_backend() {
 async fn transitions_arrive_signed_with_event_ids_on_redis() {
     let redis = Redis::start();
     transitions_arrive_signed_with_event_ids(Backend::Redis(redis.url())).await;
+}
+
+/// The stream is one key, so every command lands on its slot's master (XREADGROUP is routed by
+/// its key, not its first argument).
+#[tokio::test]
+async fn transitions_arrive_signed_with_event_ids_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    transitions_arrive_signed_with_event_ids(Backend::Cluster(cluster.seeds())).await;
 }
 
 #[tokio::test]
