@@ -21,7 +21,7 @@ use crate::{
     backend::{BackendSettings, MemoryBackend, MessageSettings, RedisBackend, RedisTarget, Roles},
     clock::now_ms,
     config::{BackendChoice, Config},
-    hooks::ChangeHooks,
+    hooks::{ChangeHooks, WebhookSettings},
     metrics as m,
     registry::Heartbeat,
     router::Router,
@@ -138,8 +138,18 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
 
     let hooks = match &config.webhook_secret {
         Some(secret) => ChangeHooks::with_webhooks(
-            config.webhook_urls(),
-            secret.clone(),
+            WebhookSettings {
+                urls: config.webhook_urls(),
+                secret: secret.clone(),
+                node: node_id.clone(),
+                retry: config.webhook_retry(),
+                queue_max: config.webhook_queue_max,
+                buffer: config.webhook_buffer,
+                // A node whose heartbeat is this old counts as dead; so does one that has not
+                // touched its webhook events for as long.
+                claim_timeout: config.ttl(),
+            },
+            backend.webhooks.clone(),
             stop_background.clone(),
             &background,
         ),

@@ -35,6 +35,8 @@ pub const SESSION_CLOSES: &str = "presence_session_closes_total";
 pub const UNREADABLE_MESSAGES: &str = "presence_unreadable_messages_total";
 pub const ACCEPT_REFUSED: &str = "presence_accept_refused_total";
 pub const WEBHOOKS: &str = "presence_webhooks_total";
+pub const WEBHOOK_QUEUE: &str = "presence_webhook_queue";
+pub const WEBHOOKS_IN_FLIGHT: &str = "presence_webhooks_in_flight";
 pub const REAPED_USERS: &str = "presence_reaped_users_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
 pub const MESSAGES_ROUTED: &str = "presence_messages_routed_total";
@@ -128,7 +130,18 @@ fn describe() {
         ACCEPT_REFUSED,
         "Sockets closed at accept: too many open, over the per-address rate, or accept errors."
     );
-    describe_counter!(WEBHOOKS, "Webhook deliveries by result.");
+    describe_counter!(
+        WEBHOOKS,
+        "Webhook deliveries by result: ok, retry, given_up (retry time over), dropped (local buffer full), queue_full."
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE,
+        "Webhook events in the shared queue (waiting or being delivered), as this node last saw it."
+    );
+    describe_gauge!(
+        WEBHOOKS_IN_FLIGHT,
+        "Webhook events this node is delivering (retries included)."
+    );
     describe_counter!(
         REAPED_USERS,
         "Users whose presence this node reaped from dead nodes."

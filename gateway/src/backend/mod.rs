@@ -14,6 +14,7 @@ pub mod redis;
 pub mod registry;
 pub mod sessions;
 pub mod tokens;
+pub mod webhooks;
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,10 +28,18 @@ pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry};
 pub use sessions::{ConnectState, ConnectionInfo, Control, Sessions};
 pub use tokens::{TokenClaims, TokenStore};
+pub use webhooks::{ClaimedWebhook, Enqueued, QueuedWebhook, ReclaimCursor, WebhookQueue};
 
 /// Every role together: what an implementation provides. Only `app.rs` sees a whole backend.
 pub trait Backend:
-    PresenceStore + Subscriptions + Registry + TokenStore + Groups + MessageStore + Sessions
+    PresenceStore
+    + Subscriptions
+    + Registry
+    + TokenStore
+    + Groups
+    + MessageStore
+    + Sessions
+    + WebhookQueue
 {
     /// `embedded` or `redis`, for logs and metrics.
     fn kind(&self) -> &'static str;
@@ -51,6 +60,7 @@ pub struct Roles {
     pub groups: Arc<dyn Groups>,
     pub messages: Arc<dyn MessageStore>,
     pub sessions: Arc<dyn Sessions>,
+    pub webhooks: Arc<dyn WebhookQueue>,
 }
 
 impl Roles {
@@ -64,7 +74,8 @@ impl Roles {
             tokens: backend.clone(),
             groups: backend.clone(),
             messages: backend.clone(),
-            sessions: backend,
+            sessions: backend.clone(),
+            webhooks: backend,
         }
     }
 }

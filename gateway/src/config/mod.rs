@@ -185,6 +185,21 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// How long after an event its webhook is retried (backoff 200 ms doubling to 30 s) before it
+    /// is given up, counted and logged.
+    #[arg(long, env = "PRESENCE_WEBHOOK_RETRY_SECS", default_value_t = 3_600)]
+    pub webhook_retry_secs: u64,
+
+    /// Webhook events the shared queue (Redis stream, or memory) holds at most, across all
+    /// nodes; more are refused and counted.
+    #[arg(long, env = "PRESENCE_WEBHOOK_QUEUE_MAX", default_value_t = 100_000)]
+    pub webhook_queue_max: usize,
+
+    /// Webhook events a node buffers while the queue is slow or unreachable; more are dropped
+    /// and counted (a shard never waits on it).
+    #[arg(long, env = "PRESENCE_WEBHOOK_BUFFER", default_value_t = 65_536)]
+    pub webhook_buffer: usize,
+
     /// Authorization hook: the gateway asks this URL (a signed `POST`) before each client `join` and
     /// `subscribe`. Needs `--webhook-secret`, which signs its requests. Unset: no hook.
     #[arg(long, env = "PRESENCE_AUTH_HOOK_URL")]
@@ -379,6 +394,9 @@ impl Config {
     }
     pub fn webhook_urls(&self) -> Vec<String> {
         split_list(self.webhook_urls.as_deref())
+    }
+    pub fn webhook_retry(&self) -> Duration {
+        Duration::from_secs(self.webhook_retry_secs)
     }
 }
 

@@ -105,3 +105,24 @@ fn cluster_seeds_are_split() {
         BackendChoice::RedisCluster(vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()])
     );
 }
+
+#[test]
+fn webhook_settings_have_defaults_and_bounds() {
+    let c = parse(&[], &[]);
+    assert_eq!(
+        (c.webhook_retry_secs, c.webhook_queue_max, c.webhook_buffer),
+        (3_600, 100_000, 65_536)
+    );
+    let c = parse(
+        &["--webhook-queue-max=5"],
+        &[("PRESENCE_WEBHOOK_RETRY_SECS", "2")],
+    );
+    assert_eq!((c.webhook_retry_secs, c.webhook_queue_max), (2, 5));
+    assert!(c.validate().is_ok());
+    let bad = parse(
+        &["--webhook-retry-secs=0", "--webhook-queue-max=0"],
+        &[("PRESENCE_WEBHOOK_BUFFER", "0")],
+    );
+    let problems = bad.validate().expect_err("invalid");
+    assert_eq!(problems.len(), 2, "{problems:?}");
+}

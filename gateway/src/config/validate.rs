@@ -108,6 +108,17 @@ impl Config {
         if !self.webhook_urls().is_empty() && self.webhook_secret.is_none() {
             problems.push("PRESENCE_WEBHOOK_URLS needs PRESENCE_WEBHOOK_SECRET".into());
         }
+        if !(1..=WEEK_SECS).contains(&self.webhook_retry_secs) {
+            problems.push("PRESENCE_WEBHOOK_RETRY_SECS must be 1 to 604800".into());
+        }
+        if !(1..=10_000_000).contains(&self.webhook_queue_max)
+            || !(1..=1_000_000).contains(&self.webhook_buffer)
+        {
+            problems.push(
+                "PRESENCE_WEBHOOK_QUEUE_MAX must be 1 to 10000000 and PRESENCE_WEBHOOK_BUFFER 1 to 1000000"
+                    .into(),
+            );
+        }
         if let Some(url) = self.auth_hook_url() {
             match reqwest::Url::parse(url) {
                 Ok(u) if u.scheme() == "http" && u.host().is_some() => {}

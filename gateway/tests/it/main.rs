@@ -32,5 +32,8 @@ mod sessions;
 /// One shard worker on a paused clock: batch interval and size, flap suppression, retry backoff,
 /// renewal rounds in chunks, the idle check, the last flush at stop.
 mod shard;
+/// Webhooks: a receiver in the test process; signatures and event ids, retries, a killed node's
+/// events delivered by another, giving up, the queue's bound.
+mod webhooks;
 /// Hand-written broken WebSocket framing and the close codes it gets.
 mod wire;

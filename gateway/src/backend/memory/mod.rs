@@ -9,6 +9,7 @@ mod presence;
 mod registry;
 mod sessions;
 mod tokens;
+mod webhooks;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet, VecDeque},
@@ -33,6 +34,8 @@ pub struct MemoryBackend {
     settings: BackendSettings,
     state: Mutex<State>,
     events: EventSink,
+    /// Apart from `state`: webhook traffic never waits on presence work, nor the reverse.
+    webhooks: Mutex<webhooks::WebhookState>,
 }
 
 #[derive(Default)]
@@ -101,6 +104,7 @@ impl MemoryBackend {
             settings,
             state: Mutex::new(State::default()),
             events,
+            webhooks: Mutex::default(),
         }
     }
 

@@ -154,6 +154,12 @@ impl Keys {
         self.registry(&format!("reap:{node}"))
     }
 
+    /// STREAM of webhook events on their way, with one consumer group (`delivery`) whose
+    /// consumers are the nodes. One key, so on a cluster one slot: fine for webhook volume.
+    pub fn webhooks(&self) -> String {
+        self.registry("wh")
+    }
+
     /// Scratch key of the counting script.
     pub fn scratch(&self) -> String {
         self.registry("tmp")

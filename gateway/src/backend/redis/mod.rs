@@ -15,6 +15,7 @@ mod registry;
 mod scripts;
 mod sessions;
 mod tokens;
+mod webhooks;
 mod write;
 
 use std::time::Duration;

@@ -18,6 +18,8 @@ pub(super) struct Scripts {
     pub broadcast: Script,
     pub read: Script,
     pub login: Script,
+    pub webhook_enqueue: Script,
+    pub webhook_ack: Script,
 }
 
 impl Scripts {
@@ -30,6 +32,8 @@ impl Scripts {
             broadcast: Script::from_lua(include_str!("broadcast.lua")),
             read: Script::from_lua(include_str!("read.lua")),
             login: Script::from_lua(include_str!("login.lua")),
+            webhook_enqueue: Script::from_lua(include_str!("webhook_enqueue.lua")),
+            webhook_ack: Script::from_lua(include_str!("webhook_ack.lua")),
         }
     }
 }
@@ -48,6 +52,8 @@ impl RedisBackend {
             &self.scripts.broadcast,
             &self.scripts.read,
             &self.scripts.login,
+            &self.scripts.webhook_enqueue,
+            &self.scripts.webhook_ack,
         ] {
             script.load(&self.client).await?;
         }

@@ -88,6 +88,8 @@ mod presence;
 mod registry;
 /// `TokenStore`: redeeming and expiry.
 mod tokens;
+/// `WebhookQueue`: claims, acks, taking over from dead nodes, the bound.
+mod webhooks;
 
 /// The node every backend under test writes as, announced when it starts.
 pub const N1: &str = "n1";
