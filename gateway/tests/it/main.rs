@@ -4,6 +4,8 @@
 
 mod client;
 mod harness;
+/// A client in a task of its own that records what it hears (fault and chaos tests).
+mod peer;
 /// Nodes in the test process: `gateway::serve` in a task; two side by side.
 mod inproc;
 
@@ -13,6 +15,8 @@ mod access;
 mod connect;
 /// Backend role contracts, each test run in-process against the embedded and the Redis backend.
 mod contract;
+/// Faults under traffic: a Redis Cluster master killed (failover), a node SIGKILLed.
+mod faults;
 /// Hostile clients: memory bounds, poison bodies.
 mod hostile;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
