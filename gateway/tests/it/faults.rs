@@ -37,7 +37,10 @@ pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> Result
 }
 
 /// What `POST /v1/presence/query` on `node` answers for `users`: user → (status, platforms).
-pub async fn presence_on(node: &Node, users: &[String]) -> Result<BTreeMap<String, (String, Vec<u8>)>, String> {
+pub async fn presence_on(
+    node: &Node,
+    users: &[String],
+) -> Result<BTreeMap<String, (String, Vec<u8>)>, String> {
     let (status, body) = Rest::new(node)
         .post("/presence/query", json!({ "users": users }))
         .await;
@@ -50,11 +53,18 @@ pub async fn presence_on(node: &Node, users: &[String]) -> Result<BTreeMap<Strin
         .map(|p| {
             let platforms = p["platforms"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as u8)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|v| v as u8))
+                        .collect()
+                })
                 .unwrap_or_default();
             (
                 p["user"].as_str().unwrap_or_default().to_string(),
-                (p["status"].as_str().unwrap_or_default().to_string(), platforms),
+                (
+                    p["status"].as_str().unwrap_or_default().to_string(),
+                    platforms,
+                ),
             )
         })
         .collect())
@@ -82,7 +92,11 @@ pub async fn history_ids(rest: &Rest, group: &str) -> Vec<String> {
         assert_eq!(status, 200, "{body}");
         let page: Vec<String> = body["messages"]
             .as_array()
-            .map(|a| a.iter().filter_map(|m| m["msg_id"].as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["msg_id"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         ids.extend(page.iter().cloned());
         match page.last() {
@@ -104,7 +118,11 @@ async fn presence_is(
         let got = presence_on(node, &users).await?;
         for (user, want) in expected {
             if got.get(user) != Some(want) {
-                wrong.push(format!("node {}: {user} expected {want:?}, got {:?}", node.id, got.get(user)));
+                wrong.push(format!(
+                    "node {}: {user} expected {want:?}, got {:?}",
+                    node.id,
+                    got.get(user)
+                ));
             }
         }
     }
@@ -116,14 +134,21 @@ async fn presence_is(
                 .get(user)
                 .map(|p| (status_name(p.status), p.platforms.clone()));
             if got.as_ref() != Some(want) {
-                wrong.push(format!("watcher {}: {user} expected {want:?}, got {got:?}", w.user));
+                wrong.push(format!(
+                    "watcher {}: {user} expected {want:?}, got {got:?}",
+                    w.user
+                ));
             }
         }
     }
     if wrong.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} differences:\n{}", wrong.len(), wrong.join("\n")))
+        Err(format!(
+            "{} differences:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        ))
     }
 }
 
@@ -147,23 +172,38 @@ async fn cluster_failover_under_traffic_keeps_presence_right() {
     // test's subject), so the test lets the subscriptions land first.
     let mut watchers = Vec::new();
     for (k, node) in n.iter().enumerate() {
-        let w = Peer::connect(node, k, &format!("watch{k}"), 1).await.expect("connect");
+        let w = Peer::connect(node, k, &format!("watch{k}"), 1)
+            .await
+            .expect("connect");
         assert!(w.subscribe(users.clone()).await, "subscribe");
         watchers.push(w);
     }
     tokio::time::sleep(SUBSCRIBED).await;
     let mut peers = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        peers.push(Peer::connect(&n[i % 3], i % 3, user, 1).await.expect("connect"));
+        peers.push(
+            Peer::connect(&n[i % 3], i % 3, user, 1)
+                .await
+                .expect("connect"),
+        );
     }
     let rest = Rest::new(&n[0]);
     for member in ["f1", "f2", "f3"] {
-        assert_eq!(rest.put(&format!("/groups/gf/members/{member}"), None).await, 204);
+        assert_eq!(
+            rest.put(&format!("/groups/gf/members/{member}"), None)
+                .await,
+            204
+        );
     }
-    let mut expected: BTreeMap<String, (String, Vec<u8>)> =
-        users.iter().map(|u| (u.clone(), ("online".to_string(), vec![1]))).collect();
+    let mut expected: BTreeMap<String, (String, Vec<u8>)> = users
+        .iter()
+        .map(|u| (u.clone(), ("online".to_string(), vec![1])))
+        .collect();
     let all: Vec<&Node> = n.iter().collect();
-    eventually(Duration::from_secs(20), async || presence_is(&all, &watchers, &expected).await).await;
+    eventually(Duration::from_secs(20), async || {
+        presence_is(&all, &watchers, &expected).await
+    })
+    .await;
 
     // Traffic: every user flips between busy and online until told to stop.
     let peers = Arc::new(peers);
@@ -173,7 +213,11 @@ async fn cluster_failover_under_traffic_keeps_presence_right() {
         async move {
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let status = if round % 2 == 0 { Status::Busy } else { Status::Online };
+                let status = if round.is_multiple_of(2) {
+                    Status::Busy
+                } else {
+                    Status::Online
+                };
                 futures_util::future::join_all(peers.iter().map(|p| p.set_status(status))).await;
                 round += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -201,7 +245,11 @@ async fn cluster_failover_under_traffic_keeps_presence_right() {
 
     // After the failover: final statuses, a few users leave, new ones come.
     for (i, p) in peers.iter().enumerate() {
-        let status = if i % 2 == 0 { Status::Away } else { Status::Busy };
+        let status = if i.is_multiple_of(2) {
+            Status::Away
+        } else {
+            Status::Busy
+        };
         assert!(p.set_status(status).await, "{} set_status", p.user);
         expected.insert(p.user.clone(), (status_name(status), vec![1]));
     }
@@ -216,18 +264,33 @@ async fn cluster_failover_under_traffic_keeps_presence_right() {
     tokio::time::sleep(SUBSCRIBED).await;
     let mut late = Vec::new();
     for (i, user) in late_users.iter().enumerate() {
-        late.push(Peer::connect(&n[i % 3], i % 3, user, 2).await.expect("connect"));
+        late.push(
+            Peer::connect(&n[i % 3], i % 3, user, 2)
+                .await
+                .expect("connect"),
+        );
         expected.insert(user.clone(), ("online".to_string(), vec![2]));
     }
     if std::env::var("FAULTS_DEBUG").is_ok() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         for node in &n {
             let logs = node.logs();
-            let lines: Vec<&str> = logs.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("econnect") || l.contains("ubscri")).collect();
+            let lines: Vec<&str> = logs
+                .lines()
+                .filter(|l| {
+                    l.contains("WARN")
+                        || l.contains("ERROR")
+                        || l.contains("econnect")
+                        || l.contains("ubscri")
+                })
+                .collect();
             eprintln!("---- {}\n{}", node.id, lines.join("\n"));
         }
     }
-    eventually(Duration::from_secs(30), async || presence_is(&all, &watchers, &expected).await).await;
+    eventually(Duration::from_secs(30), async || {
+        presence_is(&all, &watchers, &expected).await
+    })
+    .await;
 
     // Group messages still reach members on every node through the moved channel.
     let ack = peers[1].send_group("gf", "after failover").await;
@@ -241,7 +304,11 @@ async fn cluster_failover_under_traffic_keeps_presence_right() {
             .filter(|p| !p.heard.lock().expect("heard").messages.contains(&msg_id))
             .map(|p| p.user.as_str())
             .collect();
-        if missing.is_empty() { Ok(()) } else { Err(format!("{msg_id} missing at {missing:?}")) }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{msg_id} missing at {missing:?}"))
+        }
     })
     .await;
 }
@@ -265,13 +332,26 @@ async fn node_crash_under_message_traffic_keeps_what_was_acknowledged() {
     let rest = Rest::new(&n[1]);
     let members = ["m0", "m1", "m2", "s0", "s1"];
     for m in members {
-        assert_eq!(rest.put(&format!("/groups/crash/members/{m}"), None).await, 204);
+        assert_eq!(
+            rest.put(&format!("/groups/crash/members/{m}"), None).await,
+            204
+        );
     }
     // Senders s0 (on the doomed node 0) and s1 (node 1); members m0..m2 on nodes 0..2.
     let mut peers = Vec::new();
     for (i, user) in members.iter().enumerate() {
-        let node = if *user == "s0" { 0 } else if *user == "s1" { 1 } else { i };
-        peers.push(Arc::new(Peer::connect(&n[node], node, user, 1).await.expect("connect")));
+        let node = if *user == "s0" {
+            0
+        } else if *user == "s1" {
+            1
+        } else {
+            i
+        };
+        peers.push(Arc::new(
+            Peer::connect(&n[node], node, user, 1)
+                .await
+                .expect("connect"),
+        ));
     }
     let sender = |p: Arc<Peer>, stop: Arc<AtomicBool>| {
         tokio::spawn(async move {
@@ -281,14 +361,24 @@ async fn node_crash_under_message_traffic_keeps_what_was_acknowledged() {
                 i += 1;
                 let ack = p.send_group("crash", &format!("{} {i}", p.user)).await;
                 match ack {
-                    Some(ServerFrame::Ack { msg_id, result, .. }) => group_acks.push((msg_id, result)),
+                    Some(ServerFrame::Ack { msg_id, result, .. }) => {
+                        group_acks.push((msg_id, result))
+                    }
                     _ => unanswered += 1,
                 }
-                let to = Destination::User { user: "away".into() };
+                let to = Destination::User {
+                    user: "away".into(),
+                };
                 let body = shared::Body::from(format!("{} private {i}", p.user));
-                let ack = p.request(move |id| ClientFrame::Send { id, to, body }).await;
+                let ack = p
+                    .request(move |id| ClientFrame::Send { id, to, body })
+                    .await;
                 match ack {
-                    Some(ServerFrame::Ack { msg_id, result: RouteResult::Stored, .. }) => stored_acks.push(msg_id),
+                    Some(ServerFrame::Ack {
+                        msg_id,
+                        result: RouteResult::Stored,
+                        ..
+                    }) => stored_acks.push(msg_id),
                     Some(other) => panic!("private send: {other:?}"),
                     None => unanswered += 1,
                 }
@@ -305,7 +395,10 @@ async fn node_crash_under_message_traffic_keeps_what_was_acknowledged() {
     stop.store(true, Ordering::Relaxed);
     let (doomed_group, doomed_stored, doomed_unanswered) = doomed.await.expect("sender on node 0");
     let (survivor_group, survivor_stored, _) = survivor.await.expect("sender on node 1");
-    assert!(!peers[0].alive() && !peers[3].alive(), "node 0's connections end with it");
+    assert!(
+        !peers[0].alive() && !peers[3].alive(),
+        "node 0's connections end with it"
+    );
     eprintln!(
         "node crash: sender on the killed node had {} group and {} private acks, {} requests unanswered; \
          the survivor {} and {}",
@@ -320,7 +413,10 @@ async fn node_crash_under_message_traffic_keeps_what_was_acknowledged() {
     // Kept: every acknowledged group message is in the history...
     let history: HashSet<String> = history_ids(&rest, "crash").await.into_iter().collect();
     for (msg_id, _) in doomed_group.iter().chain(&survivor_group) {
-        assert!(history.contains(msg_id), "acknowledged {msg_id} missing from history");
+        assert!(
+            history.contains(msg_id),
+            "acknowledged {msg_id} missing from history"
+        );
     }
     // ...and reached the members that stayed connected, when it was acknowledged as delivered.
     for member in [&peers[1], &peers[2]] {
@@ -343,7 +439,11 @@ async fn node_crash_under_message_traffic_keeps_what_was_acknowledged() {
             .chain(&survivor_stored)
             .filter(|id| !heard.messages.contains(*id))
             .collect();
-        if missing.is_empty() { Ok(()) } else { Err(format!("stored messages missing: {missing:?}")) }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("stored messages missing: {missing:?}"))
+        }
     })
     .await;
     // Presence: the dead node's users go offline once its entries expire and it is reaped.

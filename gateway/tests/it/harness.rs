@@ -479,11 +479,6 @@ impl RedisCluster {
         cluster
     }
 
-    /// The ports of the running masters, from a running member's `CLUSTER NODES`.
-    pub fn master_ports(&self) -> Vec<u16> {
-        self.roles().0
-    }
-
     /// (masters, replicas with a live link to their master) among running members, by port.
     fn roles(&self) -> (Vec<u16>, Vec<u16>) {
         let (mut masters, mut replicas) = (Vec::new(), Vec::new());
@@ -561,14 +556,6 @@ impl RedisCluster {
     pub fn kill(&mut self, port: u16) {
         if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
             node.stop();
-        }
-    }
-
-    /// Starts the member on `port` again from its own directory: it rejoins as a replica of the
-    /// master that replaced it.
-    pub fn restart(&mut self, port: u16) {
-        if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
-            node.kill_and_restart();
         }
     }
 

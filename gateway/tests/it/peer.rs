@@ -73,7 +73,12 @@ pub struct Peer {
 
 impl Peer {
     /// Connects and waits for `welcome`; an error says what happened instead.
-    pub async fn connect(node: &Node, index: usize, user: &str, platform: u8) -> Result<Peer, String> {
+    pub async fn connect(
+        node: &Node,
+        index: usize,
+        user: &str,
+        platform: u8,
+    ) -> Result<Peer, String> {
         let token = jwt(user, platform);
         let open = Client::open(node, &token, Encoding::MsgPack);
         let mut client = match tokio::time::timeout(ANSWER_WAIT, open).await {
@@ -133,7 +138,8 @@ impl Peer {
     /// Subscribes to `users`; true when the `presence_list` came (its items are recorded).
     pub async fn subscribe(&self, users: Vec<String>) -> bool {
         matches!(
-            self.request(move |id| ClientFrame::Subscribe { id, users }).await,
+            self.request(move |id| ClientFrame::Subscribe { id, users })
+                .await,
             Some(ServerFrame::PresenceList { .. })
         )
     }
@@ -154,7 +160,11 @@ impl Peer {
     }
 }
 
-async fn run(mut client: Client, mut commands: mpsc::UnboundedReceiver<PeerCmd>, heard: Arc<Mutex<Heard>>) {
+async fn run(
+    mut client: Client,
+    mut commands: mpsc::UnboundedReceiver<PeerCmd>,
+    heard: Arc<Mutex<Heard>>,
+) {
     let mut waiting: HashMap<u64, oneshot::Sender<ServerFrame>> = HashMap::new();
     loop {
         tokio::select! {
