@@ -1,5 +1,5 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test lint msrv doc deny toolchain fmt redis build bench
+.PHONY: run test chaos lint msrv doc deny toolchain fmt redis build bench
 
 CARGO ?= cargo
 # The channel rust-toolchain.toml pins (read here without running rustup).
@@ -21,6 +21,15 @@ test: redis
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --exclude presence-gateway
 	RUST_TEST_THREADS=$(GATEWAY_TEST_THREADS) $(CARGO) test -p presence-gateway
+
+## Chaos: 3 nodes on Redis under random churn while nodes and Redis are killed and restarted, then
+## the truth is checked (docs/ARCHITECTURE.md, "Faults"). CHAOS_SECS of faults (default 180),
+## CHAOS_SEED to replay a run's choices; the short run is part of `make test`.
+CHAOS_SECS ?= 180
+
+chaos: redis
+	$(CARGO) build -p presence-gateway --bins
+	CHAOS_SECS=$(CHAOS_SECS) $(CARGO) test -p presence-gateway --test it chaos::chaos_long -- --ignored --nocapture
 
 ## fmt check, clippy with warnings as errors, the MSRV check of the dependencies (see msrv), and
 ## no import circle between the gateway's top-level modules (tools/module_cycles.py --graph shows

@@ -142,6 +142,16 @@ impl Client {
         self.send_raw(bytes).await;
     }
 
+    /// Sends a frame; an error instead of a panic when the connection is gone.
+    pub async fn try_send(&mut self, frame: &ClientFrame) -> Result<(), tungstenite::Error> {
+        let bytes = self.encoding.encode(frame).expect("encode");
+        let message = match self.encoding {
+            Encoding::MsgPack => Message::Binary(bytes.into()),
+            Encoding::Json => Message::Text(String::from_utf8(bytes).expect("utf-8").into()),
+        };
+        self.ws.send(message).await
+    }
+
     /// Sends bytes as the connection's frame kind (binary for MessagePack, text for JSON).
     pub async fn send_raw(&mut self, bytes: Vec<u8>) {
         let message = match self.encoding {
@@ -172,10 +182,16 @@ impl Client {
     }
 
     async fn read(&mut self) -> Result<ServerFrame, Closed> {
+        tokio::time::timeout(WAIT, self.next_frame())
+            .await
+            .expect("timed out waiting for a frame")
+    }
+
+    /// The next server frame however long it takes, or how the connection ended (cancel-safe:
+    /// its only await is the socket's `next`).
+    pub async fn next_frame(&mut self) -> Result<ServerFrame, Closed> {
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("timed out waiting for a frame");
+            let next = self.ws.next().await;
             let message = match next {
                 Some(Ok(m)) => m,
                 Some(Err(_)) | None => return Err(Closed::NoCode),

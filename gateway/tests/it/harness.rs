@@ -69,6 +69,13 @@ impl NodeBuilder {
         }
     }
 
+    /// Runs under `id` instead of a fresh one: a node restarted after a crash keeps its id.
+    pub fn with_id(mut self, id: &str) -> Self {
+        self.id = id.to_string();
+        self.args.push(format!("--node-id={id}"));
+        self
+    }
+
     /// Starts the node in this process instead of as a child process.
     pub fn in_process(mut self) -> Self {
         self.in_process = true;
@@ -287,34 +294,58 @@ pub fn free_port() -> u16 {
     panic!("no free port found");
 }
 
-/// A redis-server of our own, on a free port, keeping nothing on disk.
+/// A redis-server of our own, on a free port, keeping nothing on disk (unless `persistent`).
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
-    cluster: bool,
+    mode: RedisMode,
+}
+
+/// How a server runs; a restart keeps it.
+#[derive(Clone, Copy, Debug, Default)]
+struct RedisMode {
+    /// A cluster member with this `cluster-node-timeout` (ms).
+    cluster_timeout_ms: Option<u64>,
+    /// An append-only file synced on every write, so a SIGKILL loses nothing acknowledged.
+    persistent: bool,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        Self::start_on(free_port(), false)
+        Self::start_mode(free_port(), RedisMode::default())
     }
 
-    fn start_on(port: u16, cluster: bool) -> Redis {
+    /// A server whose data survives [`Redis::kill_and_restart`] (AOF, fsync always).
+    pub fn start_persistent() -> Redis {
+        let mode = RedisMode {
+            persistent: true,
+            ..RedisMode::default()
+        };
+        Self::start_mode(free_port(), mode)
+    }
+
+    fn start_mode(port: u16, mode: RedisMode) -> Redis {
         let dir =
             std::env::temp_dir().join(format!("presence-redis-{port}-{}", rand::random::<u32>()));
+        Self::start_in(port, mode, dir)
+    }
+
+    fn start_in(port: u16, mode: RedisMode, dir: PathBuf) -> Redis {
         std::fs::create_dir_all(&dir).expect("redis dir");
         let mut cmd = Command::new("redis-server");
+        let aof = if mode.persistent { "yes" } else { "no" };
         cmd.args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", aof])
+            .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if cluster {
+        if let Some(timeout) = mode.cluster_timeout_ms {
             cmd.args(["--cluster-enabled", "yes", "--cluster-config-file"])
                 .arg(dir.join("nodes.conf"))
-                .args(["--cluster-node-timeout", "2000"]);
+                .args(["--cluster-node-timeout", &timeout.to_string()]);
         }
         let child = cmd
             .spawn()
@@ -323,7 +354,7 @@ impl Redis {
             child: Some(child),
             port,
             dir,
-            cluster,
+            mode,
         };
         redis.wait_ready();
         redis
@@ -387,8 +418,22 @@ impl Redis {
     pub fn restart_empty(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
-        let fresh = Redis::start_on(self.port, self.cluster);
+        let fresh = Redis::start_mode(self.port, self.mode);
         *self = fresh;
+    }
+
+    /// SIGKILL, then a new server on the same port and directory: a persistent server comes back
+    /// with everything it acknowledged, any other empty.
+    pub fn kill_and_restart(&mut self) {
+        self.stop();
+        let dir = std::mem::take(&mut self.dir);
+        let fresh = Redis::start_in(self.port, self.mode, dir);
+        *self = fresh;
+    }
+
+    /// Whether the server process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Calls of `command` in `INFO commandstats` (e.g. `evalsha`).
@@ -410,14 +455,30 @@ impl Drop for Redis {
     }
 }
 
-/// A local Redis Cluster of three masters.
+/// A local Redis Cluster of three masters, optionally with one replica each.
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<Redis> = (0..3).map(|_| Redis::start_on(free_port(), true)).collect();
+        Self::create(0, 2000)
+    }
+
+    /// Three masters and three replicas; a replica takes over `node_timeout_ms` (plus an election)
+    /// after its master stops answering.
+    pub fn start_with_replicas(node_timeout_ms: u64) -> RedisCluster {
+        Self::create(1, node_timeout_ms)
+    }
+
+    fn create(replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        let mode = RedisMode {
+            cluster_timeout_ms: Some(node_timeout_ms),
+            persistent: false,
+        };
+        let nodes: Vec<Redis> = (0..3 * (1 + replicas))
+            .map(|_| Redis::start_mode(free_port(), mode))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -426,7 +487,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -434,20 +495,92 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ok = nodes
-                .iter()
-                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster did not become ok");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        RedisCluster { nodes }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_healthy(3, replicas * 3);
+        cluster
     }
 
+    /// (masters, replicas with a live link to their master) among running members, by port.
+    fn roles(&self) -> (Vec<u16>, Vec<u16>) {
+        let (mut masters, mut replicas) = (Vec::new(), Vec::new());
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let info = node.cli(&["INFO", "replication"]);
+            if info.contains("role:master") {
+                masters.push(node.port);
+            } else if info.contains("master_link_status:up") {
+                replicas.push(node.port);
+            }
+        }
+        (masters, replicas)
+    }
+
+    /// Waits until every running member says `cluster_state:ok`, `masters` members are masters
+    /// and `replicas` replicas are in sync.
+    pub fn wait_healthy(&self, masters: usize, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            let (m, r) = self.roles();
+            if ok && m.len() == masters && r.len() >= replicas {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not healthy: masters {m:?}, synced replicas {r:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The port of the master serving `key`'s slot now, from a running member's `CLUSTER NODES`.
+    pub fn owner_of(&self, key: &str) -> u16 {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running member");
+        let slot: u16 = node
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT");
+        let nodes = node.cli(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                let port = fields[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("member address");
+                return port;
+            }
+        }
+        panic!("no master serves slot {slot}:\n{nodes}");
+    }
+
+    /// SIGKILLs the master on `port`; its replica takes over after the node timeout.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
+            node.stop();
+        }
+    }
+
+    /// Every member, masters and replicas: a node may start from any of them.
     pub fn seeds(&self) -> Vec<String> {
         self.nodes
             .iter()

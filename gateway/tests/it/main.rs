@@ -6,13 +6,19 @@ mod client;
 mod harness;
 /// Nodes in the test process: `gateway::serve` in a task; two side by side.
 mod inproc;
+/// A client in a task of its own that records what it hears (fault and chaos tests).
+mod peer;
 
 /// The authorization hook: a hook server in the test process decides `join` and `subscribe`.
 mod access;
+/// Chaos: nodes and Redis killed and restarted under random churn; the truth checked at the end.
+mod chaos;
 /// Connections: authentication, encodings, limits, bad input and close codes.
 mod connect;
 /// Backend role contracts, each test run in-process against the embedded and the Redis backend.
 mod contract;
+/// Faults under traffic: a Redis Cluster master killed (failover), a node SIGKILLed.
+mod faults;
 /// Hostile clients: memory bounds, poison bodies.
 mod hostile;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.

@@ -115,7 +115,7 @@ impl RedisBackend {
         tokio::time::timeout(wait, subscriber.init())
             .await
             .map_err(|_| anyhow::anyhow!("Redis (subscriber) not reachable within {wait:?}"))??;
-        let _resubscribe = subscriber.manage_subscriptions();
+        // No `manage_subscriptions()`: `pubsub::run_subscriptions` resubscribes (see why there).
 
         let keys = Keys::new(prefix);
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();

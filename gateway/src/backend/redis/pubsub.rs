@@ -31,9 +31,14 @@ pub enum SubCmd {
 /// its own slot).
 const CHUNK: usize = 500;
 
-/// Keeps the subscriber's channels equal to the wanted ones, retrying what Redis refused (fred
-/// only remembers, and resubscribes after a reconnect, what succeeded). Only pending changes are
-/// tracked, so each command costs O(channels it names), not O(channels subscribed).
+/// Keeps the subscriber's channels equal to the wanted ones, retrying what Redis refused. Only
+/// pending changes are tracked, so each command costs O(channels it names), not O(channels
+/// subscribed); a reconnect of the subscriber makes every channel pending again.
+///
+/// This task, not fred's `manage_subscriptions`, resubscribes after a reconnect: fred's stops at
+/// the first refused SSUBSCRIBE and never tries again, and during a Redis Cluster failover the
+/// slots of the dead master refuse until its replica has taken over, so a node lost the presence
+/// events of a third of its watched users for good (`faults::cluster_failover_*`).
 pub async fn run_subscriptions(
     subscriber: SubscriberClient,
     cluster: bool,
@@ -43,9 +48,18 @@ pub async fn run_subscriptions(
     let mut subscribed: HashSet<String> = HashSet::new();
     let mut pending = Pending::default();
     let mut retry = false;
+    let mut reconnects = subscriber.reconnect_rx();
     loop {
         let first = tokio::select! {
             c = commands.recv() => match c { Some(c) => Some(c), None => break },
+            r = reconnects.recv() => {
+                if matches!(r, Err(RecvError::Closed)) {
+                    break;
+                }
+                let again = pending.resubscribe(&mut subscribed);
+                tracing::info!(channels = again, "subscriber reconnected: subscribing again");
+                None
+            }
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => None,
             _ = stop.cancelled() => break,
         };
@@ -104,6 +118,17 @@ struct Pending {
 }
 
 impl Pending {
+    /// After a reconnect the server may have forgotten every channel: all subscribed ones are
+    /// subscribed again (repeating SUBSCRIBE for a live one changes nothing), except those being
+    /// unsubscribed anyway. Returns how many.
+    fn resubscribe(&mut self, subscribed: &mut HashSet<String>) -> usize {
+        let before = self.add.len();
+        let remove = &self.remove;
+        self.add
+            .extend(subscribed.extract_if(|c| !remove.contains(c)));
+        self.add.len() - before
+    }
+
     fn apply(&mut self, cmd: SubCmd, subscribed: &HashSet<String>) {
         match cmd {
             SubCmd::Watch(channels) => {
@@ -264,5 +289,16 @@ mod tests {
         assert_eq!(p.remove, ["a".to_string()].into());
         p.apply(SubCmd::Watch(vec!["a".into()]), &subscribed);
         assert!(p.remove.is_empty() && p.add.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_makes_every_kept_channel_pending_again() {
+        let mut subscribed: HashSet<String> = ["a".into(), "b".into(), "c".into()].into();
+        let mut p = Pending::default();
+        p.apply(SubCmd::Unwatch(vec!["c".into()]), &subscribed);
+        assert_eq!(p.resubscribe(&mut subscribed), 2);
+        assert_eq!(p.add, ["a".to_string(), "b".to_string()].into());
+        // The channel being unsubscribed stays known, so its SUNSUBSCRIBE still runs.
+        assert_eq!(subscribed, ["c".to_string()].into());
     }
 }
