@@ -129,6 +129,7 @@ impl ShardFixture {
                 },
                 backend.clone(),
                 backend.clone(),
+                backend.clone(),
                 ChangeHooks::metrics_only(),
                 &tracker,
                 stop.clone(),

@@ -182,6 +182,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         },
         backend.presence.clone(),
         backend.subscriptions.clone(),
+        backend.messages.clone(),
         hooks.clone(),
         &shards_tracker,
         stop_shards.clone(),

@@ -22,6 +22,7 @@ pub const BACKEND_UP: &str = "presence_backend_up";
 pub const BACKEND_TRANSITIONS: &str = "presence_backend_transitions_total";
 pub const BACKEND_REFUSED: &str = "presence_backend_refused_total";
 pub const RESYNC_EVENTS: &str = "presence_resync_events_total";
+pub const RESYNC_MESSAGES: &str = "presence_resync_messages_total";
 pub const DEFERRED_CONNECTS: &str = "presence_deferred_connects_total";
 pub const SHARD_QUEUE_DEPTH: &str = "presence_shard_queue_depth";
 pub const SHARD_USERS: &str = "presence_shard_users";
@@ -96,6 +97,10 @@ fn describe() {
     describe_counter!(
         RESYNC_EVENTS,
         "Presence events sent to watchers by a resync after the backend came back or events were lost."
+    );
+    describe_counter!(
+        RESYNC_MESSAGES,
+        "Group messages passed to local members from history because their live copy never reached this node (lost while it was resubscribing)."
     );
     describe_counter!(
         DEFERRED_CONNECTS,

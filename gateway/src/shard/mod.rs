@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::{ConnectionInfo, Control, Delivery, PresenceStore, Subscriptions},
+    backend::{ConnectionInfo, Control, Delivery, MessageStore, PresenceStore, Subscriptions},
     conn_handle::{ConnHandle, ConnId},
     frame::EncodedFrame,
     hooks::ChangeHooks,
@@ -95,6 +95,11 @@ pub enum ShardCmd {
 /// What a shard's re-read task reports back.
 pub enum Reread {
     Records(Vec<PresenceRecord>),
+    /// A group's messages after the last one its local members got.
+    Group {
+        group: String,
+        messages: Vec<shared::Message>,
+    },
     /// The re-read ended; not `ok` means it failed part-way and is tried again.
     Finished {
         ok: bool,
@@ -127,6 +132,7 @@ impl Shards {
         settings: ShardSettings,
         presence: Arc<dyn PresenceStore>,
         subscriptions: Arc<dyn Subscriptions>,
+        messages: Arc<dyn MessageStore>,
         hooks: ChangeHooks,
         tracker: &TaskTracker,
         stop: CancellationToken,
@@ -142,6 +148,7 @@ impl Shards {
                 settings.clone(),
                 presence.clone(),
                 subscriptions.clone(),
+                messages.clone(),
                 hooks.clone(),
                 shards.clone(),
                 mailbox,

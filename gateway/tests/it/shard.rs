@@ -228,6 +228,7 @@ impl Shard {
             settings,
             store.clone(),
             backend.clone(),
+            backend.clone(),
             ChangeHooks::metrics_only(),
             &tracker,
             stop.clone(),

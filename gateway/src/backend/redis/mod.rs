@@ -123,6 +123,7 @@ impl RedisBackend {
             subscriber.clone(),
             cluster,
             sub_rx,
+            events.clone(),
             stop.clone(),
         ));
         let _ = sub_tx.send(SubCmd::Watch(vec![keys.broadcast_channel()]));
@@ -134,7 +135,6 @@ impl RedisBackend {
         ));
         tracker.spawn(watch_reconnects(
             client.clone(),
-            subscriber.clone(),
             events.clone(),
             stop.clone(),
         ));
@@ -190,19 +190,13 @@ impl RedisBackend {
 }
 
 /// A reconnect may follow a Redis restart that lost everything: every shard rewrites its users.
-/// The subscriber's reconnect means events were missed: shards re-read what their clients watch.
-async fn watch_reconnects(
-    client: Client,
-    subscriber: SubscriberClient,
-    events: EventSink,
-    stop: CancellationToken,
-) {
+/// (The subscriber's reconnect is `pubsub::run_subscriptions`'s: it resyncs once every channel
+/// is subscribed again.)
+async fn watch_reconnects(client: Client, events: EventSink, stop: CancellationToken) {
     let mut reconnects = client.reconnect_rx();
-    let mut resubscribed = subscriber.reconnect_rx();
     loop {
         let server = tokio::select! {
             r = reconnects.recv() => r,
-            r = resubscribed.recv() => r,
             _ = stop.cancelled() => break,
         };
         match server {

@@ -43,9 +43,13 @@ pub async fn run_subscriptions(
     subscriber: SubscriberClient,
     cluster: bool,
     mut commands: mpsc::UnboundedReceiver<SubCmd>,
+    events: EventSink,
     stop: CancellationToken,
 ) {
     let mut subscribed: HashSet<String> = HashSet::new();
+    // Set by a reconnect: once every channel is subscribed again, the shards re-read what was
+    // published in the gap (presence of watched users, group history).
+    let mut resync_due = false;
     let mut pending = Pending::default();
     let mut retry = false;
     let mut reconnects = subscriber.reconnect_rx();
@@ -58,6 +62,7 @@ pub async fn run_subscriptions(
                 }
                 let again = pending.resubscribe(&mut subscribed);
                 tracing::info!(channels = again, "subscriber reconnected: subscribing again");
+                resync_due = true;
                 None
             }
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => None,
@@ -105,6 +110,12 @@ pub async fn run_subscriptions(
             } else {
                 pending.remove.extend(channels.iter().cloned());
                 retry = true;
+            }
+        }
+        if resync_due && pending.add.is_empty() {
+            resync_due = false;
+            if events.send(BackendEvent::Resync).await.is_err() {
+                break;
             }
         }
     }

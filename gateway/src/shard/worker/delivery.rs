@@ -41,6 +41,17 @@ impl Worker {
                 }
             }
             Audience::Group(group) => {
+                if let Some(mark) = self.group_marks.get_mut(group) {
+                    let id = &delivery.message.msg_id;
+                    if mark.delivered && *id <= mark.id {
+                        // Already passed on by a history re-read.
+                        return;
+                    }
+                    if *id > mark.id {
+                        mark.id.clone_from(id);
+                        mark.delivered = true;
+                    }
+                }
                 let mut closed = Vec::new();
                 if let Some(members) = self.groups.get(group) {
                     for conn in members.values() {
@@ -123,6 +134,7 @@ impl Worker {
             members.remove(&conn);
             if members.is_empty() {
                 self.groups.remove(group);
+                self.group_marks.remove(group);
                 self.subscriptions
                     .unwatch(vec![Topic::Group(group.to_string())]);
             }

@@ -27,7 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ShardCmd, ShardSettings, Shards};
 use crate::{
-    backend::{BackendError, Changed, PresenceStore, PresenceWrite, Renewal, Subscriptions, Topic},
+    backend::{
+        BackendError, Changed, MessageStore, PresenceStore, PresenceWrite, Renewal, Subscriptions,
+        Topic, msg_id,
+    },
     clock::now_ms,
     conn_handle::{ConnHandle, ConnId},
     hooks::ChangeHooks,
@@ -109,6 +112,14 @@ impl UserSlot {
     }
 }
 
+/// Where a group's local delivery stands (message ids sort as strings in send order).
+struct GroupMark {
+    id: String,
+    /// `id` is a message passed on here (not just the time the group got local members): live
+    /// messages at or below it are repeats of a history re-read.
+    delivered: bool,
+}
+
 enum Job {
     Flush(Vec<PresenceWrite>),
     Renew(Vec<Renewal>),
@@ -125,6 +136,8 @@ pub(super) struct Worker {
     settings: ShardSettings,
     presence: Arc<dyn PresenceStore>,
     subscriptions: Arc<dyn Subscriptions>,
+    /// Group history, to fill what local members missed while events were lost.
+    messages: Arc<dyn MessageStore>,
     hooks: ChangeHooks,
     /// Other shards, for membership changes that touch a group owned elsewhere.
     shards: Shards,
@@ -132,6 +145,9 @@ pub(super) struct Worker {
     users: HashMap<String, UserSlot>,
     /// Local member connections of the groups on this shard.
     groups: HashMap<String, HashMap<ConnId, Arc<ConnHandle>>>,
+    /// Per group with local members, the last message they were passed (or, before any, when
+    /// the group got its first local member): where a re-read of its history starts.
+    group_marks: HashMap<String, GroupMark>,
     /// Users changed since the last flush began.
     dirty: HashSet<String>,
     /// When the oldest pending change arrived: the batch is due `batch_interval` after it.
@@ -157,6 +173,7 @@ impl Worker {
         settings: ShardSettings,
         presence: Arc<dyn PresenceStore>,
         subscriptions: Arc<dyn Subscriptions>,
+        messages: Arc<dyn MessageStore>,
         hooks: ChangeHooks,
         shards: Shards,
         mailbox: mpsc::Receiver<ShardCmd>,
@@ -166,11 +183,13 @@ impl Worker {
             settings,
             presence,
             subscriptions,
+            messages,
             hooks,
             shards,
             mailbox,
             users: HashMap::new(),
             groups: HashMap::new(),
+            group_marks: HashMap::new(),
             dirty: HashSet::new(),
             first_dirty_at: None,
             job: None,
@@ -355,6 +374,13 @@ impl Worker {
                 let members = self.groups.entry(group.clone()).or_default();
                 if members.is_empty() {
                     self.subscriptions.watch(vec![Topic::Group(group.clone())]);
+                    self.group_marks.insert(
+                        group.clone(),
+                        GroupMark {
+                            id: msg_id(now_ms(), 0),
+                            delivered: false,
+                        },
+                    );
                 }
                 members.insert(conn.id, conn);
             }

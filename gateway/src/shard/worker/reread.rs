@@ -4,16 +4,27 @@
 //! connections watch and passes on what they did not see. Clients drop what they already have
 //! (an event whose version is not above the last one they saw), so a repeat costs a frame, never
 //! a wrong state.
+//!
+//! Group messages published while this node was not subscribed (Redis restarted, the subscriber
+//! reconnecting) were acknowledged `delivered` if any node heard them; the shard re-reads each of
+//! its groups' history after the last message its local members got and passes on the rest.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::{super::Reread, Worker};
-use crate::{clock::now_ms, metrics as m, presence::PresenceRecord};
+use crate::{
+    backend::{Audience, Delivery},
+    clock::now_ms,
+    metrics as m,
+    presence::PresenceRecord,
+};
 
 /// Users per backend read.
 const REREAD_CHUNK: usize = 500;
+/// Messages per group a re-read passes on at most; members `sync` the rest.
+const GROUP_FILL: usize = 100;
 /// A failed re-read is tried again after this long.
 const REREAD_RETRY: Duration = Duration::from_secs(1);
 
@@ -34,12 +45,37 @@ impl Worker {
             .filter(|(_, slot)| !slot.watchers.is_empty())
             .map(|(user, _)| user.clone())
             .collect();
-        if users.is_empty() {
+        let groups: Vec<(String, String)> = self
+            .group_marks
+            .iter()
+            .map(|(group, mark)| (group.clone(), mark.id.clone()))
+            .collect();
+        if users.is_empty() && groups.is_empty() {
             return;
         }
         self.rereading = true;
-        let (presence, shards, index) = (self.presence.clone(), self.shards.clone(), self.index);
+        let (presence, messages) = (self.presence.clone(), self.messages.clone());
+        let (shards, index) = (self.shards.clone(), self.index);
         tokio::spawn(async move {
+            for (group, since) in groups {
+                let reread = match messages.history(&group, Some(&since), GROUP_FILL).await {
+                    Ok((messages, _)) if messages.is_empty() => continue,
+                    Ok((messages, _)) => Reread::Group { group, messages },
+                    Err(e) => {
+                        tracing::debug!(shard = index, error = %e, "history re-read failed; retrying");
+                        shards
+                            .send_to(
+                                index,
+                                super::ShardCmd::Reread(Reread::Finished { ok: false }),
+                            )
+                            .await;
+                        return;
+                    }
+                };
+                if !shards.send_to(index, super::ShardCmd::Reread(reread)).await {
+                    return;
+                }
+            }
             for chunk in users.chunks(REREAD_CHUNK) {
                 let reread = match presence.presence(chunk).await {
                     Ok(records) => Reread::Records(records),
@@ -72,6 +108,23 @@ impl Worker {
             Reread::Records(records) => {
                 for record in records {
                     self.reconcile(record);
+                }
+            }
+            Reread::Group { group, messages } => {
+                for message in messages {
+                    let delivery = Delivery {
+                        audience: Audience::Group(group.clone()),
+                        message,
+                        origin: None,
+                    };
+                    if self
+                        .group_marks
+                        .get(&group)
+                        .is_some_and(|mark| delivery.message.msg_id > mark.id)
+                    {
+                        metrics::counter!(m::RESYNC_MESSAGES).increment(1);
+                        self.deliver(&delivery);
+                    }
                 }
             }
             Reread::Finished { ok } => {
