@@ -20,7 +20,7 @@ use gateway::{
     conn_handle::ConnHandle,
     frame::EncodedFrame,
     hooks::ChangeHooks,
-    shard::{ShardCmd, ShardSettings, Shards},
+    shard::{ShardBackend, ShardCmd, ShardSettings, Shards},
 };
 use shared::{Body, Destination, Encoding, Message, ServerFrame, Status};
 use tokio::{
@@ -127,9 +127,11 @@ impl ShardFixture {
                     max_conns_per_user: 4,
                     mailbox: 16_384,
                 },
-                backend.clone(),
-                backend.clone(),
-                backend.clone(),
+                ShardBackend {
+                    presence: backend.clone(),
+                    subscriptions: backend.clone(),
+                    messages: backend.clone(),
+                },
                 ChangeHooks::metrics_only(),
                 &tracker,
                 stop.clone(),

@@ -25,7 +25,7 @@ use crate::{
     metrics as m,
     registry::Heartbeat,
     router::Router,
-    shard::{ShardSettings, Shards, route_events},
+    shard::{ShardBackend, ShardSettings, Shards, route_events},
 };
 
 /// Backend events waiting to be routed to shards.
@@ -180,9 +180,11 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             max_conns_per_user: config.max_conns_per_user,
             mailbox: SHARD_MAILBOX,
         },
-        backend.presence.clone(),
-        backend.subscriptions.clone(),
-        backend.messages.clone(),
+        ShardBackend {
+            presence: backend.presence.clone(),
+            subscriptions: backend.subscriptions.clone(),
+            messages: backend.messages.clone(),
+        },
         hooks.clone(),
         &shards_tracker,
         stop_shards.clone(),

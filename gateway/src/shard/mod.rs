@@ -106,6 +106,15 @@ pub enum Reread {
     },
 }
 
+/// The backend roles a shard worker uses.
+#[derive(Clone)]
+pub struct ShardBackend {
+    pub presence: Arc<dyn PresenceStore>,
+    pub subscriptions: Arc<dyn Subscriptions>,
+    /// Group history, read after events were lost.
+    pub messages: Arc<dyn MessageStore>,
+}
+
 /// Tunables of a shard worker.
 #[derive(Debug, Clone)]
 pub struct ShardSettings {
@@ -130,9 +139,7 @@ impl Shards {
     pub fn spawn(
         count: usize,
         settings: ShardSettings,
-        presence: Arc<dyn PresenceStore>,
-        subscriptions: Arc<dyn Subscriptions>,
-        messages: Arc<dyn MessageStore>,
+        backend: ShardBackend,
         hooks: ChangeHooks,
         tracker: &TaskTracker,
         stop: CancellationToken,
@@ -146,9 +153,7 @@ impl Shards {
             let worker = worker::Worker::new(
                 index,
                 settings.clone(),
-                presence.clone(),
-                subscriptions.clone(),
-                messages.clone(),
+                backend.clone(),
                 hooks.clone(),
                 shards.clone(),
                 mailbox,

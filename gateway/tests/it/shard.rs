@@ -36,7 +36,7 @@ use gateway::{
     frame::EncodedFrame,
     hooks::ChangeHooks,
     presence::{ChosenStatus, NodeEntry, PresenceRecord, platform_bit},
-    shard::{ShardCmd, ShardSettings, Shards, route_events},
+    shard::{ShardBackend, ShardCmd, ShardSettings, Shards, route_events},
 };
 use shared::{Encoding, Platform, Presence, ServerFrame, Status};
 use tokio::{
@@ -226,9 +226,11 @@ impl Shard {
         let shards = Shards::spawn(
             1,
             settings,
-            store.clone(),
-            backend.clone(),
-            backend.clone(),
+            ShardBackend {
+                presence: store.clone(),
+                subscriptions: backend.clone(),
+                messages: backend.clone(),
+            },
             ChangeHooks::metrics_only(),
             &tracker,
             stop.clone(),

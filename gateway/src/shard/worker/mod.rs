@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{ShardCmd, ShardSettings, Shards};
+use super::{ShardBackend, ShardCmd, ShardSettings, Shards};
 use crate::{
     backend::{
         BackendError, Changed, MessageStore, PresenceStore, PresenceWrite, Renewal, Subscriptions,
@@ -171,13 +171,16 @@ impl Worker {
     pub(super) fn new(
         index: usize,
         settings: ShardSettings,
-        presence: Arc<dyn PresenceStore>,
-        subscriptions: Arc<dyn Subscriptions>,
-        messages: Arc<dyn MessageStore>,
+        backend: ShardBackend,
         hooks: ChangeHooks,
         shards: Shards,
         mailbox: mpsc::Receiver<ShardCmd>,
     ) -> Self {
+        let ShardBackend {
+            presence,
+            subscriptions,
+            messages,
+        } = backend;
         Worker {
             index,
             settings,
