@@ -345,6 +345,7 @@ fn client_frames(encoding: Encoding) -> Vec<ClientFrame> {
                 id: (i % 2 == 0).then_some(100 + i as u64),
                 to: to.clone(),
                 body,
+                client_msg_id: None,
             });
         }
     }
@@ -642,6 +643,7 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
                     ("n", Value::Array(vec![Value::from(1), Value::from(2)])),
                     ("text", Value::from("hi")),
                 ]),
+                client_msg_id: None,
             },
         ),
         (
@@ -650,6 +652,7 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
                 id: None,
                 to: to_group("team-1"),
                 body: Value::from("plain"),
+                client_msg_id: None,
             },
         ),
         (
@@ -658,6 +661,7 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
                 id: Some(12),
                 to: to_all(),
                 body: Value::from(-42),
+                client_msg_id: None,
             },
         ),
         (
@@ -985,6 +989,7 @@ fn hand_built_msgpack_send_carries_binary_body() {
                 ("img", Value::Binary(vec![0x89, b'P', b'N', b'G'])),
                 ("w", Value::from(640)),
             ]),
+            client_msg_id: None,
         }
     );
 
@@ -1001,6 +1006,7 @@ fn hand_built_msgpack_send_carries_binary_body() {
             id: None,
             to: to_group("g1"),
             body: Value::Binary(vec![0, 255]),
+            client_msg_id: None,
         }
     );
 }
@@ -1651,6 +1657,7 @@ fn type_may_come_last_or_in_the_middle() {
             id: Some(11),
             to: to_user("bob"),
             body: vmap(vec![("text", Value::from("hi"))]),
+            client_msg_id: None,
         },
     );
     server_ok(

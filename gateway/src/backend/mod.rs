@@ -19,7 +19,9 @@ use std::{sync::Arc, time::Duration};
 pub use events::{Audience, BackendEvent, Delivery, EventSink, Origin, Subscriptions, Topic};
 pub use groups::{GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members};
 pub use memory::MemoryBackend;
-pub use messages::{MessageSettings, MessageStore, Outgoing, SendOutcome, SendRefused};
+pub use messages::{
+    Dedupe, MessageSettings, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
+};
 pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry};
@@ -81,6 +83,9 @@ pub struct BackendError {
     op: &'static str,
     #[source]
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    /// True when the call failed before anything of it reached the backend, so it surely did
+    /// not apply (a write may be repeated without doubling it); false when it may have.
+    not_sent: bool,
 }
 
 fn kind_text(kind: &ErrorKind) -> &'static str {
@@ -105,6 +110,17 @@ impl BackendError {
         Self::new(ErrorKind::Unavailable, op, Some(source.into()))
     }
 
+    /// An `Unavailable` call known not to have reached the backend (refused before sending).
+    pub fn not_sent(
+        op: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError {
+            not_sent: true,
+            ..Self::unavailable(op, source)
+        }
+    }
+
     pub fn internal(
         op: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -121,6 +137,7 @@ impl BackendError {
             kind,
             op,
             source: source.map(Arc::from),
+            not_sent: false,
         }
     }
 
@@ -130,6 +147,11 @@ impl BackendError {
 
     pub fn op(&self) -> &'static str {
         self.op
+    }
+
+    /// Whether the failed call surely did not apply (see [`BackendError::not_sent`]).
+    pub fn is_not_sent(&self) -> bool {
+        self.not_sent
     }
 }
 
