@@ -273,14 +273,15 @@ impl Worker {
         &self,
         batch: &[RouteJob],
     ) -> Result<Vec<Result<SendOutcome, SendRefused>>, SendFailed> {
-        let started = Instant::now();
+        // Tokio's clock, which the timeouts and sleeps below follow (paused in tests).
+        let started = tokio::time::Instant::now();
         let deadline = started + self.retry.budget;
         let mut maybe_sent = false;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let outs = batch.iter().map(|j| j.out.clone()).collect();
-            let error = match timeout_at(deadline.into(), self.messages.send(outs)).await {
+            let error = match timeout_at(deadline, self.messages.send(outs)).await {
                 Ok(Ok(results)) => return Ok(results),
                 Ok(Err(e)) => e,
                 Err(_) => BackendError::unavailable("send", "no answer within the retry budget"),
@@ -346,40 +347,5 @@ fn answer(job: RouteJob, result: SendResult) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn unavailable() -> BackendError {
-        BackendError::unavailable("send", "down")
-    }
-
-    #[test]
-    fn three_attempts_with_growing_waits() {
-        let p = RetryPolicy::new(Duration::from_secs(2));
-        let zero = Duration::ZERO;
-        assert_eq!(p.next_delay(&unavailable(), 1, zero), Some(BACKOFF[0]));
-        assert_eq!(p.next_delay(&unavailable(), 2, zero), Some(BACKOFF[1]));
-        assert_eq!(p.next_delay(&unavailable(), 3, zero), None);
-        assert_eq!(p.next_delay(&unavailable(), 0, zero), None);
-    }
-
-    #[test]
-    fn no_retry_past_the_budget_or_of_internal_errors() {
-        let p = RetryPolicy::new(Duration::from_secs(2));
-        let late = Duration::from_millis(1_960);
-        assert_eq!(p.next_delay(&unavailable(), 1, late), None);
-        let internal = BackendError::internal("send", "bad reply");
-        assert_eq!(p.next_delay(&internal, 1, Duration::ZERO), None);
-    }
-
-    #[test]
-    fn router_ids_do_not_repeat() {
-        let mut ids = RetryIds {
-            prefix: "a.0.".into(),
-            next: 0,
-        };
-        let (first, second) = (ids.next(), ids.next());
-        assert_ne!(first, second);
-        assert!(first.starts_with("a.0."));
-    }
-}
+#[path = "router_tests.rs"]
+mod tests;

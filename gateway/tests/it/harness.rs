@@ -362,6 +362,21 @@ impl Redis {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, commands wait unanswered, as in a
+    /// long stall; [`Redis::resume`] lets it run them.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child.id(), "-STOP");
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child.id(), "-CONT");
+        }
+    }
+
     /// Starts a fresh, empty server on the same port.
     pub fn restart_empty(&mut self) {
         self.stop();
