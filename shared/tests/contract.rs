@@ -656,6 +656,15 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
             },
         ),
         (
+            r#"{"type":"send","id":13,"to":{"user":"bob"},"body":"again","client_msg_id":"7f3a-1"}"#,
+            ClientFrame::Send {
+                id: Some(13),
+                to: to_user("bob"),
+                body: Value::from("again"),
+                client_msg_id: Some("7f3a-1".into()),
+            },
+        ),
+        (
             r#"{"type":"send","id":12,"to":{"all":true},"body":-42}"#,
             ClientFrame::Send {
                 id: Some(12),
@@ -736,6 +745,24 @@ fn hand_written_server_frames() -> Vec<(&'static str, ServerFrame)> {
         (
             r#"{"type":"error","id":3,"code":"bad_request","message":"users must be a list"}"#,
             ServerFrame::error(Some(3), ErrorCode::BadRequest, "users must be a list"),
+        ),
+        (
+            r#"{"type":"error","id":4,"code":"unavailable","message":"m","outcome":"unknown"}"#,
+            ServerFrame::Error {
+                id: Some(4),
+                code: ErrorCode::Unavailable,
+                message: "m".into(),
+                outcome: Some(shared::Outcome::Unknown),
+            },
+        ),
+        (
+            r#"{"type":"error","code":"unavailable","message":"m","outcome":"not_sent"}"#,
+            ServerFrame::Error {
+                id: None,
+                code: ErrorCode::Unavailable,
+                message: "m".into(),
+                outcome: Some(shared::Outcome::NotSent),
+            },
         ),
         (
             r#"{"type":"error","code":"rate_limited","message":"slow down"}"#,
