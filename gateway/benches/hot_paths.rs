@@ -104,6 +104,8 @@ impl ShardFixture {
                     history_cap: 100,
                     history_age: Duration::from_secs(3_600),
                     offline_ttl: Duration::from_secs(3_600),
+                    dedupe_window: Duration::from_secs(300),
+                    dedupe_max: 1000,
                 },
             },
             events_tx,

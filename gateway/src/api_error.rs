@@ -1,5 +1,5 @@
-//! The JSON error answer of every HTTP endpoint (`{"error": {"code", "message"}}`), shared by the
-//! REST API and the WebSocket upgrade.
+//! The JSON error answer of every HTTP endpoint (`{"error": {"code", "message"}}`, and
+//! `outcome` on a failed message send), shared by the REST API and the WebSocket upgrade.
 
 use axum::{
     Json,
@@ -7,7 +7,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::json;
-use shared::ErrorCode;
+use shared::{ErrorCode, Outcome};
 
 use crate::backend::{BackendError, ErrorKind};
 
@@ -17,6 +17,8 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    /// On a message send that failed: whether it may have gone out (`outcome` in the body).
+    outcome: Option<Outcome>,
 }
 
 impl ApiError {
@@ -25,6 +27,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            outcome: None,
+        }
+    }
+
+    pub fn with_outcome(self, outcome: Outcome) -> Self {
+        ApiError {
+            outcome: Some(outcome),
+            ..self
         }
     }
 
@@ -53,7 +63,11 @@ impl From<BackendError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(outcome) = self.outcome {
+            error["outcome"] = json!(outcome);
+        }
+        let body = json!({ "error": error });
         (self.status, Json(body)).into_response()
     }
 }

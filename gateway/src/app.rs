@@ -110,6 +110,8 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             history_cap: config.history_cap,
             history_age: Duration::from_secs(config.history_age_secs),
             offline_ttl: Duration::from_secs(config.offline_ttl_secs),
+            dedupe_window: Duration::from_secs(config.dedupe_secs),
+            dedupe_max: config.dedupe_max,
         },
     };
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -194,6 +196,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         config.shard_count(),
         backend.messages.clone(),
         config.store_quota(),
+        config.send_retry(),
         &shards_tracker,
         stop_shards.clone(),
     );

@@ -46,6 +46,9 @@ pub const DELIVERY_SECONDS: &str = "presence_delivery_seconds";
 pub const AUTH_HOOK_CALLS: &str = "presence_auth_hook_calls_total";
 pub const AUTH_HOOK_SECONDS: &str = "presence_auth_hook_seconds";
 pub const AUTH_HOOK_CACHE_HITS: &str = "presence_auth_hook_cache_hits_total";
+pub const SEND_RETRIES: &str = "presence_send_retries_total";
+pub const MESSAGES_DEDUPED: &str = "presence_messages_deduped_total";
+pub const DEDUPE_ENTRIES: &str = "presence_dedupe_entries";
 
 fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
@@ -172,6 +175,18 @@ fn describe() {
     describe_counter!(
         AUTH_HOOK_CACHE_HITS,
         "Join and subscribe requests answered from the authorization hook's cache, without a call."
+    );
+    describe_counter!(
+        SEND_RETRIES,
+        "Messages the router sent again after a failed backend call."
+    );
+    describe_counter!(
+        MESSAGES_DEDUPED,
+        "Sends answered with an earlier send's ack (same sender, destination and id), not sent again."
+    );
+    describe_gauge!(
+        DEDUPE_ENTRIES,
+        "Remembered client_msg_ids held by the embedded backend (capped by PRESENCE_DEDUPE_MAX)."
     );
 }
 

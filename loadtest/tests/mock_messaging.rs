@@ -102,11 +102,7 @@ impl Mock {
                     .unwrap_or_else(|e| e.into_inner())
                     .contains(&group);
                 if !open {
-                    return ServerFrame::Error {
-                        id,
-                        code: ErrorCode::Forbidden,
-                        message: "the group is closed".into(),
-                    };
+                    return ServerFrame::error(id, ErrorCode::Forbidden, "the group is closed");
                 }
                 let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
                 routes
@@ -116,7 +112,7 @@ impl Mock {
                     .insert(user.to_string());
                 ServerFrame::ok(id)
             }
-            ClientFrame::Send { id, to, body } => {
+            ClientFrame::Send { id, to, body, .. } => {
                 let n = self.next_msg.fetch_add(1, Ordering::Relaxed);
                 let msg = Message {
                     msg_id: format!("{n:012}"),

@@ -35,6 +35,7 @@ fn send_frame() -> ClientFrame {
             (Body::from("seq"), Body::from(17u64)),
             (Body::from("urgent"), Body::from(false)),
         ]),
+        client_msg_id: None,
     }
 }
 

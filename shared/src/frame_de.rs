@@ -32,7 +32,7 @@ use serde::de::value::{BorrowedBytesDeserializer, BytesDeserializer, MapAccessDe
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::protocol::{
-    Body, ClientFrame, Destination, ErrorCode, Message, Platform, Presence, RouteResult,
+    Body, ClientFrame, Destination, ErrorCode, Message, Outcome, Platform, Presence, RouteResult,
     ServerFrame, Status,
 };
 
@@ -206,7 +206,7 @@ tag_first!(ClientFrame in client {
     Join { id: Option<u64>, group: String },
     Leave { id: Option<u64>, group: String },
     GroupOnline { id: Option<u64>, group: String },
-    Send { id: Option<u64>, to: Destination, body: Body },
+    Send { id: Option<u64>, to: Destination, body: Body, client_msg_id: Option<String> },
     AckOffline { id: Option<u64>, up_to: String },
     Sync { id: Option<u64>, group: String, since: Option<String>, limit: Option<u32> },
     Read { id: Option<u64>, group: String, up_to: String },
@@ -221,7 +221,7 @@ tag_first!(ServerFrame in server {
     },
     Pong { id: Option<u64> },
     Ok { id: Option<u64>, expires_at: Option<u64> },
-    Error { id: Option<u64>, code: ErrorCode, message: String },
+    Error { id: Option<u64>, code: ErrorCode, message: String, outcome: Option<Outcome> },
     Presence(Presence),
     PresenceList { id: Option<u64>, items: Vec<Presence>, denied: Option<Vec<String>> },
     MemberList { id: Option<u64>, group: String, users: Vec<String> },

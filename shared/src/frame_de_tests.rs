@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use super::{TagFirst, TypeFirst};
 use crate::Encoding;
 use crate::protocol::{
-    ClientFrame, Destination, ErrorCode, Message, Presence, RouteResult, ServerFrame, Status,
+    ClientFrame, Destination, ErrorCode, Message, Outcome, Presence, RouteResult, ServerFrame,
+    Status,
 };
 
 /// The one-pass decoder alone: `None` when `type` is not the first key.
@@ -106,16 +107,19 @@ fn client_seeds() -> Vec<ClientFrame> {
             id: Some(7),
             to: Destination::User { user: "bob".into() },
             body,
+            client_msg_id: None,
         },
         ClientFrame::Send {
             id: None,
             to: Destination::Group { group: "g".into() },
             body: Value::from("plain"),
+            client_msg_id: Some("c-1".into()),
         },
         ClientFrame::Send {
             id: Some(8),
             to: Destination::All { all: true },
             body: Value::Binary(vec![0, 1]),
+            client_msg_id: Some("é|{}".into()),
         },
         ClientFrame::AckOffline {
             id: Some(9),
@@ -190,6 +194,8 @@ fn server_seeds() -> Vec<ServerFrame> {
             expires_at: Some(3),
         },
         ServerFrame::error(Some(3), ErrorCode::BadRequest, "why"),
+        ServerFrame::send_unavailable(Some(4), Outcome::Unknown),
+        ServerFrame::send_unavailable(None, Outcome::NotSent),
         ServerFrame::Presence(presence.clone()),
         ServerFrame::Presence(Presence {
             text: None,

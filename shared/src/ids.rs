@@ -4,6 +4,8 @@
 pub const MAX_ID_BYTES: usize = 128;
 /// Longest custom status text, in bytes.
 pub const MAX_STATUS_TEXT_BYTES: usize = 128;
+/// Longest `client_msg_id` of a `send`, in bytes.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 64;
 /// Platform ids run from 1 (iOS) to 8 (admin console), as in OpenIM.
 pub const PLATFORMS: std::ops::RangeInclusive<u8> = 1..=8;
 
@@ -20,6 +22,17 @@ pub fn is_valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+}
+
+/// Why a `client_msg_id` was refused: any string of 1 to [`MAX_CLIENT_MSG_ID_BYTES`] bytes passes.
+pub fn check_client_msg_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES {
+        Err(format!(
+            "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 /// True for a platform id the contract knows.

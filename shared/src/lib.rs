@@ -12,6 +12,6 @@ pub mod shard;
 
 pub use codec::{Encoding, FrameError};
 pub use protocol::{
-    Body, ClientFrame, Destination, ErrorCode, Message, Platform, Presence, RouteResult,
+    Body, ClientFrame, Destination, ErrorCode, Message, Outcome, Platform, Presence, RouteResult,
     ServerFrame, Status,
 };

@@ -106,6 +106,17 @@ impl ErrorCode {
     }
 }
 
+/// Whether a `send` answered with `unavailable` went out, on that `error` (`outcome`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Nothing reached the backend: sending again cannot duplicate it.
+    NotSent,
+    /// The backend may have routed it; send again with the same `client_msg_id` to be sure it
+    /// goes out once.
+    Unknown,
+}
+
 /// How a message was routed, reported in `ack`.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -202,6 +213,11 @@ pub enum ClientFrame {
         id: Option<u64>,
         to: Destination,
         body: Body,
+        /// The client's own id of the message (1 to
+        /// [`crate::ids::MAX_CLIENT_MSG_ID_BYTES`] bytes): a
+        /// repeat within the dedupe window gets the first one's `ack` and is not sent again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
     },
     AckOffline {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -309,6 +325,9 @@ pub enum ServerFrame {
         id: Option<u64>,
         code: ErrorCode,
         message: String,
+        /// Only on a `send` answered with `unavailable`: whether the message may have gone out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<Outcome>,
     },
     Presence(Presence),
     PresenceList {
@@ -363,6 +382,23 @@ impl ServerFrame {
             id,
             code,
             message: message.into(),
+            outcome: None,
+        }
+    }
+
+    /// The `unavailable` answer to a `send`, saying whether it may have gone out.
+    pub fn send_unavailable(id: Option<u64>, outcome: Outcome) -> Self {
+        let message = match outcome {
+            Outcome::NotSent => "message store unavailable; the message was not sent",
+            Outcome::Unknown => {
+                "message store unavailable; the message may have been sent: retry with the same client_msg_id"
+            }
+        };
+        ServerFrame::Error {
+            id,
+            code: ErrorCode::Unavailable,
+            message: message.into(),
+            outcome: Some(outcome),
         }
     }
 }

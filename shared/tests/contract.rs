@@ -345,6 +345,7 @@ fn client_frames(encoding: Encoding) -> Vec<ClientFrame> {
                 id: (i % 2 == 0).then_some(100 + i as u64),
                 to: to.clone(),
                 body,
+                client_msg_id: None,
             });
         }
     }
@@ -642,6 +643,7 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
                     ("n", Value::Array(vec![Value::from(1), Value::from(2)])),
                     ("text", Value::from("hi")),
                 ]),
+                client_msg_id: None,
             },
         ),
         (
@@ -650,6 +652,16 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
                 id: None,
                 to: to_group("team-1"),
                 body: Value::from("plain"),
+                client_msg_id: None,
+            },
+        ),
+        (
+            r#"{"type":"send","id":13,"to":{"user":"bob"},"body":"again","client_msg_id":"7f3a-1"}"#,
+            ClientFrame::Send {
+                id: Some(13),
+                to: to_user("bob"),
+                body: Value::from("again"),
+                client_msg_id: Some("7f3a-1".into()),
             },
         ),
         (
@@ -658,6 +670,7 @@ fn hand_written_client_frames() -> Vec<(&'static str, ClientFrame)> {
                 id: Some(12),
                 to: to_all(),
                 body: Value::from(-42),
+                client_msg_id: None,
             },
         ),
         (
@@ -732,6 +745,24 @@ fn hand_written_server_frames() -> Vec<(&'static str, ServerFrame)> {
         (
             r#"{"type":"error","id":3,"code":"bad_request","message":"users must be a list"}"#,
             ServerFrame::error(Some(3), ErrorCode::BadRequest, "users must be a list"),
+        ),
+        (
+            r#"{"type":"error","id":4,"code":"unavailable","message":"m","outcome":"unknown"}"#,
+            ServerFrame::Error {
+                id: Some(4),
+                code: ErrorCode::Unavailable,
+                message: "m".into(),
+                outcome: Some(shared::Outcome::Unknown),
+            },
+        ),
+        (
+            r#"{"type":"error","code":"unavailable","message":"m","outcome":"not_sent"}"#,
+            ServerFrame::Error {
+                id: None,
+                code: ErrorCode::Unavailable,
+                message: "m".into(),
+                outcome: Some(shared::Outcome::NotSent),
+            },
         ),
         (
             r#"{"type":"error","code":"rate_limited","message":"slow down"}"#,
@@ -985,6 +1016,7 @@ fn hand_built_msgpack_send_carries_binary_body() {
                 ("img", Value::Binary(vec![0x89, b'P', b'N', b'G'])),
                 ("w", Value::from(640)),
             ]),
+            client_msg_id: None,
         }
     );
 
@@ -1001,6 +1033,7 @@ fn hand_built_msgpack_send_carries_binary_body() {
             id: None,
             to: to_group("g1"),
             body: Value::Binary(vec![0, 255]),
+            client_msg_id: None,
         }
     );
 }
@@ -1651,6 +1684,7 @@ fn type_may_come_last_or_in_the_middle() {
             id: Some(11),
             to: to_user("bob"),
             body: vmap(vec![("text", Value::from("hi"))]),
+            client_msg_id: None,
         },
     );
     server_ok(

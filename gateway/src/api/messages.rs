@@ -8,13 +8,13 @@ use axum::{
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
-use shared::{Body, Destination, ErrorCode, RouteResult, ids};
+use shared::{Body, Destination, ErrorCode, Outcome, RouteResult, ids};
 use tokio::sync::oneshot;
 
 use super::{ApiError, ApiJson, json_body};
 use crate::{
     app::App,
-    backend::Outgoing,
+    backend::{Dedupe, Outgoing},
     clock::now_ms,
     router::{Reply, RouteJob},
 };
@@ -24,6 +24,9 @@ pub struct SendRequest {
     to: Destination,
     body: Body,
     from: Option<String>,
+    /// As a client's: a repeat from the same `from` to the same destination within the dedupe
+    /// window answers the first one's outcome and is not sent again.
+    client_msg_id: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -48,6 +51,9 @@ pub async fn send(
         Destination::All { .. } => Ok(()),
     }
     .map_err(ApiError::bad_request)?;
+    if let Some(id) = &req.client_msg_id {
+        ids::check_client_msg_id(id).map_err(ApiError::bad_request)?;
+    }
     let (tx, rx) = oneshot::channel();
     let job = RouteJob {
         out: Outgoing {
@@ -58,30 +64,44 @@ pub async fn send(
             origin: None,
             check_membership: false,
             may_store: true,
+            dedupe: req.client_msg_id.map(Dedupe::Client),
         },
         reply: Reply::Caller(tx),
     };
-    let unavailable = || {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            "node is stopping",
-        )
-    };
     if !app.router.route(job).await {
-        return Err(unavailable());
+        return Err(unavailable(Outcome::NotSent));
     }
-    let outcome = rx.await.map_err(|_| unavailable())??.map_err(|refused| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            refused.to_string(),
-        )
-    })?;
+    // The router answers every job it took; a dropped reply means it stopped mid-batch.
+    let result = rx.await.map_err(|_| unavailable(Outcome::Unknown))?;
+    let outcome = match result {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(refused)) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                refused.to_string(),
+            ));
+        }
+        Err(failed) => return Err(ApiError::from(failed.error).with_outcome(failed.outcome)),
+    };
     Ok(Json(SendAnswer {
         msg_id: outcome.msg_id,
         result: outcome.result,
         delivered: outcome.delivered,
         stored: outcome.stored,
     }))
+}
+
+/// The 503 of a send that did not go through, saying whether it may have gone out.
+fn unavailable(outcome: Outcome) -> ApiError {
+    let message = match outcome {
+        Outcome::NotSent => "node is stopping; the message was not sent",
+        Outcome::Unknown => "node is stopping; the message may have been sent",
+    };
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        message,
+    )
+    .with_outcome(outcome)
 }

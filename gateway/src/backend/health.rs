@@ -1,7 +1,7 @@
 //! Whether the backend is reachable, as this node last found out: the circuit in front of it.
 //!
 //! While it is down, a backend call that would only wait for the command timeout (seconds) is
-//! refused at once instead (`BackendError::not_attempted`: nothing was sent, so the caller knows
+//! refused at once instead (`BackendError::not_sent`: nothing was sent, so the caller knows
 //! the outcome), connects are welcomed without the connect-time reads (they follow when the
 //! backend is back), and `presence_backend_up` says 0. The Redis backend's probe
 //! (`redis/probe.rs`) is the only writer; the embedded backend is always up.
@@ -62,7 +62,10 @@ impl Health {
             Ok(())
         } else {
             metrics::counter!(m::BACKEND_REFUSED, "op" => op).increment(1);
-            Err(BackendError::not_attempted(op))
+            Err(BackendError::not_sent(
+                op,
+                "the backend is down (circuit open)",
+            ))
         }
     }
 
@@ -91,7 +94,7 @@ mod tests {
         assert!(health.set(false));
         assert!(!health.set(false), "no change, no transition");
         let refused = health.admit("x").expect_err("down refuses");
-        assert!(!refused.attempted());
+        assert!(refused.is_not_sent());
         let waiter = tokio::spawn({
             let health = health.clone();
             async move { health.wait_up().await }

@@ -22,7 +22,9 @@ pub use events::{Audience, BackendEvent, Delivery, EventSink, Origin, Subscripti
 pub use groups::{GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members};
 pub use health::Health;
 pub use memory::MemoryBackend;
-pub use messages::{MessageSettings, MessageStore, Outgoing, SendOutcome, SendRefused};
+pub use messages::{
+    Dedupe, MessageSettings, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
+};
 pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry};
@@ -92,16 +94,16 @@ pub enum ErrorKind {
 
 /// Why a backend call failed. Callers keep their work and retry: nothing here is fatal.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {op}{}{}", kind_text(.kind), source_text(.source), if *.attempted { "" } else { ": not attempted, the backend is down" })]
+#[error("{}: {op}{}", kind_text(.kind), source_text(.source))]
 pub struct BackendError {
     kind: ErrorKind,
     /// The operation that failed (`flush`, `send`, …), as in the metrics' `op` label.
     op: &'static str,
-    /// False when the call was refused before anything was sent (the backend is known down),
-    /// so nothing it would have done happened; true when it may have happened.
-    attempted: bool,
     #[source]
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    /// True when the call failed before anything of it reached the backend, so it surely did
+    /// not apply (a write may be repeated without doubling it); false when it may have.
+    not_sent: bool,
 }
 
 fn kind_text(kind: &ErrorKind) -> &'static str {
@@ -126,6 +128,17 @@ impl BackendError {
         Self::new(ErrorKind::Unavailable, op, Some(source.into()))
     }
 
+    /// An `Unavailable` call known not to have reached the backend (refused before sending).
+    pub fn not_sent(
+        op: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError {
+            not_sent: true,
+            ..Self::unavailable(op, source)
+        }
+    }
+
     pub fn internal(
         op: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -141,22 +154,9 @@ impl BackendError {
         BackendError {
             kind,
             op,
-            attempted: true,
             source: source.map(Arc::from),
+            not_sent: false,
         }
-    }
-
-    /// Refused without trying: the backend is known to be down ([`Health`]).
-    pub fn not_attempted(op: &'static str) -> Self {
-        BackendError {
-            attempted: false,
-            ..Self::new(ErrorKind::Unavailable, op, None)
-        }
-    }
-
-    /// Whether the call may have taken effect (false: it was never sent).
-    pub fn attempted(&self) -> bool {
-        self.attempted
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -165,6 +165,11 @@ impl BackendError {
 
     pub fn op(&self) -> &'static str {
         self.op
+    }
+
+    /// Whether the failed call surely did not apply (see [`BackendError::not_sent`]).
+    pub fn is_not_sent(&self) -> bool {
+        self.not_sent
     }
 }
 

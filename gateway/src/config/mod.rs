@@ -169,6 +169,21 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_HISTORY_AGE_SECS", default_value_t = 7 * 86_400)]
     pub history_age_secs: u64,
 
+    /// How long a `send`'s `client_msg_id` is remembered, in seconds: a repeat within it gets the
+    /// first one's `ack` and is not sent again.
+    #[arg(long, env = "PRESENCE_DEDUPE_SECS", default_value_t = 300)]
+    pub dedupe_secs: u64,
+
+    /// Remembered `client_msg_id`s the embedded backend keeps at most (the oldest are forgotten
+    /// first). On Redis each is a key that expires after `PRESENCE_DEDUPE_SECS`.
+    #[arg(long, env = "PRESENCE_DEDUPE_MAX", default_value_t = 100_000)]
+    pub dedupe_max: usize,
+
+    /// How long the router keeps trying a message whose backend call failed (with backoff)
+    /// before answering `unavailable`, in ms; every attempt ends by then.
+    #[arg(long, env = "PRESENCE_SEND_RETRY_MS", default_value_t = 2_000)]
+    pub send_retry_ms: u64,
+
     /// Lifetime of opaque tokens from `POST /v1/tokens` when the request names none.
     #[arg(long, env = "PRESENCE_TOKEN_TTL_SECS", default_value_t = 86_400)]
     pub token_ttl_secs: u64,
@@ -246,6 +261,11 @@ impl Config {
             bytes: self.store_quota_bytes,
             window: Duration::from_secs(self.store_quota_window_secs),
         }
+    }
+
+    /// How the router retries a batch whose backend call failed.
+    pub fn send_retry(&self) -> crate::router::RetryPolicy {
+        crate::router::RetryPolicy::new(Duration::from_millis(self.send_retry_ms))
     }
 
     /// The defaults, as if started with no flags and an empty environment.

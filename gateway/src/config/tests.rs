@@ -126,3 +126,19 @@ fn webhook_settings_have_defaults_and_bounds() {
     let problems = bad.validate().expect_err("invalid");
     assert_eq!(problems.len(), 2, "{problems:?}");
 }
+
+#[test]
+fn dedupe_and_send_retry_are_checked() {
+    let c = parse(&[], &[]);
+    assert_eq!(
+        (c.dedupe_secs, c.dedupe_max, c.send_retry_ms),
+        (300, 100_000, 2_000)
+    );
+    let c = parse(
+        &["--dedupe-secs=0", "--send-retry-ms=5"],
+        &[("PRESENCE_DEDUPE_MAX", "7")],
+    );
+    assert_eq!(c.dedupe_max, 7);
+    let problems = c.validate().expect_err("invalid");
+    assert_eq!(problems.len(), 2, "{problems:?}");
+}

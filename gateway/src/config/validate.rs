@@ -84,6 +84,14 @@ impl Config {
         if self.offline_ttl_secs < 60 {
             problems.push("PRESENCE_OFFLINE_TTL_SECS must be at least 60".into());
         }
+        if !(1..=86_400).contains(&self.dedupe_secs) || self.dedupe_max == 0 {
+            problems.push(
+                "PRESENCE_DEDUPE_SECS must be 1 to 86400 and PRESENCE_DEDUPE_MAX at least 1".into(),
+            );
+        }
+        if !(100..=60_000).contains(&self.send_retry_ms) {
+            problems.push("PRESENCE_SEND_RETRY_MS must be 100 to 60000".into());
+        }
         if self.max_connections == 0 {
             problems.push("PRESENCE_MAX_CONNECTIONS must be at least 1".into());
         }

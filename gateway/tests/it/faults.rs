@@ -371,7 +371,12 @@ async fn node_crash_under_message_traffic_keeps_what_was_acknowledged() {
                 };
                 let body = shared::Body::from(format!("{} private {i}", p.user));
                 let ack = p
-                    .request(move |id| ClientFrame::Send { id, to, body })
+                    .request(move |id| ClientFrame::Send {
+                        id,
+                        to,
+                        body,
+                        client_msg_id: None,
+                    })
                     .await;
                 match ack {
                     Some(ServerFrame::Ack {

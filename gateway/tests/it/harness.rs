@@ -393,24 +393,18 @@ impl Redis {
         }
     }
 
-    /// Stalls the server (SIGSTOP): its sockets stay open and nothing answers, as when Redis
-    /// hangs on a slow disk or a long command.
+    /// Freezes the server (SIGSTOP): connections stay open, commands wait unanswered, as in a
+    /// long stall; [`Redis::resume`] lets it run them.
     pub fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    /// Ends a [`Redis::pause`] (SIGCONT).
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {
-            let status = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status()
-                .expect("kill");
-            assert!(status.success(), "kill {signal} redis-server");
+            signal(child.id(), "-STOP");
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child.id(), "-CONT");
         }
     }
 

@@ -112,6 +112,7 @@ async fn poison_bodies_are_refused_in_both_encodings() {
                 id,
                 to: Destination::Group { group: "g".into() },
                 body: body.clone(),
+                client_msg_id: None,
             })
             .await;
         assert!(
@@ -227,6 +228,7 @@ async fn a_client_cannot_fill_the_offline_store() {
                     user: format!("ghost{i}"),
                 },
                 body: big.clone(),
+                client_msg_id: None,
             })
             .await;
         match reply {
@@ -249,6 +251,7 @@ async fn a_client_cannot_fill_the_offline_store() {
                 user: "friend".into(),
             },
             body: Body::from("hi"),
+            client_msg_id: None,
         })
         .await;
     assert!(

@@ -33,6 +33,9 @@ mod outage;
 mod presence;
 /// The REST API of the app backend.
 mod rest;
+/// Safe retries of messages: `client_msg_id` on both backends and across nodes, REST, and a
+/// client retrying through a Redis stall gets each message delivered once.
+mod retries;
 /// Token lifetime, refresh, and the app backend's disconnect and revoke across nodes.
 mod sessions;
 /// One shard worker on a paused clock: batch interval and size, flap suppression, retry backoff,

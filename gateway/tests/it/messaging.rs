@@ -47,7 +47,12 @@ async fn open_group(client: &Client, g: &str) {
 /// Sends and returns the ack's (msg_id, result, delivered, stored).
 async fn send(client: &mut Client, to: Destination, body: Body) -> (String, RouteResult, u64, u64) {
     match client
-        .request(|id| ClientFrame::Send { id, to, body })
+        .request(|id| ClientFrame::Send {
+            id,
+            to,
+            body,
+            client_msg_id: None,
+        })
         .await
     {
         ServerFrame::Ack {
@@ -153,6 +158,7 @@ async fn non_members_may_not_send_to_a_group(setup: Setup) {
             id,
             to: group("team"),
             body: text("let me in"),
+            client_msg_id: None,
         })
         .await;
     assert!(
@@ -362,6 +368,7 @@ async fn broadcasts_reach_every_connection(setup: Setup) {
             id,
             to: Destination::All { all: true },
             body: text("spam"),
+            client_msg_id: None,
         })
         .await;
     assert!(
@@ -467,6 +474,7 @@ async fn bad_message_requests_are_refused(setup: Setup) {
             id: Some(1),
             to: user("bad id"),
             body: text("x"),
+            client_msg_id: None,
         },
         ClientFrame::Join {
             id: Some(2),
@@ -538,6 +546,7 @@ async fn group_spread_over_three_nodes_gets_every_message_once_in_order() {
                     id: Some(id),
                     to: group("spread"),
                     body,
+                    client_msg_id: None,
                 })
                 .await;
         }
@@ -711,6 +720,7 @@ async fn closed_groups_take_members_only_from_the_app(setup: Setup) {
                 id,
                 to: group(g),
                 body: text("let me in"),
+                client_msg_id: None,
             }),
         ];
         for make in requests {
@@ -792,6 +802,7 @@ async fn closed_groups_hold_across_three_nodes() {
             id,
             to: group("ops"),
             body: text("hi"),
+            client_msg_id: None,
         })
         .await;
     assert!(is_forbidden(&reply), "{reply:?}");

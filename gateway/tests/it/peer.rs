@@ -150,8 +150,13 @@ impl Peer {
             group: group.to_string(),
         };
         let body = shared::Body::from(text);
-        self.request(move |id| ClientFrame::Send { id, to, body })
-            .await
+        self.request(move |id| ClientFrame::Send {
+            id,
+            to,
+            body,
+            client_msg_id: None,
+        })
+        .await
     }
 
     /// Closes the connection (the task ends once the server saw it).

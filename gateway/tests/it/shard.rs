@@ -209,6 +209,8 @@ impl Shard {
                     history_cap: 10,
                     history_age: DAY,
                     offline_ttl: DAY,
+                    dedupe_window: Duration::from_secs(300),
+                    dedupe_max: 1000,
                 },
             },
             events_tx,

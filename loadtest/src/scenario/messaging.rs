@@ -356,6 +356,7 @@ async fn run_member(
                             id: Some(seq),
                             to: send.to.clone(),
                             body: body(seq, m.index, &board.pad),
+                            client_msg_id: None,
                         };
                         if local.pending.len() < MAX_PENDING {
                             local.pending.insert(seq, Instant::now());
@@ -556,7 +557,9 @@ fn handle(
                 local.ack.push(sent.elapsed().as_micros() as u64);
             }
         }
-        ServerFrame::Error { id, code, message } => {
+        ServerFrame::Error {
+            id, code, message, ..
+        } => {
             count_error(&mut local.stats, code, &message);
             shared.counters.errors.fetch_add(1, Ordering::Relaxed);
             if let Some(id) = id {

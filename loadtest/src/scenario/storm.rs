@@ -140,7 +140,9 @@ async fn user(
                             }
                         }
                     }
-                    ServerFrame::Error { id, code, message } => {
+                    ServerFrame::Error {
+                        id, code, message, ..
+                    } => {
                         count_error(&mut local, code, &message);
                         shared.counters.errors.fetch_add(1, Ordering::Relaxed);
                         if let Some(id) = id {

@@ -5,13 +5,16 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use shared::{Destination, Message, RouteResult};
 
-use super::MemoryBackend;
+use tokio::time::Instant;
+
+use super::{MemoryBackend, dedupe::SendKey};
 use crate::{
     backend::{
-        Audience, BackendError, BackendEvent, Delivery, MessageStore, Outgoing, SendOutcome,
-        SendRefused, Topic, msg_id, parse_msg_id,
+        Audience, BackendError, BackendEvent, Dedupe, Delivery, MessageStore, Outgoing,
+        SendOutcome, SendRefused, Topic, msg_id, parse_msg_id,
     },
     clock::now_ms,
+    metrics as m,
 };
 
 #[async_trait]
@@ -27,6 +30,20 @@ impl MessageStore for MemoryBackend {
             let now = now_ms();
             let limits = &self.settings.messages;
             for out in messages {
+                // Router ids need no memory here: a send on this backend cannot fail, so the
+                // router never retries one.
+                let key = match &out.dedupe {
+                    Some(Dedupe::Client(id)) => Some(SendKey::new(&out.from, &out.to, id)),
+                    _ => None,
+                };
+                let seen = key
+                    .as_ref()
+                    .and_then(|k| state.remembered.get(k, Instant::now()));
+                if let Some(first) = seen {
+                    metrics::counter!(m::MESSAGES_DEDUPED, "id" => "client").increment(1);
+                    outcomes.push(Ok(first.repeated()));
+                    continue;
+                }
                 let outcome = match &out.to {
                     Destination::User { user }
                         if !out.may_store && !state.listens(Topic::Inbox(user.clone())) =>
@@ -101,8 +118,12 @@ impl MessageStore for MemoryBackend {
                         ))
                     }
                 };
+                if let (Some(key), Ok(sent)) = (key, &outcome) {
+                    state.remembered.insert(key, sent.clone(), Instant::now());
+                }
                 outcomes.push(outcome);
             }
+            metrics::gauge!(m::DEDUPE_ENTRIES).set(state.remembered.len() as f64);
         }
         for event in events {
             let _ = self.events.send(event).await;

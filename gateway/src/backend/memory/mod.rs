@@ -2,6 +2,7 @@
 //! keeps the same contracts as Redis, expiry included, so one suite per role runs against both.
 //! This file holds the state; each role's `impl` is in the file named after it.
 
+mod dedupe;
 mod events;
 mod groups;
 mod messages;
@@ -38,7 +39,6 @@ pub struct MemoryBackend {
     webhooks: Mutex<webhooks::WebhookState>,
 }
 
-#[derive(Default)]
 struct State {
     users: HashMap<String, UserState>,
     /// Visibly online users, ordered for cursor pagination.
@@ -64,6 +64,31 @@ struct State {
     logins: HashMap<(String, Option<shared::Platform>), u64>,
     /// Answers to `connections` requests, until collected.
     list_replies: HashMap<String, Vec<super::ConnectionInfo>>,
+    /// Sends by `client_msg_id`, so a client's retry is not sent twice.
+    remembered: dedupe::Remembered,
+}
+
+impl State {
+    fn new(settings: &BackendSettings) -> Self {
+        let messages = &settings.messages;
+        State {
+            users: HashMap::new(),
+            online: BTreeSet::new(),
+            tokens: HashMap::new(),
+            nodes: HashMap::new(),
+            listening: HashSet::new(),
+            expiries: BTreeSet::new(),
+            swept: Vec::new(),
+            groups: HashMap::new(),
+            user_groups: HashMap::new(),
+            stored: HashMap::new(),
+            read_positions: HashMap::new(),
+            revoked: HashMap::new(),
+            logins: HashMap::new(),
+            list_replies: HashMap::new(),
+            remembered: dedupe::Remembered::new(messages.dedupe_window, messages.dedupe_max),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -101,8 +126,8 @@ impl UserState {
 impl MemoryBackend {
     pub fn new(settings: BackendSettings, events: EventSink) -> Self {
         MemoryBackend {
+            state: Mutex::new(State::new(&settings)),
             settings,
-            state: Mutex::new(State::default()),
             events,
             webhooks: Mutex::default(),
         }

@@ -94,6 +94,7 @@ mod tests {
             }),
             check_membership: true,
             may_store: true,
+            dedupe: None,
         };
         let mut payload = b"M0000000000005-0000000001|".to_vec();
         payload.extend(encode(&out).expect("encodes"));

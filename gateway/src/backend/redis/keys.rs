@@ -2,7 +2,7 @@
 //! record and event channel share a slot; registry keys share the `{prefix}` tag, so the scripts
 //! over them stay in one slot of a Redis Cluster.
 
-use shared::Platform;
+use shared::{Destination, Platform};
 
 /// The kinds of channel a node subscribes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +99,19 @@ impl Keys {
         self.registry("allseq")
     }
 
+    /// A remembered send (its first outcome), in the slot of its destination's other keys, so
+    /// the send script checks and writes it in the same step. `sender|id`: user ids never hold
+    /// `|`, so no two (sender, id) pairs share a key; `id` is the dedupe id with its namespace.
+    pub fn dedupe(&self, to: &Destination, sender: &str, id: &str) -> String {
+        match to {
+            Destination::User { user } => format!("{}:dd:{{{user}}}:u:{sender}|{id}", self.prefix),
+            Destination::Group { group } => {
+                format!("{}:dd:{{{group}}}:g:{sender}|{id}", self.prefix)
+            }
+            Destination::All { .. } => self.registry(&format!("dd:{sender}|{id}")),
+        }
+    }
+
     /// What a subscribed channel carries.
     pub fn classify<'a>(&self, channel: &'a str) -> Option<ChannelKind<'a>> {
         if channel == self.broadcast_channel() {
@@ -189,6 +202,21 @@ mod tests {
         );
         assert_eq!(k.classify("{presence}:all"), Some(ChannelKind::Broadcast));
         assert_eq!(k.classify("other:ev:{alice}"), None);
+    }
+
+    #[test]
+    fn dedupe_keys_share_the_destination_tag() {
+        let k = Keys::new("p");
+        let user = Destination::User { user: "bob".into() };
+        let group = Destination::Group {
+            group: "bob".into(),
+        };
+        assert_eq!(k.dedupe(&user, "a:b", "cx"), "p:dd:{bob}:u:a:b|cx");
+        assert_ne!(k.dedupe(&user, "a", "cx"), k.dedupe(&group, "a", "cx"));
+        assert_eq!(
+            k.dedupe(&Destination::All { all: true }, "system", "c1"),
+            "{p}:dd:system|c1"
+        );
     }
 
     #[test]

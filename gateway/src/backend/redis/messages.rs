@@ -10,8 +10,12 @@ use shared::{Destination, Message, RouteResult};
 
 use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, scripts::ScriptCall};
 use crate::{
-    backend::{BackendError, MessageStore, Outgoing, SendOutcome, SendRefused, parse_msg_id},
+    backend::{
+        BackendError, Dedupe, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
+        parse_msg_id,
+    },
     clock::now_ms,
+    metrics as m,
 };
 
 fn int(n: u64) -> Value {
@@ -33,7 +37,8 @@ impl MessageStore for RedisBackend {
         for out in &messages {
             let env = envelope::encode(out).map_err(|e| BackendError::internal("send", e))?;
             let env_value = Value::Bytes(env.clone().into());
-            let call = match &out.to {
+            let (dedupe_key, dedupe_ttl) = self.dedupe_of(out);
+            let mut call = match &out.to {
                 Destination::User { user } => (
                     &self.scripts.private_send,
                     vec![
@@ -78,6 +83,11 @@ impl MessageStore for RedisBackend {
                     vec![int(now), env_value, self.publish_command().into()],
                 ),
             };
+            // The optional last key and argument: absent, the script remembers nothing.
+            if let Some(key) = dedupe_key {
+                call.1.push(key.into());
+                call.2.push(int(dedupe_ttl));
+            }
             calls.push(call);
             envelopes.push(env);
         }
@@ -98,8 +108,22 @@ impl MessageStore for RedisBackend {
             };
             let int = |i: usize| parts.get(i).and_then(Value::as_i64).unwrap_or(0);
             let id = |i: usize| parts.get(i).and_then(Value::as_string).unwrap_or_default();
+            // The scripts add a last element 1 when they answered from an earlier send.
+            let repeat = match &out.to {
+                Destination::All { .. } => int(2) == 1,
+                _ => int(3) == 1,
+            };
             let outcome = match &out.to {
                 Destination::User { .. } if int(1) < 0 => Err(SendRefused::StoreQuota),
+                Destination::User { .. } if repeat => {
+                    let (nodes, stored) = (int(0) as u64, int(1) as u64);
+                    Ok(SendOutcome::new(
+                        id(2),
+                        private_result(stored),
+                        nodes,
+                        stored,
+                    ))
+                }
                 Destination::User { user } => {
                     let (nodes, stored, msg_id) = (int(0) as u64, int(1) as u64, id(2));
                     // The sender's other devices get a copy through their own inbox channel.
@@ -116,12 +140,12 @@ impl MessageStore for RedisBackend {
                             .map_err(|e| Self::error("send", e))?;
                         any_copy = true;
                     }
-                    let result = if stored > 0 {
-                        RouteResult::Stored
-                    } else {
-                        RouteResult::Delivered
-                    };
-                    Ok(SendOutcome::new(msg_id, result, nodes, stored))
+                    Ok(SendOutcome::new(
+                        msg_id,
+                        private_result(stored),
+                        nodes,
+                        stored,
+                    ))
                 }
                 Destination::Group { .. } => {
                     let others = int(0);
@@ -142,7 +166,13 @@ impl MessageStore for RedisBackend {
                     Ok(SendOutcome::new(msg_id, RouteResult::Delivered, nodes, 0))
                 }
             };
-            outcomes.push(outcome);
+            outcomes.push(match outcome {
+                Ok(first) if repeat => {
+                    count_repeat(out);
+                    Ok(first.repeated())
+                }
+                other => other,
+            });
         }
         if any_copy {
             Self::count_round_trip("send");
@@ -287,7 +317,40 @@ impl MessageStore for RedisBackend {
     }
 }
 
+/// A private message's result: stored for an offline recipient, or delivered live.
+fn private_result(stored: u64) -> RouteResult {
+    if stored > 0 {
+        RouteResult::Stored
+    } else {
+        RouteResult::Delivered
+    }
+}
+
+fn count_repeat(out: &Outgoing) {
+    let by = match out.dedupe {
+        Some(Dedupe::Retry(_)) => "router",
+        _ => "client",
+    };
+    metrics::counter!(m::MESSAGES_DEDUPED, "id" => by).increment(1);
+}
+
 impl RedisBackend {
+    /// A send's dedupe key and how long it lives (ms), if it has an id. Client and router ids
+    /// live in namespaces of their own (`c`, `r`), so neither can stand for the other.
+    fn dedupe_of(&self, out: &Outgoing) -> (Option<String>, u64) {
+        match &out.dedupe {
+            Some(Dedupe::Client(id)) => (
+                Some(self.keys.dedupe(&out.to, &out.from, &format!("c{id}"))),
+                self.settings.messages.dedupe_window.as_millis() as u64,
+            ),
+            Some(Dedupe::Retry(id)) => (
+                Some(self.keys.dedupe(&out.to, &out.from, &format!("r{id}"))),
+                RETRY_DEDUPE.as_millis() as u64,
+            ),
+            None => (None, 0),
+        }
+    }
+
     /// Reads stream entries into messages (oldest first), skipping anything unreadable.
     fn stream_messages(entries: Vec<Value>) -> Vec<Message> {
         let mut out = Vec::with_capacity(entries.len());

@@ -187,6 +187,12 @@ impl RedisBackend {
         metrics::counter!(m::BACKEND_ERRORS, "op" => op).increment(1);
         BackendError::unavailable(op, e)
     }
+
+    /// An error met before the call was sent: it surely did not apply.
+    fn not_sent(op: &'static str, e: fred::error::Error) -> BackendError {
+        metrics::counter!(m::BACKEND_ERRORS, "op" => op).increment(1);
+        BackendError::not_sent(op, e)
+    }
 }
 
 /// A reconnect may follow a Redis restart that lost everything: every shard rewrites its users.

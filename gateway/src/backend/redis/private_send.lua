@@ -1,9 +1,21 @@
 -- Sends one private message: id from the recipient's counter, one publish on their inbox channel;
 -- stored in their offline stream when no node holds a connection of theirs.
--- KEYS[1] the recipient's user HASH, KEYS[2] their offline STREAM, KEYS[3] their inbox channel.
+-- KEYS[1] the recipient's user HASH, KEYS[2] their offline STREAM, KEYS[3] their inbox channel,
+-- KEYS[4] (optional) the send's dedupe STRING (same slot).
 -- ARGV: 1 now (ms), 2 offline cap, 3 envelope, 4 "PUBLISH" or "SPUBLISH", 5 record ttl (ms),
--- 6 "1" when the message may be stored (the sender's budget allows it), 7 offline ttl (ms).
--- Returns {nodes reached, stored (1, 0, or -1 when it had to be stored and may not), msg_id}.
+-- 6 "1" when the message may be stored (the sender's budget allows it), 7 offline ttl (ms),
+-- 8 how long the dedupe key lives (ms).
+-- Returns {nodes reached, stored (1, 0, or -1 when it had to be stored and may not), msg_id},
+-- plus a 4th element 1 when KEYS[4] held an earlier send's outcome and nothing was sent. A
+-- refused send is not remembered: nothing went out.
+local dedupe = KEYS[4]
+if dedupe then
+  local seen = redis.call('GET', dedupe)
+  if seen then
+    local nodes, stored, id = string.match(seen, '^(%d+):(%d+):(.+)$')
+    if id then return {tonumber(nodes), tonumber(stored), id, 1} end
+  end
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'mq', 1)
 local now = tonumber(ARGV[1])
 local last = tonumber(redis.call('HGET', KEYS[1], 'mm') or '0')
@@ -18,5 +30,8 @@ if nodes == 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 'm', ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   stored = 1
+end
+if dedupe then
+  redis.call('SET', dedupe, string.format('%d:%d:%s', nodes, stored, id), 'PX', ARGV[8])
 end
 return {nodes, stored, id}

@@ -78,15 +78,16 @@ impl RedisBackend {
                 argv.push(Value::Integer(keys.len() as i64));
                 argv.extend(keys.iter().cloned());
                 argv.extend(args.iter().cloned());
+                // Queuing happens before anything is sent.
                 let _: () = pipeline
                     .custom(evalsha.clone(), argv)
                     .await
-                    .map_err(|e| Self::error(op, e))?;
+                    .map_err(|e| Self::not_sent(op, e))?;
             }
             if let Some(sets) = sets {
                 sets.queue(&pipeline)
                     .await
-                    .map_err(|e| Self::error(op, e))?;
+                    .map_err(|e| Self::not_sent(op, e))?;
             }
             Self::count_round_trip(op);
             let results: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;

@@ -17,6 +17,11 @@ pub(super) fn check_msg_id(id: &str) -> Result<(), (ErrorCode, String)> {
         .ok_or_else(|| bad("message ids look like 1700000000000-0000000001"))
 }
 
+/// A `send`'s optional `client_msg_id`: 1 to 64 bytes, any text (it only ever names a key).
+pub(super) fn check_client_msg_id(id: Option<&str>) -> Result<(), (ErrorCode, String)> {
+    id.map_or(Ok(()), ids::check_client_msg_id).map_err(bad)
+}
+
 /// How far past this node's clock a read position may point: ids come from the clocks of the nodes
 /// that sent the messages, which may run a little ahead.
 const READ_AHEAD_MS: u64 = 60_000;

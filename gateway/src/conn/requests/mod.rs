@@ -8,7 +8,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use shared::{ClientFrame, Destination, ErrorCode, ServerFrame, Status, ids};
+use shared::{ClientFrame, Destination, ErrorCode, Outcome, ServerFrame, Status, ids};
 use tokio::sync::Semaphore;
 
 mod answer;
@@ -18,14 +18,15 @@ mod subscribe;
 use self::subscribe::Asking;
 
 use self::checks::{
-    TokenBucket, bad, check_msg_id, check_not_ahead, checked_users, forbidden, unavailable,
+    TokenBucket, bad, check_client_msg_id, check_msg_id, check_not_ahead, checked_users, forbidden,
+    unavailable,
 };
 use crate::conn_handle::ConnHandle;
 use crate::frame::within_bytes;
 use crate::{
     app::App,
     authz::{Ask, Verdict},
-    backend::{JoinPolicy, Origin, Outgoing, online_members},
+    backend::{Dedupe, JoinPolicy, Origin, Outgoing, online_members},
     clock::now_ms,
     metrics as m,
     presence::ChosenStatus,
@@ -212,8 +213,14 @@ impl Requests {
                     Ok(ServerFrame::MemberList { id, group, users })
                 })?;
             }
-            ClientFrame::Send { id, to, body } => {
+            ClientFrame::Send {
+                id,
+                to,
+                body,
+                client_msg_id,
+            } => {
                 shared::body::check_body(&body).map_err(|e| bad(e.to_string()))?;
+                check_client_msg_id(client_msg_id.as_deref())?;
                 match &to {
                     Destination::User { user } => ids::check_id("user", user).map_err(bad)?,
                     Destination::Group { group } => ids::check_id("group", group).map_err(bad)?,
@@ -237,6 +244,7 @@ impl Requests {
                         check_membership: true,
                         // The router decides, from the sender's budget.
                         may_store: true,
+                        dedupe: client_msg_id.map(Dedupe::Client),
                     },
                     reply: Reply::Conn {
                         conn: self.conn.clone(),
@@ -244,7 +252,7 @@ impl Requests {
                     },
                 };
                 if !self.app.router.route(job).await {
-                    return Err(unavailable());
+                    self.reply(ServerFrame::send_unavailable(id, Outcome::NotSent));
                 }
             }
             ClientFrame::AckOffline { id, up_to } => {

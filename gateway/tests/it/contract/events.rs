@@ -280,6 +280,7 @@ async fn broadcasts_reach_every_node(f: Factory) {
         origin: None,
         check_membership: false,
         may_store: true,
+        dedupe: None,
     };
     let outcome = b
         .messages

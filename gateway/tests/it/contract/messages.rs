@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use gateway::backend::{
-    BackendSettings, MessageSettings, Outgoing, SendOutcome, SendRefused, Topic, parse_msg_id,
+    BackendEvent, BackendSettings, Dedupe, MessageSettings, Outgoing, SendOutcome, SendRefused,
+    Topic, parse_msg_id,
 };
-use shared::{Message, RouteResult};
+use shared::{Destination, Message, RouteResult};
 
 use super::{Factory, Under, private, settings, sleep_past, to_group};
 
@@ -26,6 +27,12 @@ contract!(
     unread_counts_follow_read_positions,
     msg_ids_sort_in_send_order,
     connect_state_has_groups_and_stored_messages,
+    a_repeated_client_id_to_a_user_is_sent_once,
+    a_repeated_client_id_to_a_group_is_sent_once,
+    a_repeated_client_id_to_everyone_is_sent_once,
+    client_ids_are_per_sender_and_destination,
+    a_refused_send_is_not_remembered,
+    client_ids_are_forgotten_after_the_window,
 );
 
 fn with_messages(messages: MessageSettings) -> BackendSettings {
@@ -441,4 +448,142 @@ async fn connect_state_has_groups_and_stored_messages(f: Factory) {
     let empty = b.sessions.connect_state("stranger").await;
     assert_eq!(empty.groups.expect("groups"), Vec::<String>::new());
     assert_eq!(empty.offline.expect("offline"), vec![]);
+}
+
+/// `out` carrying the sender's `client_msg_id`.
+fn with_id(out: Outgoing, id: &str) -> Outgoing {
+    Outgoing {
+        dedupe: Some(Dedupe::Client(id.into())),
+        ..out
+    }
+}
+
+fn messages_of(events: &[BackendEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BackendEvent::Message(d) => Some(d.message.msg_id.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn a_repeated_client_id_to_a_user_is_sent_once(f: Factory) {
+    let mut b = f.backend().await;
+    let out = with_id(private("alice", "bob", "once"), "c-1");
+    let first = send_one(&b, out.clone()).await;
+    assert!(!first.duplicate);
+    // The retry may come through another node, in a batch of its own or with others.
+    let peer = b.peer("n2").await;
+    let again = peer
+        .messages
+        .send(vec![out.clone(), out.clone()])
+        .await
+        .expect("send");
+    for repeat in again {
+        let repeat = repeat.expect("not refused");
+        assert!(repeat.duplicate);
+        assert_eq!(
+            SendOutcome {
+                duplicate: false,
+                ..repeat
+            },
+            first,
+            "the first one's outcome"
+        );
+    }
+    assert_eq!(ids(&offline(&b, "bob").await), [first.msg_id.as_str()]);
+
+    b.watch(vec![Topic::Inbox("carol".into())]).await;
+    let live = with_id(private("alice", "carol", "live"), "c-1");
+    let sent = send_ok(&b, vec![live.clone(), live.clone()]).await;
+    assert_eq!(sent[0].msg_id, sent[1].msg_id);
+    assert_eq!((sent[0].duplicate, sent[1].duplicate), (false, true));
+    assert_eq!(messages_of(&b.sync().await), [sent[0].msg_id.as_str()]);
+}
+
+async fn a_repeated_client_id_to_a_group_is_sent_once(f: Factory) {
+    let mut b = f.backend().await;
+    b.groups.add_member("team", "alice").await.expect("add");
+    b.groups.add_member("team", "bob").await.expect("add");
+    b.watch(vec![Topic::Group("team".into())]).await;
+    let out = with_id(to_group("alice", "team", "once", true), "c-1");
+    let first = send_one(&b, out.clone()).await;
+    let repeat = send_one(&b, out).await;
+    assert_eq!(
+        (repeat.msg_id.as_str(), repeat.result, repeat.duplicate),
+        (first.msg_id.as_str(), first.result, true)
+    );
+    assert_eq!(
+        ids(&history(&b, "team", None, 10).await.0),
+        [first.msg_id.as_str()]
+    );
+    assert_eq!(messages_of(&b.sync().await), [first.msg_id.as_str()]);
+}
+
+async fn a_repeated_client_id_to_everyone_is_sent_once(f: Factory) {
+    let mut b = f.backend().await;
+    let all = Outgoing {
+        to: Destination::All { all: true },
+        ..private("system", "nobody", "maintenance")
+    };
+    let out = with_id(all, "c-1");
+    let first = send_one(&b, out.clone()).await;
+    let repeat = send_one(&b, out).await;
+    assert_eq!(
+        (repeat.msg_id.as_str(), repeat.duplicate),
+        (first.msg_id.as_str(), true)
+    );
+    assert_eq!(messages_of(&b.sync().await), [first.msg_id.as_str()]);
+}
+
+async fn client_ids_are_per_sender_and_destination(f: Factory) {
+    let b = f.backend().await;
+    let sent = send_ok(
+        &b,
+        vec![
+            with_id(private("alice", "bob", "1"), "c-1"),
+            with_id(private("alice", "bob", "2"), "c-2"),
+            // User ids may hold ':', and a client_msg_id anything: no pair may stand for another.
+            with_id(private("alice:c", "bob", "3"), "1"),
+            with_id(private("dave", "bob", "4"), "c-1"),
+            with_id(private("alice", "carol", "5"), "c-1"),
+            with_id(to_group("alice", "bob", "6", false), "c-1"),
+            private("alice", "bob", "7"),
+            private("alice", "bob", "8"),
+        ],
+    )
+    .await;
+    for outcome in &sent {
+        assert!(!outcome.duplicate, "{outcome:?}");
+    }
+    assert_eq!(offline(&b, "bob").await.len(), 6, "every one stored");
+}
+
+async fn a_refused_send_is_not_remembered(f: Factory) {
+    let b = f.backend().await;
+    let out = with_id(to_group("late", "club", "hi", true), "c-1");
+    let refused = b.messages.send(vec![out.clone()]).await.expect("send");
+    assert_eq!(refused, vec![Err(SendRefused::NotMember)]);
+    b.groups.add_member("club", "late").await.expect("add");
+    let sent = send_one(&b, out).await;
+    assert!(!sent.duplicate, "the retry goes out once allowed");
+    assert_eq!(history(&b, "club", None, 10).await.0.len(), 1);
+}
+
+async fn client_ids_are_forgotten_after_the_window(f: Factory) {
+    let window = Duration::from_millis(300);
+    let b = f
+        .backend_with(with_messages(MessageSettings {
+            dedupe_window: window,
+            ..settings().messages
+        }))
+        .await;
+    let out = with_id(private("alice", "bob", "again"), "c-1");
+    let first = send_one(&b, out.clone()).await;
+    sleep_past(window).await;
+    let later = send_one(&b, out).await;
+    assert!(!later.duplicate);
+    assert_ne!(later.msg_id, first.msg_id, "sent again");
+    assert_eq!(offline(&b, "bob").await.len(), 2);
 }

@@ -179,6 +179,8 @@ pub fn settings() -> BackendSettings {
             history_cap: 1000,
             history_age: Duration::from_secs(86_400),
             offline_ttl: Duration::from_secs(86_400),
+            dedupe_window: Duration::from_secs(300),
+            dedupe_max: 1000,
         },
     }
 }
@@ -504,6 +506,7 @@ impl Under {
             origin: None,
             check_membership: false,
             may_store: true,
+            dedupe: None,
         };
         let outcome = self
             .messages
@@ -634,6 +637,7 @@ pub fn private(from: &str, to: &str, text: &str) -> Outgoing {
         origin: None,
         check_membership: false,
         may_store: true,
+        dedupe: None,
     }
 }
 
@@ -650,6 +654,7 @@ pub fn to_group(from: &str, group: &str, text: &str, check_membership: bool) -> 
         origin: None,
         check_membership,
         may_store: true,
+        dedupe: None,
     }
 }
 
