@@ -19,6 +19,10 @@ pub struct NodeEntry {
 pub struct ChosenStatus {
     pub status: Status,
     pub text: Option<String>,
+    /// When it was chosen (ms, the choosing node's clock). A user connected to several nodes has
+    /// one choice remembered per node; after the backend lost the record, each node restores its
+    /// own, and the newest must win whatever order they arrive in.
+    pub at: u64,
 }
 
 impl Default for ChosenStatus {
@@ -26,6 +30,7 @@ impl Default for ChosenStatus {
         ChosenStatus {
             status: Status::Online,
             text: None,
+            at: 0,
         }
     }
 }
@@ -201,7 +206,11 @@ mod tests {
     use super::*;
 
     fn chosen(status: Status) -> ChosenStatus {
-        ChosenStatus { status, text: None }
+        ChosenStatus {
+            status,
+            text: None,
+            at: 0,
+        }
     }
 
     #[test]

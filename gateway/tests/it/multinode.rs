@@ -1,13 +1,15 @@
 //! Many nodes on one Redis and on a Redis Cluster: presence across nodes, crash reaping, batched
-//! round trips, and recovery after Redis comes back empty.
+//! round trips, and recovery after Redis comes back empty (with the last chosen status).
 
 use std::time::Duration;
 
-use shared::Status;
+use serde_json::Value;
+use shared::{ClientFrame, ServerFrame, Status};
 
 use crate::{
     client::{Client, Rest},
     harness::{Backend, Node, NodeBuilder, Redis, RedisCluster},
+    peer::Peer,
 };
 
 fn nodes(backend: &Backend, n: usize, extra: &[&str]) -> Vec<Node> {
@@ -262,6 +264,122 @@ async fn presence_recovers_after_redis_restarts_empty() {
     watcher.subscribe(&["late"]).await;
     let _late = Client::connect(&n[0], "late", 4).await;
     assert_eq!(watcher.presence_of("late").await.status, Status::Online);
+}
+
+/// Users connected to two nodes choose `busy` through one node, then `online` with a text through
+/// the other; Redis restarts empty and both nodes rewrite what they hold at once, in no set order.
+/// REST on both nodes and watchers on both end with the last choice. The first choice went through
+/// node A for half the users and through node B for the other half, so under the old rule (the
+/// first renewal to arrive wins) some users end `busy` whichever node renews first (seen in chaos:
+/// issue 13).
+#[tokio::test]
+async fn the_last_chosen_status_wins_after_redis_restarts_empty() {
+    const USERS: usize = 12;
+    let mut redis = Redis::start();
+    let backend = Backend::Redis(redis.url());
+    let n = nodes(&backend, 2, &[]);
+    let users: Vec<String> = (0..USERS).map(|i| format!("st{i}")).collect();
+    let mut conns = Vec::new();
+    for user in &users {
+        let mut pair = Vec::new();
+        for (i, node) in n.iter().enumerate() {
+            let peer = Peer::connect(node, i, user, i as u8 + 1).await;
+            pair.push(peer.expect("connects"));
+        }
+        conns.push(pair);
+    }
+    let mut watchers = Vec::new();
+    for (i, node) in n.iter().enumerate() {
+        let watcher = Peer::connect(node, i, &format!("watcher{i}"), 1)
+            .await
+            .expect("connects");
+        assert!(watcher.subscribe(users.clone()).await);
+        watchers.push(watcher);
+    }
+    let rests = [Rest::new(&n[0]), Rest::new(&n[1])];
+
+    // Each choice is written before the next is made, so the last one is the newest everywhere.
+    for (step, (status, text)) in [(Status::Busy, "first"), (Status::Online, "last")]
+        .into_iter()
+        .enumerate()
+    {
+        for (i, pair) in conns.iter().enumerate() {
+            let through = &pair[(i + step) % 2];
+            let answer = through
+                .request(move |id| ClientFrame::SetStatus {
+                    id,
+                    status,
+                    text: Some(text.to_string()),
+                })
+                .await;
+            assert!(matches!(answer, Some(ServerFrame::Ok { .. })), "{answer:?}");
+        }
+        for user in &users {
+            rests[0].wait_presence(user, |p| p["text"] == text).await;
+        }
+    }
+    let before: Vec<u64> = users
+        .iter()
+        .map(|u| watchers[0].heard.lock().expect("heard").latest[u].version)
+        .collect();
+
+    redis.restart_empty();
+
+    let last = |p: &Value| {
+        p["status"] == "online"
+            && p["text"] == "last"
+            && p["platforms"] == serde_json::json!([1, 2])
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (rest, user) in rests.iter().flat_map(|r| users.iter().map(move |u| (r, u))) {
+        // Redis is empty now: a record with both platforms was rewritten by both nodes.
+        loop {
+            let (code, body) = rest.get(&format!("/presence/{user}")).await;
+            if code == 200 && body["platforms"] == serde_json::json!([1, 2]) {
+                assert!(last(&body), "{user} after both nodes renewed: {body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user}: {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Watchers hear the rewritten records (events, then the re-read a second later).
+    for (w, watcher) in watchers.iter().enumerate() {
+        for (user, before) in users.iter().zip(&before) {
+            loop {
+                let heard = watcher.heard.lock().expect("heard").latest[user].clone();
+                if heard.version > *before
+                    && heard.status == Status::Online
+                    && heard.text.as_deref() == Some("last")
+                    && heard.platforms == [1, 2]
+                {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "watcher on node {w} ends with {heard:?} for {user}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // And it stays so once every renewal and re-read is through.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for rest in &rests {
+        for user in &users {
+            let body = rest.presence(user).await;
+            assert!(last(&body), "{user} later: {body}");
+        }
+    }
+    for watcher in &watchers {
+        let heard = watcher.heard.lock().expect("heard");
+        for user in &users {
+            assert_eq!(heard.latest[user].text.as_deref(), Some("last"), "{user}");
+        }
+    }
 }
 
 /// The registry answers the least-loaded node with new tokens.

@@ -331,6 +331,7 @@ impl Shard {
         let status = ChosenStatus {
             status,
             text: text.map(String::from),
+            at: gateway::clock::now_ms(),
         };
         let cmd = ShardCmd::SetStatus {
             user: user.to_string(),

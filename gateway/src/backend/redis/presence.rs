@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use fred::prelude::*;
-use shared::{Platform, Status};
+use shared::Platform;
 
 use super::{
     PIPELINE_USERS, RedisBackend, cmd, record,
@@ -31,8 +31,8 @@ impl PresenceStore for RedisBackend {
             let mut sets = SetUpdates::default();
             let users = chunk.iter().map(|w| {
                 sets.entry_change(&self.keys, node, &w.user, w.before, w.entry);
-                if let Some(status) = &w.status {
-                    sets.status_change(&self.keys, &w.user, status);
+                if let Some(chosen) = &w.status {
+                    sets.status_change(&self.keys, &w.user, chosen.status);
                 }
                 UserWrite {
                     user: &w.user,
@@ -61,11 +61,6 @@ impl PresenceStore for RedisBackend {
             let mut sets = SetUpdates::default();
             let users = chunk.iter().map(|r| {
                 sets.entry_change(&self.keys, node, &r.user, None, Some(r.entry));
-                if let Some(chosen) = &r.chosen
-                    && chosen.status == Status::Invisible
-                {
-                    sets.status_change(&self.keys, &r.user, chosen);
-                }
                 UserWrite {
                     user: &r.user,
                     entry: Some(r.entry),
@@ -75,7 +70,18 @@ impl PresenceStore for RedisBackend {
                 }
             });
             let calls = self.write_calls(node, now, true, users);
-            changed.extend(self.write_pipeline("renew", &calls, &sets).await?);
+            let restored = self.write_pipeline("renew", &calls, &sets).await?;
+            // Whether a restored choice won is known only now (a newer one may be stored), so the
+            // invisible set follows the records that changed, in a second round trip that only
+            // renewals after a loss need.
+            let mut visibility = SetUpdates::default();
+            for c in restored.iter().filter(|c| c.record.platforms != 0) {
+                visibility.status_change(&self.keys, &c.record.user, c.record.status);
+            }
+            if !visibility.is_empty() {
+                self.update_sets("renew", &visibility).await?;
+            }
+            changed.extend(restored);
         }
         Ok(changed)
     }

@@ -3,9 +3,14 @@
 --   cluster the caller sends one user per call (a script's keys must share a slot).
 -- ARGV: 1 node, 2 now (ms), 3 entry ttl (ms), 4 record ttl (ms), 5 "PUBLISH" or "SPUBLISH",
 --   6 "1" to push the record's expiry out for every user (renewal, reaper) or "",
---   then six per user: user, entry "mask:idle" or, to remove it, "-mask" (the entry Redis last
---   acknowledged) or "", chosen status or "", its text, status to restore if none is stored or "",
---   its text.
+--   then eight per user: user, entry "mask:idle" or, to remove it, "-mask" (the entry Redis last
+--   acknowledged) or "", chosen status or "", its text, when it was chosen (ms), status to restore
+--   or "", its text, when it was chosen (ms).
+-- A chosen status is stored with when it was chosen (`ca`). A new choice always takes effect, at
+-- max(its time, stored + 1), so the stored time stays the newest of any choice written. A restore
+-- (renewal: the status chosen through that node) replaces the stored choice only if there is none
+-- or it is older: after Redis lost the record, each node of the user restores the choice it
+-- holds, and the newest wins whatever order they come in; a renewal never undoes a newer choice.
 -- Returns one reply per user: 0 when nothing visible changed, else {mask before, payload}.
 -- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|'), where
 -- version is "v" when the public version is the same, else "v:pv:1" when others see the change,
@@ -24,19 +29,20 @@ local function visible(s) return s == 'online' or s == 'away' or s == 'busy' end
 local out = {}
 for u = 1, #KEYS / 2 do
   local key, channel = KEYS[2 * u - 1], KEYS[2 * u]
-  local a = 6 + (u - 1) * 6
+  local a = 6 + (u - 1) * 8
   local user, entry = ARGV[a + 1], ARGV[a + 2]
   local was_mask
   if string.byte(entry, 1) == 45 then -- "-mask": a removal that knows what this node had
     was_mask, entry = tonumber(string.sub(entry, 2)), ''
   end
-  local cs, ct, rs, rt = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  local cs, ct, ca = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local rs, rt, ra = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
 
   -- Fold every live entry but this node's, which is replaced by `entry`; expired ones (nodes
   -- that died) are dropped on the way. Record fields go to locals, not a table: building a
   -- table per user was a measurable part of the script's cost.
   local fields = redis.call('HGETALL', key)
-  local st, pl, tx, v, pv, ls, rcs, rct
+  local st, pl, tx, v, pv, ls, rcs, rct, rca
   local drop = {}
   local mask, idle, old = 0, true, nil
   for i = 1, #fields, 2 do
@@ -48,6 +54,7 @@ for u = 1, #KEYS / 2 do
     elseif f == 'ls' then ls = x
     elseif f == 'cs' then rcs = x
     elseif f == 'ct' then rct = x
+    elseif f == 'ca' then rca = x
     elseif f == 'pv' then pv = x
     elseif f == mine then old = x
     elseif string.byte(f, 1) == 110 and string.byte(f, 2) == 58 then -- "n:"
@@ -80,11 +87,17 @@ for u = 1, #KEYS / 2 do
     drop[#drop + 1] = mine
     touch = true
   end
-  if cs == '' and rs ~= '' and not rcs then cs, ct = rs, rt end
+  if cs ~= '' then
+    if rca then ca = string.format('%d', math.max(tonumber(ca), tonumber(rca) + 1)) end
+  elseif rs ~= '' and (not rcs or (rca and tonumber(rca) < tonumber(ra))) then
+    -- A stored choice without a time predates `ca`: kept, as before it.
+    cs, ct, ca = rs, rt, ra
+  end
   if cs ~= '' then
     rcs, rct = cs, ct
     local n = #set
-    set[n + 1], set[n + 2], set[n + 3], set[n + 4] = 'cs', cs, 'ct', ct
+    set[n + 1], set[n + 2], set[n + 3], set[n + 4], set[n + 5], set[n + 6] =
+      'cs', cs, 'ct', ct, 'ca', ca
   end
 
   local status

@@ -21,7 +21,7 @@ use crate::{
 const WRITE_USERS_PER_CALL: usize = 50;
 
 /// One user's part of a `write.lua` call: this node's entry (`None` removes it), a newly chosen
-/// status, or the status to restore if Redis lost it (renewal after a restart).
+/// status, or the status to restore if Redis lost it or holds an older choice (renewal).
 pub(super) struct UserWrite<'a> {
     pub(super) user: &'a str,
     pub(super) entry: Option<NodeEntry>,
@@ -72,11 +72,12 @@ impl RedisBackend {
             if touch { "1" } else { "" }.into(),
         ];
         let status_args = |s: Option<&ChosenStatus>| match s {
-            Some(s) => (
+            Some(s) => [
                 Value::from(s.status.as_str()),
                 Value::from(s.text.clone().unwrap_or_default()),
-            ),
-            None => (Value::from(""), Value::from("")),
+                Value::from(s.at.to_string()),
+            ],
+            None => [Value::from(""), Value::from(""), Value::from("")],
         };
         let mut calls: Vec<ScriptCall<'a>> = Vec::new();
         for (i, w) in users.into_iter().enumerate() {
@@ -93,9 +94,9 @@ impl RedisBackend {
                 (None, Some(was)) => format!("-{}", was.platforms),
                 (None, None) => String::new(),
             };
-            let (cs, ct) = status_args(w.status);
-            let (rs, rt) = status_args(w.restore);
-            args.extend([Value::from(w.user), Value::from(entry), cs, ct, rs, rt]);
+            args.extend([Value::from(w.user), Value::from(entry)]);
+            args.extend(status_args(w.status));
+            args.extend(status_args(w.restore));
         }
         calls
     }
@@ -131,6 +132,21 @@ impl RedisBackend {
             }
         }
         Ok(changed)
+    }
+
+    /// Runs set updates alone, as one round trip.
+    pub(super) async fn update_sets(
+        &self,
+        op: &'static str,
+        sets: &SetUpdates,
+    ) -> Result<(), BackendError> {
+        let pipeline = self.client.pipeline();
+        sets.queue(&pipeline)
+            .await
+            .map_err(|e| Self::error(op, e))?;
+        Self::count_round_trip(op);
+        let _: Vec<Value> = pipeline.all().await.map_err(|e| Self::error(op, e))?;
+        Ok(())
     }
 
     /// Removes every entry `node` holds and publishes what that changes; then forgets the node.
@@ -229,12 +245,18 @@ impl SetUpdates {
         }
     }
 
-    pub(super) fn status_change(&mut self, keys: &Keys, user: &str, status: &ChosenStatus) {
-        if status.status == Status::Invisible {
+    /// The invisible set for a user whose chosen (or, when connected, effective) status is
+    /// `status`.
+    pub(super) fn status_change(&mut self, keys: &Keys, user: &str, status: Status) {
+        if status == Status::Invisible {
             self.add(&keys.invisible(), [user.to_string()]);
         } else {
             self.remove(&keys.invisible(), [user.to_string()]);
         }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
     }
 
     pub(super) async fn queue(

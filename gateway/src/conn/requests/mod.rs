@@ -138,7 +138,11 @@ impl Requests {
                 let user = self.conn.user.clone();
                 let cmd = ShardCmd::SetStatus {
                     user: user.clone(),
-                    status: ChosenStatus { status, text },
+                    status: ChosenStatus {
+                        status,
+                        text,
+                        at: now_ms(),
+                    },
                 };
                 if !self.app.shards.send(&user, cmd).await {
                     return Err(unavailable());

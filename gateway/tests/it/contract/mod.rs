@@ -614,10 +614,12 @@ pub fn idle(platforms: &[u8]) -> NodeEntry {
     }
 }
 
+/// A status chosen now.
 pub fn chosen(status: Status, text: Option<&str>) -> ChosenStatus {
     ChosenStatus {
         status,
         text: text.map(String::from),
+        at: now_ms(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gateway::{
     backend::{BackendSettings, Counts, Topic},
-    presence::PresenceRecord,
+    presence::{ChosenStatus, PresenceRecord},
 };
 use shared::Status;
 
@@ -28,6 +28,7 @@ contract!(
     renewal_keeps_entries,
     renewal_recreates_lost_entries_and_restores_invisible,
     renewal_restores_the_chosen_status_only_when_lost,
+    renewal_restores_the_newest_choice_whatever_the_order,
     online_users_page_in_id_order,
     online_users_filter_by_platform,
     counts_overall_and_per_platform,
@@ -526,15 +527,69 @@ async fn renewal_recreates_lost_entries_and_restores_invisible(f: Factory) {
 async fn renewal_restores_the_chosen_status_only_when_lost(f: Factory) {
     let mut b = f.backend().await;
     b.connect("jack", &[1]).await;
+    // Chosen before `busy` (through another node, say): renewing it must not undo `busy`.
+    let older = chosen(Status::Invisible, None);
     let busy = b
         .set_status("jack", Status::Busy, None)
         .await
         .expect("busy");
-    let renewed = b
-        .renew(N1, &[("jack", chosen(Status::Invisible, None))])
-        .await;
+    let renewed = b.renew(N1, &[("jack", older)]).await;
     assert_eq!(renewed, vec![], "the record was not lost");
     assert_eq!(b.record("jack").await, busy.record);
+}
+
+/// A user on two nodes chose `busy` through one, then `online` (with a text) through the other.
+/// After the backend lost the record, each node restores the choice it holds: the newest wins,
+/// whichever renews first (chaos found the first renewal winning, with an older `busy`).
+async fn renewal_restores_the_newest_choice_whatever_the_order(f: Factory) {
+    let ttl = Duration::from_millis(300);
+    for first in [N1, "n2"] {
+        let mut b = f
+            .backend_with(BackendSettings {
+                node_ttl: Duration::from_secs(30),
+                ..short_ttl(ttl)
+            })
+            .await;
+        b.announce("n2").await;
+        let older = chosen(Status::Busy, Some("old"));
+        let newer = ChosenStatus {
+            at: older.at + 1000,
+            ..chosen(Status::Online, Some("new"))
+        };
+        b.write(N1, &[("kim", Some(entry(&[1])), Some(older.clone()))])
+            .await;
+        b.write("n2", &[("kim", Some(entry(&[2])), Some(newer.clone()))])
+            .await;
+        let before = b.record("kim").await;
+        assert_eq!(
+            (before.status, before.text.as_deref()),
+            (Status::Online, Some("new"))
+        );
+        b.lose_presence().await;
+        b.announce("n2").await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+
+        let (second, first_choice, second_choice) = if first == N1 {
+            ("n2", &older, &newer)
+        } else {
+            (N1, &newer, &older)
+        };
+        b.renew(first, &[("kim", first_choice.clone())]).await;
+        b.renew(second, &[("kim", second_choice.clone())]).await;
+        let after = b.record("kim").await;
+        assert_eq!(
+            (after.status, after.platforms, after.text.as_deref()),
+            (Status::Online, mask(&[1, 2]), Some("new")),
+            "{first} renewed first"
+        );
+        assert!(after.version > before.version, "versions grow after loss");
+        assert_eq!(
+            b.renew(N1, &[("kim", older.clone())]).await,
+            vec![],
+            "{first} renewed first: the older choice stays beaten"
+        );
+        assert_eq!(b.record("kim").await, after);
+    }
 }
 
 async fn online_users_page_in_id_order(f: Factory) {
