@@ -361,7 +361,8 @@ impl Redis {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: six tests at a time start a dozen servers at once on two cores.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.cli(&["PING"]).trim() == "PONG" {
                 return;

@@ -137,11 +137,14 @@ impl Peer {
 
     /// Subscribes to `users`; true when the `presence_list` came (its items are recorded).
     pub async fn subscribe(&self, users: Vec<String>) -> bool {
-        matches!(
-            self.request(move |id| ClientFrame::Subscribe { id, users })
-                .await,
-            Some(ServerFrame::PresenceList { .. })
-        )
+        let answer = self
+            .request(move |id| ClientFrame::Subscribe { id, users })
+            .await;
+        let listed = matches!(answer, Some(ServerFrame::PresenceList { .. }));
+        if !listed {
+            eprintln!("{}: subscribe answered {answer:?}", self.user);
+        }
+        listed
     }
 
     /// Sends `text` to `group`; the `ack` (or whatever answered).

@@ -142,6 +142,7 @@ impl RedisBackend {
         tracker.spawn(probe::run_probe(
             client.clone(),
             subscriber.clone(),
+            cluster,
             health.clone(),
             events,
             stop,
@@ -178,8 +179,14 @@ impl RedisBackend {
     }
 
     /// The circuit: refuses a call at once while Redis is known down, instead of letting it wait
-    /// out the command timeout.
+    /// out the command timeout. Not on a cluster: an outage there is usually one master's, until
+    /// its replica takes over, and fred learns the new slot map from the redirects and errors of
+    /// the calls themselves; refusing them kept a node from ever seeing the failover
+    /// (`faults::cluster_failover_*`). There the probe only reports (`presence_backend_up`).
     fn admit(&self, op: &'static str) -> Result<(), BackendError> {
+        if self.cluster {
+            return Ok(());
+        }
         self.health.admit(op)
     }
 
