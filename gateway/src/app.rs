@@ -128,7 +128,6 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             RedisBackend::connect(
                 target,
                 &config.key_prefix,
-                &node_id,
                 settings,
                 events_tx,
                 &background,
@@ -157,6 +156,18 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         ),
         None => ChangeHooks::metrics_only(),
     };
+
+    // A node restarted under the same id must not leave its old users online forever: nobody
+    // else reaps a node that keeps announcing. Their offline transitions go out as webhooks.
+    let stale = backend.registry.reap_previous_run(&node_id).await?;
+    if !stale.is_empty() {
+        tracing::info!(
+            users = stale.len(),
+            "cleared presence left by this node's previous run"
+        );
+        metrics::counter!(m::REAPED_USERS).increment(stale.len() as u64);
+        hooks.changed(&node_id, stale);
+    }
 
     let authz = match (config.auth_hook_url(), &config.webhook_secret) {
         (Some(url), Some(secret)) => Some(Arc::new(AuthzHook::new(

@@ -20,6 +20,9 @@ pub trait Registry: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError>;
     /// Reaps nodes that stopped announcing; `me` is never reaped.
     async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError>;
+    /// At start: removes what an earlier process under this node id left (nobody else reaps a
+    /// node that keeps announcing) and returns the changes, for webhooks.
+    async fn reap_previous_run(&self, node: &str) -> Result<Vec<Changed>, BackendError>;
 }
 
 /// A node as the registry shows it.

@@ -47,7 +47,8 @@ pub(super) async fn run(
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.cancelled() => break,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // At most a second: a node that dies while events wait here loses them.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

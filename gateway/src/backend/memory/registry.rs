@@ -56,6 +56,11 @@ impl Registry for MemoryBackend {
         Ok(nodes)
     }
 
+    /// The store lives and dies with the process: no earlier run left anything.
+    async fn reap_previous_run(&self, _node: &str) -> Result<Vec<Changed>, BackendError> {
+        Ok(Vec::new())
+    }
+
     async fn reap_dead_nodes(&self, _me: &str) -> Result<Vec<Changed>, BackendError> {
         // One process holds every node here, so "dead" means "entries past their expiry": sweep
         // them, and expired tokens with them.

@@ -59,12 +59,10 @@ fn cmd(name: &'static str) -> CustomCommand {
 }
 
 impl RedisBackend {
-    /// Connects (waiting up to 10 s for Redis), starts the subscriber tasks on `tracker`, and
-    /// reaps what an earlier process with this node id left behind.
+    /// Connects (waiting up to 10 s for Redis) and starts the subscriber tasks on `tracker`.
     pub async fn connect(
         target: RedisTarget,
         prefix: &str,
-        node: &str,
         settings: BackendSettings,
         events: EventSink,
         tracker: &TaskTracker,
@@ -158,15 +156,6 @@ impl RedisBackend {
             health,
         };
         backend.load_scripts().await?;
-        // A node restarted under the same id must not leave its old users online forever: nobody
-        // else reaps a node that keeps heartbeating.
-        let stale = backend.reap_node(node).await?;
-        if !stale.is_empty() {
-            tracing::info!(
-                users = stale.len(),
-                "cleared presence left by this node's previous run"
-            );
-        }
         Ok(backend)
     }
 

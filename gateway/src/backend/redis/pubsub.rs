@@ -47,8 +47,8 @@ pub async fn run_subscriptions(
     stop: CancellationToken,
 ) {
     let mut subscribed: HashSet<String> = HashSet::new();
-    // Set by a reconnect: once every channel is subscribed again, the shards re-read what was
-    // published in the gap (presence of watched users, group history).
+    // Set by a reconnect or a refused subscribe: once every channel is subscribed (again), the
+    // shards re-read what was published in the gap (presence of watched users, group history).
     let mut resync_due = false;
     let mut pending = Pending::default();
     let mut retry = false;
@@ -91,6 +91,8 @@ pub async fn run_subscriptions(
                 metrics::counter!(m::BACKEND_ERRORS, "op" => "subscribe").increment(1);
                 pending.add.extend(channels.iter().cloned());
                 retry = true;
+                // What these channels carried until they are subscribed is lost: re-read then.
+                resync_due = true;
             }
         }
         let remove: Vec<String> = pending.remove.drain().collect();

@@ -79,6 +79,11 @@ impl Registry for RedisBackend {
         Ok(nodes)
     }
 
+    async fn reap_previous_run(&self, node: &str) -> Result<Vec<Changed>, BackendError> {
+        self.admit("reap_previous_run")?;
+        self.reap_node(node).await
+    }
+
     async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError> {
         self.admit("reap_dead_nodes")?;
         let before = now_ms().saturating_sub(self.settings.node_ttl.as_millis() as u64);

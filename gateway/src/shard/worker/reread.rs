@@ -53,6 +53,12 @@ impl Worker {
         if users.is_empty() && groups.is_empty() {
             return;
         }
+        tracing::debug!(
+            shard = self.index,
+            users = users.len(),
+            groups = groups.len(),
+            "re-reading presence and group history"
+        );
         self.rereading = true;
         let (presence, messages) = (self.presence.clone(), self.messages.clone());
         let (shards, index) = (self.shards.clone(), self.index);
@@ -111,6 +117,13 @@ impl Worker {
                 }
             }
             Reread::Group { group, messages } => {
+                tracing::debug!(
+                    shard = self.index,
+                    %group,
+                    read = messages.len(),
+                    after = self.group_marks.get(&group).map(|m| m.id.as_str()),
+                    "group history re-read"
+                );
                 for message in messages {
                     let delivery = Delivery {
                         audience: Audience::Group(group.clone()),

@@ -141,7 +141,7 @@ impl Factory {
                     COUNTER.fetch_add(1, Ordering::Relaxed),
                     rand::random::<u32>()
                 );
-                let conn = RedisConn::connect(&prefix, N1, &settings, tx).await;
+                let conn = RedisConn::connect(&prefix, &settings, tx).await;
                 (
                     conn.roles.clone(),
                     Data::Redis {
@@ -258,7 +258,6 @@ struct RedisConn {
 impl RedisConn {
     async fn connect(
         prefix: &str,
-        node: &str,
         settings: &BackendSettings,
         events: mpsc::Sender<BackendEvent>,
     ) -> RedisConn {
@@ -266,7 +265,6 @@ impl RedisConn {
         let backend = RedisBackend::connect(
             RedisTarget::Single(shared_redis().redis.url()),
             prefix,
-            node,
             settings.clone(),
             events,
             &TaskTracker::new(),
@@ -299,7 +297,7 @@ impl Under {
             },
             Data::Redis { prefix, .. } => {
                 let (tx, rx) = mpsc::channel(4096);
-                let mut conn = RedisConn::connect(prefix, node, &self.settings, tx).await;
+                let mut conn = RedisConn::connect(prefix, &self.settings, tx).await;
                 conn._events = Some(rx);
                 Peer {
                     node: node.to_string(),
