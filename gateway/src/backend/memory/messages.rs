@@ -9,7 +9,7 @@ use super::MemoryBackend;
 use crate::{
     backend::{
         Audience, BackendError, BackendEvent, Delivery, MessageStore, Outgoing, SendOutcome,
-        SendRefused, Topic, msg_id, parse_msg_id,
+        SendRefused, Topic, clamp_read_position, msg_id, parse_msg_id,
     },
     clock::now_ms,
 };
@@ -179,10 +179,17 @@ impl MessageStore for MemoryBackend {
         up_to: &str,
     ) -> Result<(), BackendError> {
         let mut state = self.lock();
+        let last = state
+            .groups
+            .get(group)
+            .and_then(|g| Some((g.last_message_at?, g.seq)));
+        let Some(up_to) = clamp_read_position(up_to, last) else {
+            return Ok(());
+        };
         let positions = state.read_positions.entry(user.to_string()).or_default();
         let current = positions.entry(group.to_string()).or_default();
-        if up_to > current.as_str() {
-            *current = up_to.to_string();
+        if up_to > *current {
+            *current = up_to;
         }
         Ok(())
     }
