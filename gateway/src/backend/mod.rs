@@ -223,8 +223,13 @@ mod tests {
             last_id,
             "later in sequence"
         );
-        assert_eq!(clamp("99999999999999999999-99999999999999999999"), last_id);
+        assert_eq!(clamp("18446744073709551615-18446744073709551615"), last_id);
         assert_eq!(clamp("x"), None);
+        assert_eq!(
+            clamp("99999999999999999999-1"),
+            None,
+            "beyond u64: malformed"
+        );
         assert_eq!(clamp_read_position("1-1", None), None, "no message yet");
         assert_eq!(clamp_read_position("1-1", Some((5, 0))), None);
     }
