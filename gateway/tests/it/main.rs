@@ -13,6 +13,8 @@ mod access;
 mod connect;
 /// Backend role contracts, each test run in-process against the embedded and the Redis backend.
 mod contract;
+/// The `rest` fuzz target's stored inputs, replayed through its check.
+mod fuzz_corpus;
 /// Hostile clients: memory bounds, poison bodies.
 mod hostile;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
