@@ -33,14 +33,28 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     inputs
 }
 
-/// Runs `check` on every input of `target`, and names every input that fails it.
-fn replay(target: &str, check: impl Fn(&[u8])) {
-    let failed: Vec<PathBuf> = inputs(target)
-        .into_iter()
-        .filter(|(_, bytes)| catch_unwind(AssertUnwindSafe(|| check(bytes))).is_err())
-        .map(|(path, _)| path)
-        .collect();
-    assert!(failed.is_empty(), "{target}: failing inputs {failed:?}");
+/// Runs `check` on every input of `target`, and names every input that fails it. On a thread
+/// with a tokio worker's stack (2 MiB) in release builds; debug builds take far more stack per
+/// level of a nested body (as in `frame_de_tests.rs`), so they get 32 MiB.
+fn replay(target: &'static str, check: fn(&[u8])) {
+    let run = move || {
+        let failed: Vec<PathBuf> = inputs(target)
+            .into_iter()
+            .filter(|(_, bytes)| catch_unwind(AssertUnwindSafe(|| check(bytes))).is_err())
+            .map(|(path, _)| path)
+            .collect();
+        assert!(failed.is_empty(), "{target}: failing inputs {failed:?}");
+    };
+    std::thread::Builder::new()
+        .stack_size(if cfg!(debug_assertions) {
+            32 << 20
+        } else {
+            2 << 20
+        })
+        .spawn(run)
+        .expect("thread starts")
+        .join()
+        .expect("every input passes");
 }
 
 #[test]
