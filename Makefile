@@ -1,5 +1,5 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test chaos lint msrv doc deny toolchain fmt redis build bench
+.PHONY: run test chaos lint msrv doc deny toolchain fmt redis build bench fuzz fuzz-corpus cargo-fuzz
 
 CARGO ?= cargo
 # The channel rust-toolchain.toml pins (read here without running rustup).
@@ -77,6 +77,53 @@ toolchain:
 		ln -s "stable-$$host" "$$home/toolchains/$(TOOLCHAIN)-$$host"; \
 	done
 	@rustc -V
+
+## Fuzzing (docs/fuzzing.md): runs each fuzz target in fuzz/ for FUZZ_SECS seconds with
+## cargo-fuzz (libFuzzer + AddressSanitizer), on the pinned stable compiler: RUSTC_BOOTSTRAP=1
+## unlocks the -Z flags cargo-fuzz passes, so no nightly is needed. Starts from the stored
+## corpus (fuzz/corpus/, fuzz/regressions/); new inputs go to a scratch corpus in
+## $(FUZZ_WORK), a crash to $(FUZZ_WORK)/artifacts/<target>/ and stops the run. `make test`
+## replays the stored corpus; `make fuzz-corpus` folds the scratch corpus into it, minimized.
+## Installs cargo-fuzz when it is missing (a minute or two, once per machine).
+## First runs (5 min per target, 2026-11-30) found two body bugs, both fixed; see docs/fuzzing.md.
+FUZZ_SECS ?= 60
+FUZZ_TARGETS ?= frame_msgpack frame_json body rest
+CARGO_FUZZ_VERSION ?= 0.13.2
+FUZZ_WORK ?= $(CURDIR)/target/fuzz-work
+FUZZ_ENV = RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/fuzz
+
+fuzz: toolchain cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_WORK)/corpus/$$t $(FUZZ_WORK)/artifacts/$$t; \
+		stored=$$(cd fuzz && ls -d corpus/$$t regressions/$$t 2>/dev/null); \
+		echo "fuzz: $$t for $(FUZZ_SECS) s"; \
+		(cd fuzz && $(FUZZ_ENV) $(CARGO) fuzz run $$t $(FUZZ_WORK)/corpus/$$t $$stored -- \
+			-max_total_time=$(FUZZ_SECS) -artifact_prefix=$(FUZZ_WORK)/artifacts/$$t/ \
+			-print_final_stats=1) || { echo "fuzz: $$t failed; input in $(FUZZ_WORK)/artifacts/$$t/" >&2; exit 1; }; \
+	done
+
+## Replaces fuzz/corpus/<target>/ with at most FUZZ_CORPUS_MAX inputs of it and of the scratch
+## corpus of the last `make fuzz`: libFuzzer's merge lists the edges each input covers, and
+## tools/fuzz_corpus_pick.py keeps the inputs that add the most, greedily (libFuzzer's own
+## minimization keeps well over a thousand per frame target).
+FUZZ_CORPUS_MAX ?= 300
+
+fuzz-corpus: toolchain cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		rm -rf $(FUZZ_WORK)/merged/$$t $(FUZZ_WORK)/merge-$$t.ctl && mkdir -p $(FUZZ_WORK)/merged/$$t fuzz/corpus/$$t; \
+		(cd fuzz && $(FUZZ_ENV) $(CARGO) fuzz run $$t $(FUZZ_WORK)/merged/$$t $(CURDIR)/fuzz/corpus/$$t \
+			$(FUZZ_WORK)/corpus/$$t -- -merge=1 -merge_control_file=$(FUZZ_WORK)/merge-$$t.ctl \
+			>$(FUZZ_WORK)/merge-$$t.log 2>&1) || { cat $(FUZZ_WORK)/merge-$$t.log; exit 1; }; \
+		python3 tools/fuzz_corpus_pick.py $(FUZZ_WORK)/merge-$$t.ctl $(FUZZ_CORPUS_MAX) \
+			fuzz/corpus/$$t || exit 1; \
+	done
+
+cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null || { \
+		echo "installing cargo-fuzz $(CARGO_FUZZ_VERSION) from crates.io (a minute or two)"; \
+		env -u CARGO_TARGET_DIR $(CARGO) install cargo-fuzz --locked --version $(CARGO_FUZZ_VERSION) || { \
+			echo "fuzz: cargo-fuzz is missing and could not be installed (is crates.io reachable?)" >&2; \
+			exit 1; }; }
 
 fmt:
 	$(CARGO) fmt --all

@@ -47,6 +47,10 @@ pub fn check_body(body: &Body) -> Result<(), BodyError> {
                     stack.push((v, depth + 1));
                 }
             }
+            // JSON clients get binary as an array of byte values: a level of its own there.
+            Body::Binary(bytes) if depth >= MAX_BODY_DEPTH && !bytes.is_empty() => {
+                return Err(BodyError::TooDeep);
+            }
             Body::F32(f) if !f.is_finite() => return Err(BodyError::NonFinite),
             Body::F64(f) if !f.is_finite() => return Err(BodyError::NonFinite),
             Body::Ext(..) => return Err(BodyError::Extension),
@@ -96,6 +100,13 @@ mod tests {
             Err(BodyError::TooDeep)
         );
         assert_eq!(check_body(&nested(5_000)), Err(BodyError::TooDeep));
+        // Found by the `body` fuzz target: binary at the deepest level is one level deeper still
+        // for JSON clients, who get it as an array.
+        let mut binary = Body::Binary(vec![1]);
+        for _ in 1..MAX_BODY_DEPTH {
+            binary = Body::Array(vec![binary]);
+        }
+        assert_eq!(check_body(&binary), Err(BodyError::TooDeep));
         assert_eq!(check_body(&Body::F64(f64::NAN)), Err(BodyError::NonFinite));
         assert_eq!(
             check_body(&Body::Ext(1, vec![0])),

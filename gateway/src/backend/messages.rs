@@ -45,7 +45,9 @@ pub trait MessageStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<(Vec<Message>, bool), BackendError>;
     async fn read_position(&self, user: &str, group: &str) -> Result<Option<String>, BackendError>;
-    /// Moves the read position forward (never back).
+    /// Moves the read position forward (never back), and never past the group's last message:
+    /// an id later than it (in time or in sequence) sets the position to the last message, and
+    /// in a group with no message yet nothing is set. The position is kept in canonical form.
     async fn set_read_position(
         &self,
         user: &str,

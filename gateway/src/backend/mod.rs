@@ -190,13 +190,34 @@ pub fn msg_id(ms: u64, seq: u64) -> String {
     format!("{ms:013}-{seq:010}")
 }
 
-/// The (ms, seq) of a message id; `None` for anything else.
+/// The (ms, seq) of a message id; `None` for anything else. Digits only: `u64::from_str` also
+/// takes a leading `+`, which Redis does not take in a stream id.
 pub fn parse_msg_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
-    if ms.is_empty() || seq.is_empty() || ms.len() > 20 || seq.len() > 20 {
+    let digits = |part: &str| {
+        !part.is_empty() && part.len() <= 20 && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(ms) || !digits(seq) {
         return None;
     }
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The read position a `read` up to `up_to` asks for, given the group's last message `(ms, seq)`
+/// (`None`: no message yet, so no position). An id later than the last message in time or in
+/// sequence becomes the last message's: a position ahead of it would hide the messages sent
+/// until the clock (or the count) caught up, and unread counts go by sequence while `sync`
+/// goes by id, so both parts must stay within the last message for the two to agree. The
+/// position is written in the canonical form, which sorts as a string. `None` too for a
+/// malformed `up_to`.
+pub fn clamp_read_position(up_to: &str, last: Option<(u64, u64)>) -> Option<String> {
+    let (ms, seq) = parse_msg_id(up_to)?;
+    let (last_ms, last_seq) = last.filter(|&(_, seq)| seq > 0)?;
+    Some(if ms > last_ms || seq > last_seq {
+        msg_id(last_ms, last_seq)
+    } else {
+        msg_id(ms, seq)
+    })
 }
 
 #[cfg(test)]
@@ -219,5 +240,37 @@ mod tests {
         );
         assert_eq!(parse_msg_id("nope"), None);
         assert_eq!(parse_msg_id("-1"), None);
+        assert_eq!(parse_msg_id("+1-2"), None);
+        assert_eq!(parse_msg_id("1-+2"), None);
+    }
+
+    #[test]
+    fn read_positions_clamp_to_the_last_message() {
+        let last = Some((1_700_000_000_000, 7));
+        let clamp = |up_to| clamp_read_position(up_to, last);
+        assert_eq!(
+            clamp("1700000000000-0000000003").as_deref(),
+            Some("1700000000000-0000000003")
+        );
+        assert_eq!(
+            clamp("1700000000000-3").as_deref(),
+            Some("1700000000000-0000000003")
+        );
+        let last_id = Some(msg_id(1_700_000_000_000, 7));
+        assert_eq!(clamp("9999999999999-0000000001"), last_id, "later in time");
+        assert_eq!(
+            clamp("1600000000000-0000000008"),
+            last_id,
+            "later in sequence"
+        );
+        assert_eq!(clamp("18446744073709551615-18446744073709551615"), last_id);
+        assert_eq!(clamp("x"), None);
+        assert_eq!(
+            clamp("99999999999999999999-1"),
+            None,
+            "beyond u64: malformed"
+        );
+        assert_eq!(clamp_read_position("1-1", None), None, "no message yet");
+        assert_eq!(clamp_read_position("1-1", Some((5, 0))), None);
     }
 }

@@ -94,16 +94,18 @@ pub enum ShardCmd {
 
 /// What a shard's re-read task reports back.
 pub enum Reread {
-    Records(Vec<PresenceRecord>),
+    /// Records read no earlier than `read_at` (ms, taken before the read was sent).
+    Records {
+        records: Vec<PresenceRecord>,
+        read_at: u64,
+    },
     /// A group's messages after the last one its local members got.
     Group {
         group: String,
         messages: Vec<shared::Message>,
     },
     /// The re-read ended; not `ok` means it failed part-way and is tried again.
-    Finished {
-        ok: bool,
-    },
+    Finished { ok: bool },
 }
 
 /// The backend roles a shard worker uses.

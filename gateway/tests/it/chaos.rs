@@ -24,7 +24,6 @@ use crate::{
     peer::Peer,
 };
 
-
 const USERS: usize = 16;
 const GROUPS: usize = 3;
 const NODES: usize = 3;

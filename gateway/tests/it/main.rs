@@ -19,6 +19,8 @@ mod connect;
 mod contract;
 /// Faults under traffic: a Redis Cluster master killed (failover), a node SIGKILLed.
 mod faults;
+/// The `rest` fuzz target's stored inputs, replayed through its check.
+mod fuzz_corpus;
 /// Hostile clients: memory bounds, poison bodies.
 mod hostile;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.

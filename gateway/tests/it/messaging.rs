@@ -91,6 +91,7 @@ messaging_suite!(
     non_members_may_not_send_to_a_group,
     private_messages_are_stored_until_acknowledged,
     sync_and_unread_follow_the_read_position,
+    a_read_beyond_the_last_message_hides_nothing_sent_later,
     broadcasts_reach_every_connection,
     app_backend_manages_groups_and_sends_system_messages,
     bad_message_requests_are_refused,
@@ -342,6 +343,61 @@ async fn sync_and_unread_follow_the_read_position(setup: Setup) {
     assert_eq!(history["more"], true);
 }
 
+/// A read position years ahead would hide every message sent until then: it clamps to the
+/// group's last message, so what comes next is unread and `sync` returns it.
+async fn a_read_beyond_the_last_message_hides_nothing_sent_later(setup: Setup) {
+    let node = setup.node().start();
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    join(&mut alice, "ahead").await;
+    let mut bob = Client::connect(&node, "bob", 1).await;
+    join(&mut bob, "ahead").await;
+    let (first, ..) = send(&mut alice, group("ahead"), text("one")).await;
+    for up_to in ["9999999999999-0000000001", "0000000000001-9999999999"] {
+        let reply = bob
+            .request(|id| ClientFrame::Read {
+                id,
+                group: "ahead".into(),
+                up_to: up_to.into(),
+            })
+            .await;
+        assert!(
+            matches!(reply, ServerFrame::Ok { .. }),
+            "{up_to}: {reply:?}"
+        );
+    }
+    let unread = |groups: &std::collections::BTreeMap<String, u64>| groups.get("ahead").copied();
+    let reply = bob.request(|id| ClientFrame::Unread { id }).await;
+    let ServerFrame::UnreadCounts { groups, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(unread(&groups), Some(0), "read up to {first}");
+
+    let (next, ..) = send(&mut alice, group("ahead"), text("two")).await;
+    let reply = bob.request(|id| ClientFrame::Unread { id }).await;
+    let ServerFrame::UnreadCounts { groups, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(unread(&groups), Some(1), "{next} came after the position");
+    let reply = bob
+        .request(|id| ClientFrame::Sync {
+            id,
+            group: "ahead".into(),
+            since: None,
+            limit: None,
+        })
+        .await;
+    let ServerFrame::History { messages, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| m.msg_id.as_str())
+            .collect::<Vec<_>>(),
+        [next.as_str()]
+    );
+}
+
 async fn broadcasts_reach_every_connection(setup: Setup) {
     let node = setup.node().start();
     let rest = Rest::new(&node);
@@ -495,11 +551,10 @@ async fn bad_message_requests_are_refused(setup: Setup) {
             group: "g".into(),
             up_to: "x".into(),
         },
-        // A read position years ahead would hide every message sent until then.
         ClientFrame::Read {
             id: Some(6),
             group: "g".into(),
-            up_to: "9999999999999-0000000001".into(),
+            up_to: "+1700000000000-1".into(),
         },
     ] {
         let want = frame.id();

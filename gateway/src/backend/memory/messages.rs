@@ -11,7 +11,7 @@ use super::{MemoryBackend, dedupe::SendKey};
 use crate::{
     backend::{
         Audience, BackendError, BackendEvent, Dedupe, Delivery, MessageStore, Outgoing,
-        SendOutcome, SendRefused, Topic, msg_id, parse_msg_id,
+        SendOutcome, SendRefused, Topic, clamp_read_position, msg_id, parse_msg_id,
     },
     clock::now_ms,
     metrics as m,
@@ -200,10 +200,17 @@ impl MessageStore for MemoryBackend {
         up_to: &str,
     ) -> Result<(), BackendError> {
         let mut state = self.lock();
+        let last = state
+            .groups
+            .get(group)
+            .and_then(|g| Some((g.last_message_at?, g.seq)));
+        let Some(up_to) = clamp_read_position(up_to, last) else {
+            return Ok(());
+        };
         let positions = state.read_positions.entry(user.to_string()).or_default();
         let current = positions.entry(group.to_string()).or_default();
-        if up_to > current.as_str() {
-            *current = up_to.to_string();
+        if up_to > *current {
+            *current = up_to;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use super::{RECORD_TTL_MS, RedisBackend, cmd, envelope, scripts::ScriptCall};
 use crate::{
     backend::{
         BackendError, Dedupe, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
-        parse_msg_id,
+        clamp_read_position, parse_msg_id,
     },
     clock::now_ms,
     metrics as m,
@@ -264,6 +264,25 @@ impl MessageStore for RedisBackend {
         up_to: &str,
     ) -> Result<(), BackendError> {
         self.admit("set_read_position")?;
+        // The group's last id is read first, in a round trip of its own: its hash and the user's
+        // read positions live in different slots of a cluster, so one script cannot touch both.
+        // The last id only grows, so a message sent in between is merely left unread.
+        Self::count_round_trip("read");
+        let meta: Vec<Option<u64>> = self
+            .client
+            .custom(
+                cmd("HMGET"),
+                vec![self.keys.group_meta(group), "ms".into(), "seq".into()],
+            )
+            .await
+            .map_err(|e| Self::error("read", e))?;
+        let last = match meta.as_slice() {
+            [Some(ms), Some(seq)] => Some((*ms, *seq)),
+            _ => None,
+        };
+        let Some(up_to) = clamp_read_position(up_to, last) else {
+            return Ok(());
+        };
         let call: ScriptCall<'_> = (
             &self.scripts.read,
             vec![self.keys.read_positions(user).into()],

@@ -5,7 +5,7 @@ use std::{collections::HashSet, time::Instant};
 use shared::{ErrorCode, ServerFrame, ids};
 
 use super::MAX_USERS;
-use crate::{backend::parse_msg_id, clock::now_ms};
+use crate::backend::parse_msg_id;
 
 pub(super) fn forbidden(id: Option<u64>, message: &str) -> ServerFrame {
     ServerFrame::error(id, ErrorCode::Forbidden, message)
@@ -20,21 +20,6 @@ pub(super) fn check_msg_id(id: &str) -> Result<(), (ErrorCode, String)> {
 /// A `send`'s optional `client_msg_id`: 1 to 64 bytes, any text (it only ever names a key).
 pub(super) fn check_client_msg_id(id: Option<&str>) -> Result<(), (ErrorCode, String)> {
     id.map_or(Ok(()), ids::check_client_msg_id).map_err(bad)
-}
-
-/// How far past this node's clock a read position may point: ids come from the clocks of the nodes
-/// that sent the messages, which may run a little ahead.
-const READ_AHEAD_MS: u64 = 60_000;
-
-/// A read position beyond any message that can exist would hide every message sent before the
-/// clock reaches it.
-pub(super) fn check_not_ahead(up_to: &str) -> Result<(), (ErrorCode, String)> {
-    match parse_msg_id(up_to) {
-        Some((ms, _)) if ms > now_ms().saturating_add(READ_AHEAD_MS) => {
-            Err(bad("up_to is after the newest message that can exist"))
-        }
-        _ => Ok(()),
-    }
 }
 
 pub(super) fn bad(message: impl Into<String>) -> (ErrorCode, String) {

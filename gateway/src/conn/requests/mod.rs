@@ -18,8 +18,7 @@ mod subscribe;
 use self::subscribe::Asking;
 
 use self::checks::{
-    TokenBucket, bad, check_client_msg_id, check_msg_id, check_not_ahead, checked_users, forbidden,
-    unavailable,
+    TokenBucket, bad, check_client_msg_id, check_msg_id, checked_users, forbidden, unavailable,
 };
 use crate::conn_handle::ConnHandle;
 use crate::frame::within_bytes;
@@ -307,7 +306,6 @@ impl Requests {
             ClientFrame::Read { id, group, up_to } => {
                 ids::check_id("group", &group).map_err(bad)?;
                 check_msg_id(&up_to)?;
-                check_not_ahead(&up_to)?;
                 let user = self.conn.user.clone();
                 self.spawn(id, move |backend| async move {
                     if !backend.groups.is_member(&group, &user).await? {

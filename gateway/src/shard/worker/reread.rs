@@ -83,8 +83,9 @@ impl Worker {
                 }
             }
             for chunk in users.chunks(REREAD_CHUNK) {
+                let read_at = now_ms();
                 let reread = match presence.presence(chunk).await {
-                    Ok(records) => Reread::Records(records),
+                    Ok(records) => Reread::Records { records, read_at },
                     Err(e) => {
                         tracing::debug!(shard = index, error = %e, "re-read failed; retrying");
                         shards
@@ -111,9 +112,9 @@ impl Worker {
 
     pub(super) fn reread(&mut self, reread: Reread) {
         match reread {
-            Reread::Records(records) => {
+            Reread::Records { records, read_at } => {
                 for record in records {
-                    self.reconcile(record);
+                    self.reconcile(record, read_at);
                 }
             }
             Reread::Group { group, messages } => {
@@ -150,9 +151,12 @@ impl Worker {
     }
 
     /// Passes on a re-read record as if it were an event. A user the backend no longer knows
-    /// (version 0: it restarted empty and nobody rewrote them) is offline: watchers get that at a
-    /// version that follows the clock like every other, unless they were last shown offline.
-    fn reconcile(&mut self, record: PresenceRecord) {
+    /// (version 0: it restarted empty and nobody rewrote them) is offline: watchers get that at
+    /// the time the read was sent, a version that follows the clock like every other, unless they
+    /// were last shown offline, or an event newer than the read arrived meanwhile (the user's node
+    /// rewrote them after the read: that event is the truth, and an offline versioned later would
+    /// hide it).
+    fn reconcile(&mut self, record: PresenceRecord, read_at: u64) {
         let Some(slot) = self.users.get(&record.user) else {
             return;
         };
@@ -160,15 +164,12 @@ impl Worker {
             return;
         }
         let record = if record.version == 0 {
-            if slot.shown_offline {
+            if slot.shown_offline || slot.seen_version.max(slot.seen_public_version) >= read_at {
                 return;
             }
-            let version = now_ms()
-                .max(slot.seen_version + 1)
-                .max(slot.seen_public_version + 1);
             PresenceRecord {
-                version,
-                public_version: version,
+                version: read_at,
+                public_version: read_at,
                 ..record
             }
         } else {

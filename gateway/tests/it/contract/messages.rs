@@ -1,6 +1,7 @@
 //! `MessageStore` (backend/messages.rs): private messages go live to a watched inbox or are stored
 //! (capped) until acknowledged; group sends check membership when asked and land in a history
-//! capped by count and age, paged with `since`/`limit`; read positions only move forward; unread
+//! capped by count and age, paged with `since`/`limit`; read positions only move forward and never
+//! past the group's last message; unread
 //! counts; message ids sort in send order per destination; `connect_state`.
 
 use std::time::Duration;
@@ -24,6 +25,8 @@ contract!(
     history_is_capped_by_count,
     history_drops_messages_past_its_age,
     read_positions_only_move_forward,
+    reads_beyond_the_last_message_clamp_to_it,
+    reads_in_a_group_without_messages_set_nothing,
     unread_counts_follow_read_positions,
     msg_ids_sort_in_send_order,
     connect_state_has_groups_and_stored_messages,
@@ -349,6 +352,75 @@ async fn read_positions_only_move_forward(f: Factory) {
         .expect("set");
     assert_eq!(position("rp").await.as_deref(), Some(all[2]));
     assert_eq!(position("other").await, None, "per group");
+}
+
+async fn reads_beyond_the_last_message_clamp_to_it(f: Factory) {
+    let b = f.backend().await;
+    b.groups.add_member("ahead", "reader").await.expect("add");
+    let sent = send_ok(
+        &b,
+        (0..2)
+            .map(|i| to_group("app", "ahead", &format!("m{i}"), false))
+            .collect(),
+    )
+    .await;
+    let (last_ms, last_seq) = parse_msg_id(&sent[1].msg_id).expect("msg_id");
+    let set = |up_to: String| {
+        let b = &b;
+        async move {
+            b.messages
+                .set_read_position("reader", "ahead", &up_to)
+                .await
+                .expect("set");
+            b.messages
+                .read_position("reader", "ahead")
+                .await
+                .expect("read_position")
+        }
+    };
+    // Later in time, in sequence, or both: all clamp to the last message.
+    for up_to in [
+        format!("{}-{last_seq}", last_ms + 86_400_000),
+        format!("{last_ms}-{}", last_seq + 1),
+        "18446744073709551615-18446744073709551615".to_string(),
+    ] {
+        assert_eq!(
+            set(up_to.clone()).await,
+            Some(sent[1].msg_id.clone()),
+            "{up_to}"
+        );
+    }
+    let unread = b.messages.unread("reader").await.expect("unread");
+    assert_eq!(unread.get("ahead"), Some(&0));
+    // The next message is after the position: unread, and in `since` order too.
+    let next = send_one(&b, to_group("app", "ahead", "m2", false)).await;
+    let unread = b.messages.unread("reader").await.expect("unread");
+    assert_eq!(unread.get("ahead"), Some(&1));
+    let position = b
+        .messages
+        .read_position("reader", "ahead")
+        .await
+        .expect("read_position");
+    let (after, _) = history(&b, "ahead", position.as_deref(), 10).await;
+    assert_eq!(ids(&after), [next.msg_id.as_str()]);
+}
+
+async fn reads_in_a_group_without_messages_set_nothing(f: Factory) {
+    let b = f.backend().await;
+    b.groups.add_member("quiet", "reader").await.expect("add");
+    b.messages
+        .set_read_position("reader", "quiet", "9999999999999-0000000001")
+        .await
+        .expect("set");
+    let position = b
+        .messages
+        .read_position("reader", "quiet")
+        .await
+        .expect("read_position");
+    assert_eq!(position, None);
+    let first = send_one(&b, to_group("app", "quiet", "m0", false)).await;
+    let unread = b.messages.unread("reader").await.expect("unread");
+    assert_eq!(unread.get("quiet"), Some(&1), "{} is unread", first.msg_id);
 }
 
 async fn unread_counts_follow_read_positions(f: Factory) {
