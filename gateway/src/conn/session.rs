@@ -19,7 +19,7 @@ use super::{requests::Requests, writer::write_loop};
 use crate::{
     app::App,
     auth::Identity,
-    backend::{BackendError, ConnectState},
+    backend::{BackendError, ConnectState, msg_id},
     clock::now_ms,
     config::MultiLogin,
     conn_handle::{ConnHandle, close_code},
@@ -248,7 +248,8 @@ async fn catch_up(app: Arc<App>, conn: Arc<ConnHandle>, mut missing: Missing) {
         {
             missing.groups = false;
             for group in groups {
-                app.shards.follow(&conn, &group, true).await;
+                let since = msg_id(conn.connected_at, 0);
+                app.shards.follow(&conn, &group, true, Some(since)).await;
             }
         }
         if missing.offline

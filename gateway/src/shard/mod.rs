@@ -81,12 +81,15 @@ pub enum ShardCmd {
         conn: Arc<ConnHandle>,
         group: String,
         joined: bool,
+        /// Pass on the group's messages after this id sent before the attach.
+        since: Option<String>,
         done: oneshot::Sender<()>,
     },
     /// `conn` gets this group's messages (the group is on this shard).
     GroupAttach {
         group: String,
         conn: Arc<ConnHandle>,
+        since: Option<String>,
     },
     /// `conn` no longer gets this group's messages.
     GroupDetach { group: String, conn: ConnId },
@@ -102,6 +105,11 @@ pub enum Reread {
     /// A group's messages after the last one its local members got.
     Group {
         group: String,
+        messages: Vec<shared::Message>,
+    },
+    /// Messages a connection that followed its group late missed.
+    Backfill {
+        conn: Arc<ConnHandle>,
         messages: Vec<shared::Message>,
     },
     /// The re-read ended; not `ok` means it failed part-way and is tried again.
@@ -187,13 +195,22 @@ impl Shards {
     }
 
     /// Makes `conn` follow (or stop following) a group; returns once the group's shard has it
-    /// queued (at once if the node is stopping).
-    pub async fn follow(&self, conn: &Arc<ConnHandle>, group: &str, joined: bool) {
+    /// queued (at once if the node is stopping). With `since` (a message id), the connection also
+    /// gets the group's messages after it that were sent before it was attached (it follows
+    /// late: it connected while the backend was away).
+    pub async fn follow(
+        &self,
+        conn: &Arc<ConnHandle>,
+        group: &str,
+        joined: bool,
+        since: Option<String>,
+    ) {
         let (done, queued) = oneshot::channel();
         let cmd = ShardCmd::Follow {
             conn: conn.clone(),
             group: group.to_string(),
             joined,
+            since,
             done,
         };
         if self.send(&conn.user, cmd).await {

@@ -112,6 +112,8 @@ struct World {
     emptied: Vec<(Instant, Instant)>,
     log: Vec<String>,
     watcher_runs: usize,
+    /// Whether a Redis fault may bring it back empty.
+    redis_may_lose_data: bool,
 }
 
 impl World {
@@ -260,6 +262,16 @@ impl World {
         }
     }
 
+    async fn restart_redis_with_data(&mut self) {
+        let pause = Duration::from_millis(self.rng.random_range(0..1000));
+        self.redis.stop();
+        tokio::time::sleep(pause).await;
+        self.redis.kill_and_restart();
+        self.log.push(format!(
+            "Redis SIGKILLed, back with its data after {pause:?}"
+        ));
+    }
+
     async fn fault(&mut self) {
         let down: Vec<usize> = (0..NODES).filter(|i| self.nodes[*i].is_none()).collect();
         match self.rng.random_range(0..4) {
@@ -285,15 +297,8 @@ impl World {
                 ));
                 self.add_watcher(i).await;
             }
-            2 => {
-                let pause = Duration::from_millis(self.rng.random_range(0..1000));
-                self.redis.stop();
-                tokio::time::sleep(pause).await;
-                self.redis.kill_and_restart();
-                self.log.push(format!(
-                    "Redis SIGKILLed, back with its data after {pause:?}"
-                ));
-            }
+            2 => self.restart_redis_with_data().await,
+            _ if !self.redis_may_lose_data => self.restart_redis_with_data().await,
             _ => {
                 let pause = Duration::from_millis(self.rng.random_range(0..1000));
                 let went = Instant::now();
@@ -382,7 +387,12 @@ impl World {
         let ok = match (expected, got) {
             (None, Some((status, platforms))) => status == "offline" && platforms.is_empty(),
             (None, None) => true,
-            (Some((statuses, platforms)), Some((s, p))) => statuses.contains(s) && platforms == p,
+            // `away` is `online` after every connection idled for the idle timeout (the peers
+            // send nothing for long stretches).
+            (Some((statuses, platforms)), Some((s, p))) => {
+                (statuses.contains(s) || (s == "away" && statuses.contains("online")))
+                    && platforms == p
+            }
             (Some(_), None) => false,
         };
         if ok {
@@ -530,7 +540,7 @@ impl World {
     }
 }
 
-async fn run_chaos(secs: u64) {
+async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
     let seed = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -554,6 +564,7 @@ async fn run_chaos(secs: u64) {
         emptied: Vec::new(),
         log: Vec::new(),
         watcher_runs: 0,
+        redis_may_lose_data,
     };
     for i in 0..NODES {
         world.start_node(i, false);
@@ -679,20 +690,20 @@ fn chaos_secs(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The short run meant for `make test`. Ignored while it finds, on most seeds, (1) watchers whose
-/// last event is stale after Redis restarts (events published while their node's subscriber was
-/// reconnecting are never made up for; REST on every node is right), (2) a chosen status restored
-/// from a node that did not set it last after Redis came back empty, and (3) group messages `ack`ed
-/// `delivered` but missed by members whose node had not subscribed again yet.
+/// The short run: node SIGKILLs and restarts, Redis SIGKILLed and back with its data (Redis
+/// coming back empty is left to `chaos_long`; `outage.rs` covers it deterministically in
+/// `make test`). Not in `make test` yet: about one run in six still finds a group message `ack`ed
+/// `delivered` that one node's members never got, or an online webhook short (see
+/// docs/ARCHITECTURE.md, "Faults"). `make chaos` runs it, then the long one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today on the Redis-restart resync gaps listed above: run with --ignored"]
+#[ignore = "about one run in six still fails (message gap, webhook): make chaos"]
 async fn chaos_short() {
-    run_chaos(chaos_secs(15)).await;
+    run_chaos(chaos_secs(15), false).await;
 }
 
 /// `make chaos`: minutes of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long: make chaos"]
 async fn chaos_long() {
-    run_chaos(chaos_secs(180)).await;
+    run_chaos(chaos_secs(180), true).await;
 }

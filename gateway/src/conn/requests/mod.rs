@@ -371,7 +371,7 @@ impl Requests {
             } else {
                 backend.groups.remove_member(&group, &user).await?;
             }
-            shards.follow(&conn, &group, joined).await;
+            shards.follow(&conn, &group, joined, None).await;
             Ok(ServerFrame::ok(id))
         })
     }

@@ -205,6 +205,7 @@ impl Worker {
         conn: &Arc<ConnHandle>,
         group: String,
         joined: bool,
+        since: Option<String>,
         done: Option<oneshot::Sender<()>>,
     ) {
         let Some(slot) = self.users.get_mut(&conn.user) else {
@@ -233,6 +234,7 @@ impl Worker {
             ShardCmd::GroupAttach {
                 group,
                 conn: conn.clone(),
+                since,
             }
         } else {
             ShardCmd::GroupDetach {

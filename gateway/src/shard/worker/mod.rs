@@ -279,7 +279,7 @@ impl Worker {
                 slot.conns.push(conn.clone());
                 let _ = reply.send(true);
                 for group in groups {
-                    self.follow(&conn, group, true, None);
+                    self.follow(&conn, group, true, None, None);
                 }
                 self.refresh_idle(&user);
                 self.mark_dirty(user);
@@ -357,7 +357,7 @@ impl Worker {
             } => {
                 let conns = self.users.get(&user).map(|s| s.conns.clone());
                 for conn in conns.into_iter().flatten() {
-                    self.follow(&conn, group.clone(), joined, None);
+                    self.follow(&conn, group.clone(), joined, None, None);
                 }
             }
             ShardCmd::Control { user, control } => self.control(&user, &control),
@@ -368,9 +368,10 @@ impl Worker {
                 conn,
                 group,
                 joined,
+                since,
                 done,
-            } => self.follow(&conn, group, joined, Some(done)),
-            ShardCmd::GroupAttach { group, conn } => {
+            } => self.follow(&conn, group, joined, since, Some(done)),
+            ShardCmd::GroupAttach { group, conn, since } => {
                 if conn.is_closing() {
                     return;
                 }
@@ -385,7 +386,12 @@ impl Worker {
                         },
                     );
                 }
-                members.insert(conn.id, conn);
+                members.insert(conn.id, conn.clone());
+                if let (Some(since), Some(mark)) = (since, self.group_marks.get(&group)) {
+                    // What was sent before now is at or below the mark; what follows comes live.
+                    let up_to = mark.id.clone();
+                    self.backfill(conn, group, since, up_to);
+                }
             }
             ShardCmd::GroupDetach { group, conn } => self.detach(&group, conn),
         }

@@ -9,7 +9,9 @@
 //! reconnecting) were acknowledged `delivered` if any node heard them; the shard re-reads each of
 //! its groups' history after the last message its local members got and passes on the rest.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use shared::ServerFrame;
 
 use tokio::time::Instant;
 
@@ -17,6 +19,8 @@ use super::{super::Reread, Worker};
 use crate::{
     backend::{Audience, Delivery},
     clock::now_ms,
+    conn_handle::ConnHandle,
+    frame::EncodedFrame,
     metrics as m,
     presence::PresenceRecord,
 };
@@ -65,7 +69,6 @@ impl Worker {
         tokio::spawn(async move {
             for (group, since) in groups {
                 let reread = match messages.history(&group, Some(&since), GROUP_FILL).await {
-                    Ok((messages, _)) if messages.is_empty() => continue,
                     Ok((messages, _)) => Reread::Group { group, messages },
                     Err(e) => {
                         tracing::debug!(shard = index, error = %e, "history re-read failed; retrying");
@@ -141,6 +144,12 @@ impl Worker {
                     }
                 }
             }
+            Reread::Backfill { conn, messages } => {
+                for message in messages {
+                    let frame = EncodedFrame::new(ServerFrame::Message(message));
+                    conn.push(&frame);
+                }
+            }
             Reread::Finished { ok } => {
                 self.rereading = false;
                 if !ok && self.reread_at.is_none() {
@@ -148,6 +157,32 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A connection that follows `group` late (it connected while the backend was away) gets the
+    /// group's messages after `since` up to `up_to` (the group's mark when it was attached: later
+    /// ones reach it live, or by a re-read). Read from a task; at most [`GROUP_FILL`].
+    pub(super) fn backfill(
+        &self,
+        conn: Arc<ConnHandle>,
+        group: String,
+        since: String,
+        up_to: String,
+    ) {
+        let (messages, shards, index) = (self.messages.clone(), self.shards.clone(), self.index);
+        tokio::spawn(async move {
+            let read = messages.history(&group, Some(&since), GROUP_FILL).await;
+            let Ok((mut messages, _)) = read else {
+                tracing::debug!(shard = index, %group, "backfill of a late follower failed");
+                return;
+            };
+            messages.retain(|m| m.msg_id <= up_to);
+            if !messages.is_empty() {
+                metrics::counter!(m::RESYNC_MESSAGES).increment(messages.len() as u64);
+                let cmd = super::ShardCmd::Reread(Reread::Backfill { conn, messages });
+                shards.send_to(index, cmd).await;
+            }
+        });
     }
 
     /// Passes on a re-read record as if it were an event. A user the backend no longer knows
