@@ -50,6 +50,9 @@ impl Worker {
                     if *id > mark.id {
                         mark.id.clone_from(id);
                         mark.delivered = true;
+                        if let Some((_, end @ None)) = &mut mark.gap {
+                            *end = Some(id.clone());
+                        }
                     }
                 }
                 let mut closed = Vec::new();

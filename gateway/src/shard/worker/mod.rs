@@ -118,6 +118,10 @@ struct GroupMark {
     /// `id` is a message passed on here (not just the time the group got local members): live
     /// messages at or below it are repeats of a history re-read.
     delivered: bool,
+    /// Since the backend was last found away (a resync), where the gap in this group's
+    /// messages may start (`id` then) and where it ends: the first message heard live after it.
+    /// Later live messages move `id` past the gap before the re-read runs; these keep it.
+    gap: Option<(String, Option<String>)>,
 }
 
 enum Job {
@@ -383,6 +387,7 @@ impl Worker {
                         GroupMark {
                             id: msg_id(now_ms(), 0),
                             delivered: false,
+                            gap: None,
                         },
                     );
                 }

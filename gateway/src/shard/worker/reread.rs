@@ -17,11 +17,7 @@ use tokio::time::Instant;
 
 use super::{super::Reread, Worker};
 use crate::{
-    backend::{Audience, Delivery},
-    clock::now_ms,
-    conn_handle::ConnHandle,
-    frame::EncodedFrame,
-    metrics as m,
+    clock::now_ms, conn_handle::ConnHandle, frame::EncodedFrame, metrics as m,
     presence::PresenceRecord,
 };
 
@@ -37,6 +33,13 @@ impl Worker {
     /// reconnect within about a second of each other; what they rewrite later reaches watchers
     /// as ordinary events).
     pub(super) fn schedule_reread(&mut self) {
+        // The gap in each group's messages starts at what its members got last; the first of
+        // an episode's resyncs marks it (nothing is heard while the subscriber is away).
+        for mark in self.group_marks.values_mut() {
+            if mark.gap.is_none() {
+                mark.gap = Some((mark.id.clone(), None));
+            }
+        }
         let at = Instant::now() + self.settings.batch_interval + Duration::from_secs(1);
         self.reread_at = Some(self.reread_at.map_or(at, |t| t.max(at)));
     }
@@ -52,7 +55,10 @@ impl Worker {
         let groups: Vec<(String, String)> = self
             .group_marks
             .iter()
-            .map(|(group, mark)| (group.clone(), mark.id.clone()))
+            .map(|(group, mark)| {
+                let since = mark.gap.as_ref().map_or(&mark.id, |(start, _)| start);
+                (group.clone(), since.clone())
+            })
             .collect();
         if users.is_empty() && groups.is_empty() {
             return;
@@ -128,20 +134,30 @@ impl Worker {
                     after = self.group_marks.get(&group).map(|m| m.id.as_str()),
                     "group history re-read"
                 );
-                for message in messages {
-                    let delivery = Delivery {
-                        audience: Audience::Group(group.clone()),
-                        message,
-                        origin: None,
-                    };
-                    if self
-                        .group_marks
-                        .get(&group)
-                        .is_some_and(|mark| delivery.message.msg_id > mark.id)
-                    {
-                        metrics::counter!(m::RESYNC_MESSAGES).increment(1);
-                        self.deliver(&delivery);
-                    }
+                // Missed: inside the gap (before the first message heard live after it), or
+                // after everything heard when nothing was heard since.
+                let Some(mark) = self.group_marks.get_mut(&group) else {
+                    return;
+                };
+                let gap = mark.gap.take();
+                let (start, end) = match gap {
+                    Some((start, end)) => (start, end),
+                    None => (mark.id.clone(), None),
+                };
+                let last = mark.id.clone();
+                let missed: Vec<_> = messages
+                    .into_iter()
+                    .filter(|m| {
+                        m.msg_id > start
+                            && match &end {
+                                Some(end) => m.msg_id < *end,
+                                None => m.msg_id > last,
+                            }
+                    })
+                    .collect();
+                for message in missed {
+                    metrics::counter!(m::RESYNC_MESSAGES).increment(1);
+                    self.deliver_missed(&group, message);
                 }
             }
             Reread::Backfill { conn, messages } => {
@@ -157,6 +173,28 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Passes a message the group's local members missed to all of them, without moving the
+    /// mark when it lies inside a gap (later ones were heard live).
+    fn deliver_missed(&mut self, group: &str, message: shared::Message) {
+        let id = message.msg_id.clone();
+        let frame = EncodedFrame::new(ServerFrame::Message(message));
+        let mut sent = 0u64;
+        if let Some(members) = self.groups.get(group) {
+            for conn in members.values() {
+                if !conn.is_closing() && conn.push(&frame) {
+                    sent += 1;
+                }
+            }
+        }
+        if let Some(mark) = self.group_marks.get_mut(group)
+            && id > mark.id
+        {
+            mark.id = id;
+            mark.delivered = true;
+        }
+        metrics::counter!(m::DELIVERIES).increment(sent);
     }
 
     /// A connection that follows `group` late (it connected while the backend was away) gets the
