@@ -47,6 +47,9 @@ pub enum BackendEvent {
     /// The backend lost, or may have lost, what this node wrote (Redis came back after an outage,
     /// possibly empty): every shard must rewrite its local presence at once.
     Resync,
+    /// The subscriber lost its connection: what is published from now until the `Resync` that
+    /// follows its resubscription does not arrive. Shards note where each group's gap starts.
+    Gap,
     /// A message for local connections: of `user` (private messages and the sender's copies), of
     /// members of `group`, or of everyone.
     Message(Delivery),

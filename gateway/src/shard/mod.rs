@@ -57,6 +57,9 @@ pub enum ShardCmd {
     /// The backend may have lost this node's entries, and events may have been lost: rewrite
     /// them all now, and re-read what local connections watch once other nodes had time to.
     Resync,
+    /// Events stopped arriving (the subscriber lost its connection): note where each group's
+    /// gap starts, for the re-read after the `Resync` that ends it.
+    Gap,
     /// A re-read of watched users' presence (the shard's own, from a task of its own).
     Reread(Reread),
     /// A message for local connections of a user of this shard, of a group of this shard, or of

@@ -61,6 +61,11 @@ pub async fn route_events(
                 let key = user.clone();
                 shards.send(&key, ShardCmd::Control { user, control }).await;
             }
+            BackendEvent::Gap => {
+                for index in 0..shards.count() {
+                    shards.send_to(index, ShardCmd::Gap).await;
+                }
+            }
             BackendEvent::Resync => {
                 announce_now.notify_one();
                 for index in 0..shards.count() {

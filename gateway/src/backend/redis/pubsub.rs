@@ -50,11 +50,25 @@ pub async fn run_subscriptions(
     // Set by a reconnect or a refused subscribe: once every channel is subscribed (again), the
     // shards re-read what was published in the gap (presence of watched users, group history).
     let mut resync_due = false;
+    // A `Gap` was sent and its `Resync` not yet.
+    let mut gap_open = false;
     let mut pending = Pending::default();
     let mut retry = false;
     let mut reconnects = subscriber.reconnect_rx();
+    let mut errors = subscriber.error_rx();
     loop {
         let first = tokio::select! {
+            e = errors.recv() => {
+                if matches!(e, Err(RecvError::Closed)) {
+                    break;
+                }
+                // Connection errors only (fred broadcasts those here); one `Gap` per outage.
+                if !gap_open && events.send(BackendEvent::Gap).await.is_err() {
+                    break;
+                }
+                gap_open = true;
+                None
+            }
             c = commands.recv() => match c { Some(c) => Some(c), None => break },
             r = reconnects.recv() => {
                 if matches!(r, Err(RecvError::Closed)) {
@@ -116,6 +130,7 @@ pub async fn run_subscriptions(
         }
         if resync_due && pending.add.is_empty() {
             resync_due = false;
+            gap_open = false;
             if events.send(BackendEvent::Resync).await.is_err() {
                 break;
             }

@@ -353,6 +353,7 @@ impl Worker {
                 self.schedule_reread();
             }
             ShardCmd::Reread(reread) => self.reread(reread),
+            ShardCmd::Gap => self.note_gap(),
             ShardCmd::Deliver(delivery) => self.deliver(&delivery),
             ShardCmd::Membership {
                 user,

@@ -33,15 +33,19 @@ impl Worker {
     /// reconnect within about a second of each other; what they rewrite later reaches watchers
     /// as ordinary events).
     pub(super) fn schedule_reread(&mut self) {
-        // The gap in each group's messages starts at what its members got last; the first of
-        // an episode's resyncs marks it (nothing is heard while the subscriber is away).
+        self.note_gap();
+        let at = Instant::now() + self.settings.batch_interval + Duration::from_secs(1);
+        self.reread_at = Some(self.reread_at.map_or(at, |t| t.max(at)));
+    }
+
+    /// The gap in each group's messages starts at what its members got last: noted when the
+    /// subscriber lost its connection, else at the episode's first resync.
+    pub(super) fn note_gap(&mut self) {
         for mark in self.group_marks.values_mut() {
             if mark.gap.is_none() {
                 mark.gap = Some((mark.id.clone(), None));
             }
         }
-        let at = Instant::now() + self.settings.batch_interval + Duration::from_secs(1);
-        self.reread_at = Some(self.reread_at.map_or(at, |t| t.max(at)));
     }
 
     pub(super) fn start_reread(&mut self) {
