@@ -172,6 +172,10 @@ async fn finish(
 /// even when the backend stalls before the circuit notices (a healthy round trip takes about a
 /// millisecond).
 const CONNECT_READ_WAIT: Duration = Duration::from_millis(750);
+/// How long a login under a multi-login policy waits to be numbered. Longer than the reads: a
+/// login left unnumbered stays, and loses to every numbered one, so under load (a slow but
+/// healthy Redis) two racing logins could both lose. While Redis is known down it fails at once.
+const LOGIN_WAIT: Duration = Duration::from_secs(3);
 /// Between attempts of a connection's late connect-time reads.
 const CATCH_UP_RETRY: Duration = Duration::from_millis(500);
 
@@ -286,12 +290,9 @@ fn login_scope(policy: MultiLogin, platform: Platform) -> Option<Option<Platform
 /// also looks again once the announcement has surely been heard: two logins racing on two
 /// nodes leave exactly the later one. Without the backend, the login stays (and is logged).
 async fn login(app: &Arc<App>, conn: &Arc<ConnHandle>, scope: Option<Platform>) {
-    let numbered = tokio::time::timeout(
-        CONNECT_READ_WAIT,
-        app.backend.sessions.login(&conn.user, scope),
-    )
-    .await
-    .unwrap_or_else(|_| Err(BackendError::unavailable("login", "no answer in time")));
+    let numbered = tokio::time::timeout(LOGIN_WAIT, app.backend.sessions.login(&conn.user, scope))
+        .await
+        .unwrap_or_else(|_| Err(BackendError::unavailable("login", "no answer in time")));
     match numbered {
         Ok(seq) => conn.set_login_seq(seq),
         Err(e) => {
