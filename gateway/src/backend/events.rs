@@ -33,6 +33,14 @@ pub enum Topic {
 pub trait Subscriptions: Send + Sync + 'static {
     fn watch(&self, topics: Vec<Topic>);
     fn unwatch(&self, topics: Vec<Topic>);
+
+    /// `watch`, and `confirmed` fires once every event of `topics` published from then on will
+    /// arrive (on Redis: each SUBSCRIBE is acknowledged), so a read made after it misses
+    /// nothing in between. Dropped unfired if that does not happen (the topic was unwatched).
+    fn watch_confirmed(&self, topics: Vec<Topic>, confirmed: tokio::sync::oneshot::Sender<()>) {
+        self.watch(topics);
+        let _ = confirmed.send(());
+    }
 }
 
 /// What the backend tells the node, in the order it happened per topic.

@@ -41,10 +41,12 @@ pub enum ShardCmd {
     Active { user: String },
     /// The user chose a status.
     SetStatus { user: String, status: ChosenStatus },
-    /// `conn` wants `users`' presence events (all of them on this shard).
+    /// `conn` wants `users`' presence events (all of them on this shard). `confirmed` fires
+    /// once their events reach this node (a `presence_list` read after it misses no change).
     Watch {
         users: Vec<String>,
         conn: Arc<ConnHandle>,
+        confirmed: Option<oneshot::Sender<()>>,
     },
     /// `conn` no longer wants `users`' presence events.
     Unwatch { users: Vec<String>, conn: ConnId },

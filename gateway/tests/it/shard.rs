@@ -322,6 +322,7 @@ impl Shard {
         let cmd = ShardCmd::Watch {
             users: users.iter().map(|u| u.to_string()).collect(),
             conn: conn.handle.clone(),
+            confirmed: None,
         };
         self.send(users[0], cmd).await;
         conn

@@ -7,7 +7,7 @@ use std::{collections::HashSet, time::Duration};
 
 use fred::{clients::SubscriberClient, prelude::*};
 use futures_util::future::join_all;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBackend;
@@ -25,6 +25,8 @@ use crate::{
 pub enum SubCmd {
     Watch(Vec<String>),
     Unwatch(Vec<String>),
+    /// Fire the sender once these channels are all subscribed (sent right after their `Watch`).
+    Confirm(Vec<String>, oneshot::Sender<()>),
 }
 
 /// Channels per SUBSCRIBE call (one call per channel on a cluster, where each channel lives in
@@ -50,6 +52,8 @@ pub async fn run_subscriptions(
     // Set by a reconnect or a refused subscribe: once every channel is subscribed (again), the
     // shards re-read what was published in the gap (presence of watched users, group history).
     let mut resync_due = false;
+    // Who waits for which channels to be subscribed (`Subscriptions::watch_confirmed`).
+    let mut waiters: Vec<(Vec<String>, oneshot::Sender<()>)> = Vec::new();
     // A `Gap` was sent and its `Resync` not yet.
     let mut gap_open = false;
     let mut pending = Pending::default();
@@ -82,11 +86,15 @@ pub async fn run_subscriptions(
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => None,
             _ = stop.cancelled() => break,
         };
+        let mut take = |cmd| match cmd {
+            SubCmd::Confirm(channels, tx) => waiters.push((channels, tx)),
+            cmd => pending.apply(cmd, &subscribed),
+        };
         if let Some(cmd) = first {
-            pending.apply(cmd, &subscribed);
+            take(cmd);
         }
         while let Ok(cmd) = commands.try_recv() {
-            pending.apply(cmd, &subscribed);
+            take(cmd);
         }
         retry = false;
         let add: Vec<String> = pending.add.drain().collect();
@@ -126,6 +134,16 @@ pub async fn run_subscriptions(
             } else {
                 pending.remove.extend(channels.iter().cloned());
                 retry = true;
+            }
+        }
+        // Waiters whose channels are all subscribed now are told; those nobody waits for any
+        // more (their request gave up) are dropped, so the list stays bounded.
+        for (mut channels, tx) in std::mem::take(&mut waiters) {
+            channels.retain(|c| !subscribed.contains(c));
+            if channels.is_empty() {
+                let _ = tx.send(());
+            } else if !tx.is_closed() {
+                waiters.push((channels, tx));
             }
         }
         if resync_due && pending.add.is_empty() {
@@ -175,6 +193,8 @@ impl Pending {
                     }
                 }
             }
+            // Taken by the loop before it gets here.
+            SubCmd::Confirm(..) => {}
         }
     }
 }
@@ -284,6 +304,14 @@ impl Subscriptions for RedisBackend {
     fn watch(&self, topics: Vec<Topic>) {
         let channels = topics.iter().map(|t| self.channel(t)).collect();
         let _ = self.subscriptions.send(SubCmd::Watch(channels));
+    }
+
+    fn watch_confirmed(&self, topics: Vec<Topic>, confirmed: oneshot::Sender<()>) {
+        let channels: Vec<String> = topics.iter().map(|t| self.channel(t)).collect();
+        let _ = self.subscriptions.send(SubCmd::Watch(channels.clone()));
+        let _ = self
+            .subscriptions
+            .send(SubCmd::Confirm(channels, confirmed));
     }
 
     fn unwatch(&self, topics: Vec<Topic>) {

@@ -15,6 +15,11 @@ use crate::{
     metrics as m,
 };
 
+/// How long a `subscribe`'s `presence_list` waits for its watches to take effect (a SUBSCRIBE
+/// round trip, about a millisecond; longer only while Redis is away, when the list is read
+/// anyway and the resync's re-read repairs what it missed).
+const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Requests {
     /// Replaces the connection's token with a newer one of the same user and platform, moving
     /// its expiry; any other token leaves the connection as it was.
@@ -122,17 +127,20 @@ impl Requests {
         users: Vec<String>,
     ) -> Result<(), (ErrorCode, String)> {
         let permit = self.permit()?;
-        self.query_with(permit, id, users, None);
+        self.query_with(permit, id, users, None, Vec::new());
         Ok(())
     }
 
-    /// `query` in the slot `permit`; `denied` (users the hook refused) goes into the answer.
+    /// `query` in the slot `permit`; `denied` (users the hook refused) goes into the answer. The
+    /// read waits (at most [`SUBSCRIBE_WAIT`]) for `confirmed`: the watches of a `subscribe`
+    /// taking effect, so no change falls between the list and the first event.
     pub(super) fn query_with(
         &self,
         permit: OwnedSemaphorePermit,
         id: Option<u64>,
         users: Vec<String>,
         denied: Option<Vec<String>>,
+        confirmed: Vec<tokio::sync::oneshot::Receiver<()>>,
     ) {
         let viewer = self.conn.user.clone();
         self.run(
@@ -140,6 +148,10 @@ impl Requests {
             id,
             "presence store unavailable",
             move |backend| async move {
+                if !confirmed.is_empty() {
+                    let all = futures_util::future::join_all(confirmed);
+                    let _ = tokio::time::timeout(SUBSCRIBE_WAIT, all).await;
+                }
                 let records = backend.presence.presence(&users).await?;
                 Ok(ServerFrame::PresenceList {
                     denied,

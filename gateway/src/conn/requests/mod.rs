@@ -165,14 +165,9 @@ impl Requests {
                     )));
                 }
                 self.subscribed.extend(new.iter().cloned());
-                for (shard, users) in self.app.shards.partition(new) {
-                    let cmd = ShardCmd::Watch {
-                        users,
-                        conn: self.conn.clone(),
-                    };
-                    self.app.shards.send_to(shard, cmd).await;
-                }
-                self.query(id, users)?;
+                let confirmed = self.watch(new).await;
+                let permit = self.permit()?;
+                self.query_with(permit, id, users, None, confirmed);
             }
             ClientFrame::Unsubscribe { id, users } => {
                 let users = checked_users(users)?;

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use shared::ErrorCode;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::{MAX_IN_FLIGHT, MAX_USERS, Requests, checks::bad};
 use crate::{
@@ -161,16 +161,28 @@ impl Requests {
                 unwatch.push(user.clone());
             }
         }
-        for (shard, users) in self.app.shards.partition(watch) {
+        let confirmed = self.watch(watch).await;
+        self.unwatch(unwatch).await;
+        let denied = (!denied.is_empty()).then_some(denied);
+        self.query_with(permit, id, allowed, denied, confirmed);
+    }
+
+    /// Watches `users` at their shards; each receiver fires once that shard's users' events
+    /// reach this node, so the `presence_list` is read after it and misses no change.
+    pub(super) async fn watch(&self, users: Vec<String>) -> Vec<oneshot::Receiver<()>> {
+        let mut confirmations = Vec::new();
+        for (shard, users) in self.app.shards.partition(users) {
+            let (confirmed, confirmation) = oneshot::channel();
             let cmd = ShardCmd::Watch {
                 users,
                 conn: self.conn.clone(),
+                confirmed: Some(confirmed),
             };
-            self.app.shards.send_to(shard, cmd).await;
+            if self.app.shards.send_to(shard, cmd).await {
+                confirmations.push(confirmation);
+            }
         }
-        self.unwatch(unwatch).await;
-        let denied = (!denied.is_empty()).then_some(denied);
-        self.query_with(permit, id, allowed, denied);
+        confirmations
     }
 
     pub(super) async fn unwatch(&self, users: Vec<String>) {

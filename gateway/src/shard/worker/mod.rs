@@ -313,7 +313,11 @@ impl Worker {
                     self.mark_dirty(user);
                 }
             }
-            ShardCmd::Watch { users, conn } => {
+            ShardCmd::Watch {
+                users,
+                conn,
+                confirmed,
+            } => {
                 let mut new = Vec::new();
                 for user in users {
                     let slot = self.users.entry(user.clone()).or_default();
@@ -322,8 +326,14 @@ impl Worker {
                     }
                     slot.watchers.insert(conn.id, conn.clone());
                 }
-                if !new.is_empty() {
-                    self.subscriptions.watch(new);
+                match (new.is_empty(), confirmed) {
+                    (false, Some(confirmed)) => self.subscriptions.watch_confirmed(new, confirmed),
+                    (false, None) => self.subscriptions.watch(new),
+                    // Watched already: its events arrive.
+                    (true, Some(confirmed)) => {
+                        let _ = confirmed.send(());
+                    }
+                    (true, None) => {}
                 }
             }
             ShardCmd::Unwatch { users, conn } => {

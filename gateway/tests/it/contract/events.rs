@@ -19,6 +19,7 @@ contract!(
     group_messages_only_for_watched_groups,
     private_messages_reach_both_inboxes_with_origin,
     broadcasts_reach_every_node,
+    a_confirmed_watch_misses_no_change_after_it,
 );
 
 fn presence_topics(users: &[&str]) -> Vec<Topic> {
@@ -297,4 +298,20 @@ async fn broadcasts_reach_every_node(f: Factory) {
     assert_eq!(d.audience, Audience::All);
     assert_eq!(d.message.msg_id, outcome.msg_id);
     assert_eq!(d.message.body, out.body);
+}
+
+/// `watch_confirmed`: once it fires, a change made at once reaches the sink (what a
+/// `subscribe`'s `presence_list` relies on: read after it, no change falls in between).
+async fn a_confirmed_watch_misses_no_change_after_it(f: Factory) {
+    let mut b = f.backend().await;
+    for round in 0..5 {
+        let user = format!("confirmed{round}");
+        let (confirmed, confirmation) = tokio::sync::oneshot::channel();
+        b.subscriptions
+            .watch_confirmed(presence_topics(&[&user]), confirmed);
+        confirmation.await.expect("the watch is confirmed");
+        let changed = b.connect(&user, &[1]).await.expect("changed");
+        let events = b.presence_events().await;
+        assert_eq!(events, vec![changed.record], "round {round}");
+    }
 }
