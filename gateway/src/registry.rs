@@ -61,12 +61,9 @@ impl Heartbeat {
             let reaped = self.registry.reap_dead_nodes(&self.node_id).await;
             let counted = self.presence.counts().await;
             match (&announced, &reaped, &counted) {
-                (Ok(()), Ok(_), Ok(_)) => {
-                    if !up {
-                        tracing::info!("backend reachable again");
-                    }
-                    up = true;
-                }
+                // `Health` logs the backend coming back; this only keeps the failure below to
+                // one warning per outage.
+                (Ok(()), Ok(_), Ok(_)) => up = true,
                 _ => {
                     if up {
                         tracing::warn!(announce = ?announced.as_ref().err(), reap = ?reaped.as_ref().err(), "registry heartbeat failed");

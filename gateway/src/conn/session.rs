@@ -69,7 +69,7 @@ pub async fn run(
     // backend (down, or not answering in time) the connection is welcomed all the same and what
     // could not be read follows once the backend is back (`catch_up`).
     let state = connect_reads(&app, &conn.user).await;
-    let mut missing = Missing::of(&state);
+    let missing = Missing::of(&state);
     let ConnectState {
         groups,
         offline,
@@ -127,7 +127,7 @@ pub async fn run(
     app.count_connection(conn.platform, 1);
     if missing.any() {
         metrics::counter!(m::DEFERRED_CONNECTS, "result" => "deferred").increment(1);
-        tokio::spawn(catch_up(app.clone(), conn.clone(), missing.take()));
+        tokio::spawn(catch_up(app.clone(), conn.clone(), missing));
     }
     tracing::debug!(conn = conn.id, user = %conn.user, platform = conn.platform, %peer, "connected");
 
@@ -202,7 +202,7 @@ fn offline_frames(
 }
 
 /// Which connect-time reads a connection still lacks.
-#[derive(Default, Clone, Copy)]
+#[derive(Clone, Copy)]
 struct Missing {
     groups: bool,
     offline: bool,
@@ -220,10 +220,6 @@ impl Missing {
 
     fn any(&self) -> bool {
         self.groups || self.offline || self.revocation
-    }
-
-    fn take(&mut self) -> Self {
-        std::mem::take(self)
     }
 }
 

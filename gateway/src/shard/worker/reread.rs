@@ -77,49 +77,33 @@ impl Worker {
         let (presence, messages) = (self.presence.clone(), self.messages.clone());
         let (shards, index) = (self.shards.clone(), self.index);
         tokio::spawn(async move {
-            for (group, since) in groups {
-                let reread = match messages.history(&group, Some(&since), GROUP_FILL).await {
-                    Ok((messages, _)) => Reread::Group { group, messages },
-                    Err(e) => {
-                        tracing::debug!(shard = index, error = %e, "history re-read failed; retrying");
-                        shards
-                            .send_to(
-                                index,
-                                super::ShardCmd::Reread(Reread::Finished { ok: false }),
-                            )
-                            .await;
-                        return;
+            // Each part goes back to the shard as it is read; a failure ends the re-read, which
+            // is tried again whole.
+            let send = |reread| shards.send_to(index, super::ShardCmd::Reread(reread));
+            let read = async {
+                for (group, since) in groups {
+                    let (messages, _) = messages.history(&group, Some(&since), GROUP_FILL).await?;
+                    if !send(Reread::Group { group, messages }).await {
+                        return Ok(());
                     }
-                };
-                if !shards.send_to(index, super::ShardCmd::Reread(reread)).await {
-                    return;
                 }
-            }
-            for chunk in users.chunks(REREAD_CHUNK) {
-                let read_at = now_ms();
-                let reread = match presence.presence(chunk).await {
-                    Ok(records) => Reread::Records { records, read_at },
-                    Err(e) => {
-                        tracing::debug!(shard = index, error = %e, "re-read failed; retrying");
-                        shards
-                            .send_to(
-                                index,
-                                super::ShardCmd::Reread(Reread::Finished { ok: false }),
-                            )
-                            .await;
-                        return;
+                for chunk in users.chunks(REREAD_CHUNK) {
+                    let read_at = now_ms();
+                    let records = presence.presence(chunk).await?;
+                    if !send(Reread::Records { records, read_at }).await {
+                        return Ok(());
                     }
-                };
-                if !shards.send_to(index, super::ShardCmd::Reread(reread)).await {
-                    return;
                 }
-            }
-            shards
-                .send_to(
-                    index,
-                    super::ShardCmd::Reread(Reread::Finished { ok: true }),
-                )
-                .await;
+                Ok::<(), crate::backend::BackendError>(())
+            };
+            let ok = match read.await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(shard = index, error = %e, "re-read failed; retrying");
+                    false
+                }
+            };
+            send(Reread::Finished { ok }).await;
         });
     }
 
