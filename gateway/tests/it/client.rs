@@ -407,12 +407,14 @@ impl Rest {
         body
     }
 
-    /// Polls `GET /v1/presence/{user}` until `check` holds.
+    /// Polls `GET /v1/presence/{user}` until `check` holds. A 503 (the node knows its backend is
+    /// down, as it may be just after a Redis restart) is polled through; any other error fails.
     pub async fn wait_presence(&self, user: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let body = self.presence(user).await;
-            if check(&body) {
+            let (status, body) = self.get(&format!("/presence/{user}")).await;
+            assert!(status == 200 || status == 503, "{status}: {body}");
+            if status == 200 && check(&body) {
                 return body;
             }
             assert!(
