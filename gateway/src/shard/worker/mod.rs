@@ -10,6 +10,7 @@
 
 mod batch;
 mod delivery;
+mod gaps;
 mod reread;
 
 use std::{
@@ -118,10 +119,9 @@ struct GroupMark {
     /// `id` is a message passed on here (not just the time the group got local members): live
     /// messages at or below it are repeats of a history re-read.
     delivered: bool,
-    /// Since the backend was last found away (a resync), where the gap in this group's
-    /// messages may start (`id` then) and where it ends: the first message heard live after it.
-    /// Later live messages move `id` past the gap before the re-read runs; these keep it.
-    gap: Option<(String, Option<String>)>,
+    /// Where messages may have been missed since the backend was last found away (later live
+    /// messages move `id` past them before the re-read runs; these keep them).
+    gaps: gaps::Gaps,
 }
 
 enum Job {
@@ -169,6 +169,8 @@ pub(super) struct Worker {
     reread_at: Option<Instant>,
     /// A re-read is running.
     rereading: bool,
+    /// Numbers reads of group history, so each closes only the gaps it covered.
+    reads: u64,
 }
 
 impl Worker {
@@ -207,6 +209,7 @@ impl Worker {
             shard_label: index.to_string(),
             reread_at: None,
             rereading: false,
+            reads: 0,
         }
     }
 
@@ -390,18 +393,23 @@ impl Worker {
                 if conn.is_closing() {
                     return;
                 }
-                let members = self.groups.entry(group.clone()).or_default();
-                if members.is_empty() {
-                    self.subscriptions.watch(vec![Topic::Group(group.clone())]);
+                if self.groups.get(&group).is_none_or(|m| m.is_empty()) {
+                    // Until the node hears the group, what is sent to it is missed here: a gap
+                    // from now, filled once the subscription is confirmed.
+                    let id = msg_id(now_ms(), 0);
+                    let mut gaps = gaps::Gaps::default();
+                    gaps.open(&id);
                     self.group_marks.insert(
                         group.clone(),
                         GroupMark {
-                            id: msg_id(now_ms(), 0),
+                            id,
                             delivered: false,
-                            gap: None,
+                            gaps,
                         },
                     );
+                    self.watch_group(group.clone());
                 }
+                let members = self.groups.entry(group.clone()).or_default();
                 members.insert(conn.id, conn.clone());
                 if let (Some(since), Some(mark)) = (since, self.group_marks.get(&group)) {
                     // What was sent before now is at or below the mark; what follows comes live.
