@@ -23,12 +23,12 @@ import { afterClose, DEFAULT_BACKOFF, type BackoffOptions } from './reconnect.js
 export type State = 'connecting' | 'connected' | 'disconnected';
 
 /** What the client needs of a WebSocket: the browser's, React Native's, or `ws` in Node. */
+// Events are `any` so that the browser's class and `ws`'s (whose event types differ) both fit.
 export interface WebSocketLike {
   binaryType: string;
-  onopen: ((ev: unknown) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onclose: ((ev: any) => void) | null;
+  onerror: ((ev: any) => void) | null;
   send(data: string | Uint8Array): void;
   close(code?: number, reason?: string): void;
 }
@@ -286,10 +286,10 @@ export class PresenceClient extends Emitter<ClientEvents> {
     }
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
-    ws.onmessage = (ev) => {
+    ws.onmessage = (ev: { data: unknown }) => {
       if (gen === this.generation) this.onFrame(ev.data);
     };
-    ws.onclose = (ev) => {
+    ws.onclose = (ev: { code: number; reason: string }) => {
       if (gen === this.generation) this.onClose(ev.code, ev.reason);
     };
     // A close always follows an error; the error itself says nothing more in browsers.

@@ -1,6 +1,5 @@
 // A minimal typed event emitter: browsers, React Native and Node share no common one.
 
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
 type Handler = (...args: any[]) => unknown;
 
 export class Emitter<Events extends { [K in keyof Events]: Handler }> {
