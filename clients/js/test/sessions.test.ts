@@ -7,6 +7,12 @@ import { test } from 'node:test';
 
 import { Gateway, jwt, Recorder, sleep, until } from './harness.js';
 
+/** A token function that counts its calls. */
+function minting(mint: () => string) {
+  const tokens = { minted: 0, token: () => (tokens.minted++, mint()) };
+  return tokens;
+}
+
 /** A client that must stay stopped: no reconnect attempt within a few of the shortest backoffs. */
 async function staysStopped(r: Recorder): Promise<void> {
   const states = r.states.length;
@@ -61,13 +67,8 @@ test('4009 and 4011: too many connections, and replaced by a newer login', async
 
 test('4001: a revoked token; the client reconnects with a fresh one from its token function', async () => {
   const node = await Gateway.start();
-  let minted = 0;
-  const alice = new Recorder(node.ws, {
-    token: () => {
-      minted++;
-      return jwt('r-alice');
-    },
-  });
+  const tokens = minting(() => jwt('r-alice'));
+  const alice = new Recorder(node.ws, { token: tokens.token });
   try {
     await alice.client.connect();
     const before = alice.client.welcome!.conn_id;
@@ -76,7 +77,7 @@ test('4001: a revoked token; the client reconnects with a fresh one from its tok
     assert.equal((await node.rest('POST', '/v1/users/r-alice/revoke')).status, 202);
     await until('closed with 4001', () => alice.closes.some((c) => c.code === 4001));
     await until('welcomed again', () => alice.client.state === 'connected' && alice.client.welcome!.conn_id !== before);
-    assert.ok(minted >= 2, 'a fresh token');
+    assert.ok(tokens.minted >= 2, 'a fresh token');
     assert.ok(alice.closes.every((c) => c.reconnect));
   } finally {
     alice.client.close();
@@ -86,19 +87,14 @@ test('4001: a revoked token; the client reconnects with a fresh one from its tok
 
 test('refresh: a token living three seconds keeps its connection past its expiry', async () => {
   const node = await Gateway.start();
-  let minted = 0;
-  const alice = new Recorder(node.ws, {
-    token: () => {
-      minted++;
-      return jwt('f-alice', 5, 3);
-    },
-  });
+  const tokens = minting(() => jwt('f-alice', 5, 3));
+  const alice = new Recorder(node.ws, { token: tokens.token });
   try {
     await alice.client.connect();
     const first = alice.client.welcome!;
     assert.ok(first.expires_at, 'a JWT with exp tells the client when it expires');
     await until('past the first token expiry', () => Date.now() > first.expires_at! + 1500, 10_000);
-    assert.ok(minted >= 2, `refreshed (${minted} tokens)`);
+    assert.ok(tokens.minted >= 2, `refreshed (${tokens.minted} tokens)`);
     assert.equal(alice.client.state, 'connected');
     assert.equal(alice.client.welcome!.conn_id, first.conn_id, 'the same connection');
     assert.deepEqual(alice.closes, []);
