@@ -15,5 +15,12 @@ await build({
   legalComments: 'none',
 });
 const bytes = readFileSync(outfile);
+const gzipped = gzipSync(bytes, { level: 9 }).length;
 const kb = (n) => (n / 1024).toFixed(1);
-console.log(`${outfile}: ${kb(bytes.length)} KiB minified, ${kb(gzipSync(bytes, { level: 9 }).length)} KiB minified+gzip`);
+console.log(`${outfile}: ${kb(bytes.length)} KiB minified, ${kb(gzipped)} KiB minified+gzip`);
+// A web page pays for every byte on every first load: the budget is part of the build.
+const BUDGET = 15 * 1024;
+if (gzipped > BUDGET) {
+  console.error(`the bundle is over its budget of ${kb(BUDGET)} KiB minified+gzip`);
+  process.exit(1);
+}

@@ -44,8 +44,11 @@ describe('one embedded node', () => {
         assert.equal(alice.client.presenceOf(`bob-${format}`), undefined);
         const seen = alice.presence.length;
         await bob.client.setStatus('away');
-        await bob.client.query([`bob-${format}`]); // a round trip after the change's flush
-        await until('bob away in a query', () => true);
+        let status = '';
+        await until('bob away in a query', () => status === 'away', 10_000, async () => {
+          status = (await bob.client.query([`bob-${format}`]))[0].status;
+        });
+        await alice.client.query([`bob-${format}`]); // a round trip: an event would be here by now
         assert.equal(alice.presence.length, seen, 'no event after unsubscribe');
       } finally {
         alice.client.close();

@@ -85,9 +85,9 @@ test('4001: a revoked token; the client reconnects with a fresh one from its tok
   }
 });
 
-test('refresh: a token living three seconds keeps its connection past its expiry', async () => {
+test('refresh: a token living four seconds keeps its connection past its expiry', async () => {
   const node = await Gateway.start();
-  const tokens = minting(() => jwt('f-alice', 5, 3));
+  const tokens = minting(() => jwt('f-alice', 5, 4));
   const alice = new Recorder(node.ws, { token: tokens.token });
   try {
     await alice.client.connect();
