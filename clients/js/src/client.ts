@@ -360,8 +360,9 @@ export class PresenceClient extends Emitter<ClientEvents> {
     this.clearConnectionTimers();
     const decision = afterClose(code, this.failures, this.backoff, this.random);
     if (!decision.reconnect) {
-      this.emit('close', (e) => this.report(e), { code, reason, reconnect: false });
+      // Stopped before the app hears of it, so a handler may connect() again.
       this.stop(new PresenceError('closed', `closed by the server: ${code} ${reason}`.trim()));
+      this.emit('close', (e) => this.report(e), { code, reason, reconnect: false });
       return;
     }
     this.retry(code, reason, decision);
@@ -373,6 +374,7 @@ export class PresenceClient extends Emitter<ClientEvents> {
     if (decision.newToken) this.tokenGood = false;
     if (code) {
       this.emit('close', (e) => this.report(e), { code, reason, reconnect: true, delayMs: decision.delayMs });
+      if (this.stopped) return; // a handler closed the client
     }
     this.setState('connecting');
     clearTimeout(this.reconnectTimer);

@@ -386,3 +386,29 @@ test('close() during the backoff cancels the reconnect and rejects connect()', a
   assert.equal(FakeSocket.all.length, 1);
   assert.equal(c.state, 'disconnected');
 });
+
+test('close() or connect() from a close handler: the client does what the app said', async () => {
+  const { c } = client();
+  void c.connect();
+  await settle();
+  latest().welcome();
+  const off = c.on('close', () => c.close());
+  latest().drop(1006);
+  mock.timers.tick(60_000);
+  await settle();
+  assert.equal(FakeSocket.all.length, 1, 'no reconnect after close()');
+  assert.equal(c.state, 'disconnected');
+  off();
+
+  void c.connect();
+  await settle();
+  latest().welcome();
+  c.on('close', (info) => {
+    if (!info.reconnect) c.connect().catch(() => {}); // e.g. after asking the user
+  });
+  latest().drop(4011);
+  await settle();
+  assert.equal(FakeSocket.all.length, 3, 'connected again at once');
+  assert.equal(c.state, 'connecting');
+  c.close();
+});
