@@ -142,6 +142,8 @@ pub struct ShardSettings {
     pub node: Arc<str>,
     pub batch_max: usize,
     pub batch_interval: Duration,
+    /// Flushes a shard may start before its batch is due, for urgent changes, per second.
+    pub early_flushes_per_sec: u32,
     pub renew_interval: Duration,
     pub idle_away: Duration,
     pub max_conns_per_user: usize,

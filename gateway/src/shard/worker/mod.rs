@@ -103,6 +103,22 @@ impl UserSlot {
         })
     }
 
+    /// Watchers want this change at once: the user came online, on a new platform, back from
+    /// idle, or chose a status. Going offline, or idle, waits for the batch, so that a client that
+    /// drops and reconnects within it is never seen offline.
+    fn is_urgent(&self) -> bool {
+        if self.pending_status.is_some() {
+            return true;
+        }
+        match (self.desired_entry(), self.flushed) {
+            (Some(_), None) => true,
+            (Some(want), Some(had)) => {
+                want.platforms & !had.platforms != 0 || (had.idle && !want.idle)
+            }
+            (None, _) => false,
+        }
+    }
+
     fn is_forgettable(&self) -> bool {
         // `chosen_here` is only worth keeping while the user is connected here.
         self.conns.is_empty()
@@ -154,6 +170,9 @@ pub(super) struct Worker {
     group_marks: HashMap<String, GroupMark>,
     /// Users changed since the last flush began.
     dirty: HashSet<String>,
+    /// One of them changed in a way watchers want at once ([`UserSlot::is_urgent`]).
+    urgent: bool,
+    early: batch::EarlyFlushes,
     /// When the oldest pending change arrived: the batch is due `batch_interval` after it.
     first_dirty_at: Option<Instant>,
     job: Option<JoinHandle<JobDone>>,
@@ -187,6 +206,7 @@ impl Worker {
             subscriptions,
             messages,
         } = backend;
+        let early = batch::EarlyFlushes::new(settings.early_flushes_per_sec);
         Worker {
             index,
             settings,
@@ -200,6 +220,8 @@ impl Worker {
             groups: HashMap::new(),
             group_marks: HashMap::new(),
             dirty: HashSet::new(),
+            urgent: false,
+            early,
             first_dirty_at: None,
             job: None,
             renew_due: false,
@@ -452,6 +474,9 @@ impl Worker {
     }
 
     fn mark_dirty(&mut self, user: String) {
+        if !self.urgent && self.users.get(&user).is_some_and(UserSlot::is_urgent) {
+            self.urgent = true;
+        }
         self.dirty.insert(user);
         self.first_dirty_at.get_or_insert_with(Instant::now);
     }
