@@ -57,7 +57,7 @@ CHAOS_SECS ?= 180
 
 chaos: redis
 	$(CARGO) build -p presence-gateway --bins
-	$(CARGO) test -p presence-gateway --test it chaos::chaos_short -- --ignored --nocapture
+	$(CARGO) test -p presence-gateway --test it chaos::chaos_short -- --nocapture
 	CHAOS_SECS=$(CHAOS_SECS) $(CARGO) test -p presence-gateway --test it chaos::chaos_long -- --ignored --nocapture
 
 ## fmt check, clippy with warnings as errors, the MSRV check of the dependencies (see msrv), and

@@ -692,11 +692,8 @@ fn chaos_secs(default: u64) -> u64 {
 
 /// The short run: node SIGKILLs and restarts, Redis SIGKILLed and back with its data (Redis
 /// coming back empty is left to `chaos_long`; `outage.rs` covers it deterministically in
-/// `make test`). Not in `make test` yet: about one run in five still finds a group message `ack`ed
-/// `delivered` that one node's members never got (see
-/// docs/ARCHITECTURE.md, "Faults"). `make chaos` runs it, then the long one.
+/// `make test`). In `make test`; `make chaos` runs it, then the long one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "about one run in five still fails (a group message gap): make chaos"]
 async fn chaos_short() {
     run_chaos(chaos_secs(15), false).await;
 }
