@@ -1,5 +1,6 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test chaos lint msrv doc deny toolchain fmt redis promtool build bench fuzz fuzz-corpus cargo-fuzz helm-check
+.PHONY: run test chaos lint msrv doc deny toolchain fmt redis promtool build bench fuzz fuzz-corpus \
+	cargo-fuzz helm-check sdk-test demo node chromium
 
 CARGO ?= cargo
 # The channel rust-toolchain.toml pins (read here without running rustup).
@@ -21,6 +22,33 @@ test: redis promtool
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --exclude presence-gateway
 	RUST_TEST_THREADS=$(GATEWAY_TEST_THREADS) $(CARGO) test -p presence-gateway
+	$(MAKE) sdk-test
+
+## The TypeScript SDK (clients/js): unit tests on fake timers, the golden frames the shared crate
+## writes, integration tests against real nodes (embedded and on a real Redis), and the demo page
+## in headless Chromium. Needs the gateway binary `cargo build --workspace --bins` made (the SDK's
+## harness finds it under CARGO_TARGET_DIR, else target/). Installs node, the locked npm
+## dependencies and Debian's chromium when missing.
+sdk-test: redis node chromium
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+## The live presence page: serves it on 127.0.0.1:8081 (DEMO_PORT) against the gateway that
+## `make run` starts (DEMO_GATEWAY, default http://127.0.0.1:8080). Open
+## http://127.0.0.1:8081/?user=alice and, in another window, ?user=bob.
+demo: node
+	cd clients/js && { [ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error; } && npm run --silent demo
+
+node:
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "installing nodejs and npm (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@node --version
+
+## Debian's chromium for the SDK's browser test (playwright-core drives it; it never downloads one).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 ## Chaos: 3 nodes on Redis under random churn while nodes and Redis are killed and restarted, then
 ## the truth is checked (docs/ARCHITECTURE.md, "Faults"). CHAOS_SECS of faults (default 180),

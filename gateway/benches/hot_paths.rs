@@ -123,6 +123,7 @@ impl ShardFixture {
                     // Small next to the 1 s default but above a 1000-user phase (~1.3 ms): at
                     // 1 ms about one phase in ten was split into two flushes, at 5 ms none was.
                     batch_interval: Duration::from_millis(5),
+                    early_flushes_per_sec: 0,
                     // Neither renewal nor the idle check fires during a run.
                     renew_interval: Duration::from_secs(3_600),
                     idle_away: Duration::from_secs(3_600),

@@ -188,6 +188,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             node: node_id.clone(),
             batch_max: config.batch_max,
             batch_interval: config.batch_interval(),
+            early_flushes_per_sec: config.early_flushes_per_shard(),
             renew_interval: config.renew_interval(),
             idle_away: config.idle_away(),
             max_conns_per_user: config.max_conns_per_user,

@@ -14,6 +14,7 @@ pub const ONLINE_USERS: &str = "presence_online_users";
 pub const STATUS_CHANGES: &str = "presence_status_changes_total";
 pub const TRANSITIONS: &str = "presence_transitions_total";
 pub const BATCH_SIZE: &str = "presence_batch_size";
+pub const EARLY_FLUSHES: &str = "presence_early_flushes_total";
 pub const FLUSH_SECONDS: &str = "presence_flush_seconds";
 pub const FLUSHES: &str = "presence_flushes_total";
 pub const PRESENCE_WRITES: &str = "presence_writes_total";
@@ -77,6 +78,10 @@ fn describe() {
         "Users whose first connection anywhere opened (online) or last one closed (offline)."
     );
     describe_histogram!(BATCH_SIZE, "Users written per shard flush.");
+    describe_counter!(
+        EARLY_FLUSHES,
+        "Flushes started before their batch was due, for an online or status change."
+    );
     describe_histogram!(
         FLUSH_SECONDS,
         "Time to write one shard batch to the backend."

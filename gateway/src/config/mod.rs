@@ -76,6 +76,12 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_BATCH_INTERVAL_MS", default_value_t = 1000)]
     pub batch_interval_ms: u64,
 
+    /// Flushes per second a node may start before their batch is due, so that a user coming
+    /// online or choosing a status is seen at once (offline transitions always wait for the
+    /// batch). Spread over the shards; past it, changes batch. 0 batches everything.
+    #[arg(long, env = "PRESENCE_EARLY_FLUSHES_PER_SEC", default_value_t = 200)]
+    pub early_flushes_per_sec: u32,
+
     /// Presence entry expiry; each node renews its entries every third of it.
     #[arg(long, env = "PRESENCE_TTL_SECS", default_value_t = 60)]
     pub ttl_secs: u64,
@@ -377,6 +383,12 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(2)
         })
+    }
+
+    /// Each shard's share of [`Config::early_flushes_per_sec`] (at least one when it is not 0).
+    pub fn early_flushes_per_shard(&self) -> u32 {
+        let shards = self.shard_count().max(1) as u32;
+        self.early_flushes_per_sec.div_ceil(shards)
     }
 
     pub fn batch_interval(&self) -> Duration {

@@ -38,6 +38,9 @@ impl Config {
         if self.batch_interval_ms == 0 {
             problems.push("PRESENCE_BATCH_INTERVAL_MS must be at least 1".into());
         }
+        if self.early_flushes_per_sec > 100_000 {
+            problems.push("PRESENCE_EARLY_FLUSHES_PER_SEC must be at most 100000".into());
+        }
         const WEEK_SECS: u64 = 7 * 86_400;
         if !(3..=WEEK_SECS).contains(&self.ttl_secs) {
             problems

@@ -107,18 +107,24 @@ pub enum Reread {
         records: Vec<PresenceRecord>,
         read_at: u64,
     },
-    /// A group's messages after the last one its local members got.
+    /// A group's history from the starts of its gaps, as read `read` found it.
     Group {
         group: String,
         messages: Vec<shared::Message>,
+        read: u64,
     },
+    /// This node now hears `group`'s messages (its first local member attached): what was sent
+    /// between the attach and the subscription is read from history.
+    Subscribed { group: String },
     /// Messages a connection that followed its group late missed.
     Backfill {
         conn: Arc<ConnHandle>,
         messages: Vec<shared::Message>,
     },
-    /// The re-read ended; not `ok` means it failed part-way and is tried again.
-    Finished { ok: bool },
+    /// The fill `read` of a group failed: its gaps wait for the next read.
+    Failed { read: u64 },
+    /// Re-read `read` ended; not `ok` means it failed part-way and is tried again.
+    Finished { ok: bool, read: u64 },
 }
 
 /// The backend roles a shard worker uses.
@@ -136,6 +142,8 @@ pub struct ShardSettings {
     pub node: Arc<str>,
     pub batch_max: usize,
     pub batch_interval: Duration,
+    /// Flushes a shard may start before its batch is due, for urgent changes, per second.
+    pub early_flushes_per_sec: u32,
     pub renew_interval: Duration,
     pub idle_away: Duration,
     pub max_conns_per_user: usize,

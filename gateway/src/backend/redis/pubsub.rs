@@ -54,7 +54,7 @@ pub async fn run_subscriptions(
     let mut resync_due = false;
     // Who waits for which channels to be subscribed (`Subscriptions::watch_confirmed`).
     let mut waiters: Vec<(Vec<String>, oneshot::Sender<()>)> = Vec::new();
-    // A `Gap` was sent and its `Resync` not yet.
+    // A `Gap` was sent for the current outage (until the subscriber reconnects).
     let mut gap_open = false;
     let mut pending = Pending::default();
     let mut retry = false;
@@ -78,6 +78,12 @@ pub async fn run_subscriptions(
                 if matches!(r, Err(RecvError::Closed)) {
                     break;
                 }
+                // A reconnect without an error seen first is a gap too; after it, the next
+                // error starts another (Redis may go away again before the resync is sent).
+                if !gap_open && events.send(BackendEvent::Gap).await.is_err() {
+                    break;
+                }
+                gap_open = false;
                 let again = pending.resubscribe(&mut subscribed);
                 tracing::info!(channels = again, "subscriber reconnected: subscribing again");
                 resync_due = true;
@@ -137,12 +143,13 @@ pub async fn run_subscriptions(
             }
         }
         // Waiters whose channels are all subscribed now are told; those nobody waits for any
-        // more (their request gave up) are dropped, so the list stays bounded.
+        // more (their request gave up) or whose channels are no longer wanted (unwatched
+        // before Redis confirmed them) are dropped unanswered, so the list stays bounded.
         for (mut channels, tx) in std::mem::take(&mut waiters) {
             channels.retain(|c| !subscribed.contains(c));
             if channels.is_empty() {
                 let _ = tx.send(());
-            } else if !tx.is_closed() {
+            } else if !tx.is_closed() && channels.iter().all(|c| pending.add.contains(c)) {
                 waiters.push((channels, tx));
             }
         }
