@@ -1,6 +1,6 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test chaos lint msrv doc deny toolchain fmt redis build bench fuzz fuzz-corpus cargo-fuzz \
-	sdk-test demo node chromium
+.PHONY: run test chaos lint msrv doc deny toolchain fmt redis promtool build bench fuzz fuzz-corpus \
+	cargo-fuzz helm-check sdk-test demo node chromium
 
 CARGO ?= cargo
 # The channel rust-toolchain.toml pins (read here without running rustup).
@@ -18,7 +18,7 @@ run:
 ## third of the wall time of two on this 2-core machine (61 s -> 20 s, measured 2026-11-30).
 GATEWAY_TEST_THREADS ?= 6
 
-test: redis
+test: redis promtool
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --exclude presence-gateway
 	RUST_TEST_THREADS=$(GATEWAY_TEST_THREADS) $(CARGO) test -p presence-gateway
@@ -163,6 +163,35 @@ redis:
 		echo "installing redis-server (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
+
+## The metrics test checks a live node's /metrics with promtool (Debian's prometheus package;
+## only promtool is used, no Prometheus server is started).
+promtool:
+	@command -v promtool >/dev/null || { \
+		echo "installing promtool (Debian package prometheus)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@promtool --version 2>&1 | head -1
+
+## The operator's kit checked with real tools (tools/helm-check/helm_check.py): the Helm chart
+## linted and rendered through the Helm SDK with its defaults and each helm/presence-gateway/ci/
+## values file, every object validated (kubernetes-validate --strict) and scanned (checkov), the
+## alert rules checked and unit-tested (promtool), the Dockerfile linted (hadolint, checkov); then
+## helm_check_test.py breaks copies of the chart and shows the check failing. The pinned PyPI tools
+## (tools/helm-check/requirements.txt) go into a venv of their own in HELM_CHECK_VENV, made again
+## when the requirements change (about 40 s once per machine).
+HELM_CHECK_VENV ?= $(HOME)/.cache/presence-gateway/helm-check-venv
+
+helm-check: promtool
+	@python3 -c 'import ensurepip' 2>/dev/null || { \
+		echo "installing python3-venv (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@cmp -s tools/helm-check/requirements.txt $(HELM_CHECK_VENV)/requirements.txt || { \
+		echo "helm-check: installing tools/helm-check/requirements.txt into $(HELM_CHECK_VENV)"; \
+		rm -rf $(HELM_CHECK_VENV) && python3 -m venv $(HELM_CHECK_VENV) && \
+		$(HELM_CHECK_VENV)/bin/pip install -q --disable-pip-version-check -r tools/helm-check/requirements.txt && \
+		cp tools/helm-check/requirements.txt $(HELM_CHECK_VENV)/requirements.txt; }
+	$(HELM_CHECK_VENV)/bin/python tools/helm-check/helm_check.py
+	$(HELM_CHECK_VENV)/bin/python tools/helm-check/helm_check_test.py
 
 build:
 	$(CARGO) build --workspace --release

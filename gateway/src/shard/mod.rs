@@ -190,6 +190,18 @@ impl Shards {
         self.senders.len()
     }
 
+    /// Commands waiting in each shard's mailbox, in shard order, as of now.
+    pub fn queue_depths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.senders
+            .iter()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+    }
+
+    /// Commands one shard's mailbox holds before senders wait.
+    pub fn mailbox_capacity(&self) -> usize {
+        self.senders.first().map_or(0, |tx| tx.max_capacity())
+    }
+
     /// The shard that owns `key`.
     pub fn index_of(&self, key: &str) -> usize {
         shard_of(key, self.senders.len())

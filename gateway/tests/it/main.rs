@@ -25,6 +25,8 @@ mod fuzz_corpus;
 mod hostile;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
 mod messaging;
+/// `/metrics` under traffic: promtool, the dashboard's and alerts' metric names, docs/metrics.md.
+mod metrics;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.
 mod multinode;
 /// Redis stalled, killed and restarted empty under two nodes: nothing waits for it, nothing stays

@@ -211,8 +211,6 @@ impl Worker {
             self.retry_at = Some(Instant::now() + self.backoff);
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
-        metrics::gauge!(m::SHARD_QUEUE_DEPTH, "shard" => self.shard_label.clone())
-            .set((self.mailbox.max_capacity() - self.mailbox.capacity()) as f64);
         metrics::gauge!(m::SHARD_USERS, "shard" => self.shard_label.clone())
             .set(self.users.len() as f64);
     }
