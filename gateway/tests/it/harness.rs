@@ -50,6 +50,9 @@ impl NodeBuilder {
             "--batch-interval-ms=50",
             "--shards=3",
             "--shutdown-grace-secs=5",
+            // Tests that drain set their own delay and spread (drain.rs).
+            "--drain-delay-secs=0",
+            "--drain-spread-secs=0",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -102,6 +102,19 @@ impl UserSlot {
         })
     }
 
+    /// While the node drains, connections close without taking anything from the entry: what
+    /// the backend holds stays (a drained user is handed over, not removed), and a connection
+    /// opened meanwhile still adds its platform.
+    fn draining_entry(&self) -> Option<NodeEntry> {
+        match (self.desired_entry(), self.flushed) {
+            (Some(now), Some(held)) => Some(NodeEntry {
+                platforms: now.platforms | held.platforms,
+                idle: now.idle,
+            }),
+            (now, held) => now.or(held),
+        }
+    }
+
     fn is_forgettable(&self) -> bool {
         // `chosen_here` is only worth keeping while the user is connected here.
         self.conns.is_empty()
@@ -169,6 +182,8 @@ pub(super) struct Worker {
     reread_at: Option<Instant>,
     /// A re-read is running.
     rereading: bool,
+    /// The node drains with a handover: closing connections leave the entry as it is.
+    draining: bool,
 }
 
 impl Worker {
@@ -207,6 +222,7 @@ impl Worker {
             shard_label: index.to_string(),
             reread_at: None,
             rereading: false,
+            draining: false,
         }
     }
 
@@ -306,6 +322,7 @@ impl Worker {
                 self.refresh_idle(&user);
                 self.mark_dirty(user);
             }
+            ShardCmd::Drain => self.draining = true,
             ShardCmd::Active { user } => self.refresh_idle(&user),
             ShardCmd::SetStatus { user, status } => {
                 if let Some(slot) = self.users.get_mut(&user) {
