@@ -25,8 +25,12 @@ mod drain;
 mod faults;
 /// The `rest` fuzz target's stored inputs, replayed through its check.
 mod fuzz_corpus;
+/// HAProxy as a child process with its stats socket (also included by the load tool's tests).
+mod haproxy;
 /// Hostile clients: memory bounds, poison bodies.
 mod hostile;
+/// Behind HAProxy: a rolling restart through three nodes is invisible to clients.
+mod lb;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
 mod messaging;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.
