@@ -30,9 +30,9 @@ async fn readyz(node_http: &str) -> Option<u16> {
 #[tokio::test]
 async fn a_draining_node_serves_until_it_closes_clients_one_after_another() {
     let node = NodeBuilder::new(&Backend::Embedded)
-        .arg("--drain-delay-secs=2")
+        .arg("--drain-delay-secs=3")
         .arg("--drain-spread-secs=4")
-        .arg("--shutdown-grace-secs=10")
+        .arg("--shutdown-grace-secs=12")
         .start();
     let (http, ws) = (node.http(), node.ws());
     let open = |user: &str| {
@@ -92,7 +92,7 @@ async fn a_draining_node_serves_until_it_closes_clients_one_after_another() {
     assert!(exit.await.expect("join"), "the node exits cleanly");
     // Lower bounds only (sleeps last at least as long as asked): nobody closed before the delay,
     // and the five closes were spread over the spread (turns at 0, 0.8, ... 3.2 s).
-    assert!(closed_at[0] >= Duration::from_secs(2), "{closed_at:?}");
+    assert!(closed_at[0] >= Duration::from_secs(3), "{closed_at:?}");
     assert!(
         closed_at[4] - closed_at[0] >= Duration::from_millis(3000),
         "{closed_at:?}"
@@ -128,7 +128,8 @@ async fn until_closed(peer: &Peer) {
 
 #[tokio::test]
 async fn drained_users_who_reconnect_never_show_offline() {
-    const WINDOW: &str = "--drain-handover-secs=5";
+    // Long enough for the drained node to restart and erin to reconnect on a loaded machine.
+    const WINDOW: &str = "--drain-handover-secs=8";
     let redis = Redis::start();
     let receiver = Receiver::start().await;
     let drain = [

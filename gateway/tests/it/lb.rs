@@ -57,7 +57,7 @@ async fn a_rolling_restart_behind_haproxy_is_invisible() {
         clients: 30,
         delay: 1,
         spread: 1,
-        handover: 3,
+        handover: 5,
         ttl: 6,
     })
     .await;
