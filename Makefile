@@ -1,6 +1,6 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test chaos lint msrv doc deny toolchain fmt redis promtool build bench fuzz fuzz-corpus \
-	cargo-fuzz helm-check sdk-test demo node chromium
+.PHONY: run test chaos lint msrv doc deny toolchain fmt redis promtool haproxy lb-test build bench \
+	fuzz fuzz-corpus cargo-fuzz helm-check sdk-test demo node chromium
 
 CARGO ?= cargo
 # The channel rust-toolchain.toml pins (read here without running rustup).
@@ -18,7 +18,7 @@ run:
 ## third of the wall time of two on this 2-core machine (61 s -> 20 s, measured 2026-11-30).
 GATEWAY_TEST_THREADS ?= 6
 
-test: redis promtool
+test: redis promtool haproxy
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --exclude presence-gateway
 	RUST_TEST_THREADS=$(GATEWAY_TEST_THREADS) $(CARGO) test -p presence-gateway
@@ -49,6 +49,18 @@ chromium:
 	@command -v chromium >/dev/null || { \
 		echo "installing chromium (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## Behind a real load balancer at scale: HAProxy in front of three nodes on one Redis, LB_CLIENTS
+## clients (with watchers and group messages) connected through it, a restart rolled through the
+## nodes with the default drain settings (5 s delay, 10 s spread, 10 s handover); checks that the
+## roll is invisible and prints reconnect p50/p99 and the roll's time (docs/benchmarks.md). A
+## release build, as the figures are measured; `make test` runs a 30-client version.
+LB_CLIENTS ?= 1000
+
+lb-test: redis haproxy
+	$(CARGO) build --release -p presence-gateway --bins
+	LB_CLIENTS=$(LB_CLIENTS) $(CARGO) test --release -p presence-gateway --test it \
+		lb::a_rolling_restart_behind_haproxy_at_scale -- --ignored --nocapture
 
 ## Chaos: 3 nodes on Redis under random churn while nodes and Redis are killed and restarted, then
 ## the truth is checked (docs/ARCHITECTURE.md, "Faults"). CHAOS_SECS of faults (default 180),
@@ -192,6 +204,13 @@ helm-check: promtool
 		cp tools/helm-check/requirements.txt $(HELM_CHECK_VENV)/requirements.txt; }
 	$(HELM_CHECK_VENV)/bin/python tools/helm-check/helm_check.py
 	$(HELM_CHECK_VENV)/bin/python tools/helm-check/helm_check_test.py
+
+## HAProxy (Debian's package) for the load-balancer tests: `lb.rs` and the load tool's wss test.
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+		echo "installing haproxy (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	@PATH="$$PATH:/usr/sbin" haproxy -v | head -1
 
 build:
 	$(CARGO) build --workspace --release

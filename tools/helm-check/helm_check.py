@@ -69,14 +69,6 @@ SET_ELSEWHERE = {
 OWN_DEFAULTS = {
     "PRESENCE_LOG_FORMAT": "json: one object per line, for the cluster's log collector",
 }
-# Settings the drain work of issue 12 adds to the gateway: the chart sets them already; until
-# that work is merged the gateway ignores them.
-# TODO(issue 12): drop this set once gateway/src/config/mod.rs has them.
-PENDING_SETTINGS = {
-    "PRESENCE_DRAIN_DELAY_SECS",
-    "PRESENCE_DRAIN_SPREAD_SECS",
-    "PRESENCE_DRAIN_HANDOVER_SECS",
-}
 
 # The fields of the Prometheus Operator objects the chart writes, as the operator's CRDs
 # (monitoring.coreos.com/v1) define them; anything else is refused, like --strict does.
@@ -270,11 +262,11 @@ def settings_match_gateway(objects, chart):
     chart_values = yaml.safe_load((chart / "values.yaml").read_text())["config"]
     chart_names = {"PRESENCE_" + re.sub(r"([A-Z])", r"_\1", k).upper(): v for k, v in chart_values.items()}
     problems = []
-    for name in sorted(set(chart_names) - set(gateway) - PENDING_SETTINGS):
+    for name in sorted(set(chart_names) - set(gateway)):
         problems.append(f"{name} (values.yaml config) is no gateway setting")
     for name in sorted(set(gateway) - set(chart_names) - set(SET_ELSEWHERE)):
         problems.append(f"{name} cannot be set through the chart")
-    for name in sorted(set(config["data"]) - set(gateway) - PENDING_SETTINGS):
+    for name in sorted(set(config["data"]) - set(gateway)):
         problems.append(f"the ConfigMap sets {name}, which the gateway does not read")
     for name, default in sorted(gateway.items()):
         ours = config["data"].get(name)

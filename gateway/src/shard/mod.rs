@@ -37,6 +37,10 @@ pub enum ShardCmd {
     },
     /// A connection closed; always sent, whatever ended it.
     Disconnect { user: String, conn: ConnId },
+    /// The node is draining with a handover: from now on a closing connection takes nothing
+    /// from this node's entry of its user (it is handed over to expiry at shutdown), so a user
+    /// the drain closes and who reconnects elsewhere never shows offline.
+    Drain,
     /// A connection that had been idle for `idle_away` saw activity again.
     Active { user: String },
     /// The user chose a status.
@@ -266,6 +270,14 @@ impl Shards {
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Tells every shard the node is draining (see [`ShardCmd::Drain`]); returns once each has
+    /// it queued, so it comes before any close the drain causes.
+    pub async fn drain(&self) {
+        for index in 0..self.senders.len() {
+            self.send_to(index, ShardCmd::Drain).await;
         }
     }
 

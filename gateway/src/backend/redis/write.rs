@@ -149,25 +149,35 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// Up to [`PIPELINE_USERS`] users of a node's user set, from position `start`.
+    pub(super) async fn node_users_page(
+        &self,
+        op: &'static str,
+        users_key: &str,
+        start: usize,
+    ) -> Result<Vec<String>, BackendError> {
+        Self::count_round_trip(op);
+        self.client
+            .custom(
+                cmd("ZRANGE"),
+                vec![
+                    users_key.to_string(),
+                    start.to_string(),
+                    (start + PIPELINE_USERS - 1).to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error(op, e))
+    }
+
     /// Removes every entry `node` holds and publishes what that changes; then forgets the node.
     pub(super) async fn reap_node(&self, node: &str) -> Result<Vec<Changed>, BackendError> {
         let users_key = self.keys.node_users(node);
         let now = now_ms();
         let mut changed = Vec::new();
         loop {
-            Self::count_round_trip("reap");
-            let users: Vec<String> = self
-                .client
-                .custom(
-                    cmd("ZRANGE"),
-                    vec![
-                        users_key.clone(),
-                        "0".into(),
-                        (PIPELINE_USERS - 1).to_string(),
-                    ],
-                )
-                .await
-                .map_err(|e| Self::error("reap", e))?;
+            // Each round removes what it read from the set, so the next starts at 0 again.
+            let users = self.node_users_page("reap", &users_key, 0).await?;
             if users.is_empty() {
                 break;
             }

@@ -83,7 +83,11 @@ impl Worker {
             let Some(slot) = self.users.get_mut(&user) else {
                 continue;
             };
-            let entry = slot.desired_entry();
+            let entry = if self.draining {
+                slot.draining_entry()
+            } else {
+                slot.desired_entry()
+            };
             let status = slot.pending_status.take();
             // Flap suppression: a connect and a disconnect inside one batch leave the entry as the
             // backend has it, so nothing is written and nobody hears of it.
