@@ -9,9 +9,11 @@ TOOLCHAIN := $(shell sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 CARGO_DENY_VERSION ?= 0.20.2
 CLIPPY = $(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Start one gateway node in dev mode on the embedded backend (no Redis needed).
+## Start one gateway node in dev mode on the embedded backend (no Redis needed). Ctrl-C stops it
+## at once: no load balancer needs the drain's delay and spread here (PRESENCE_DRAIN_* still apply).
 run:
-	$(CARGO) run -p presence-gateway -- --dev --listen $${PRESENCE_LISTEN:-127.0.0.1:8080}
+	$(CARGO) run -p presence-gateway -- --dev --listen $${PRESENCE_LISTEN:-127.0.0.1:8080} \
+		--drain-delay-secs $${PRESENCE_DRAIN_DELAY_SECS:-0} --drain-spread-secs $${PRESENCE_DRAIN_SPREAD_SECS:-0}
 
 ## Build everything and run every test (installs redis-server when it is missing).
 ## The gateway's integration tests mostly wait on sockets and timers, so six at a time take a
