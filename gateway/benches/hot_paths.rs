@@ -109,6 +109,7 @@ impl ShardFixture {
                     dedupe_window: Duration::from_secs(300),
                     dedupe_max: 1000,
                 },
+                webhooks: None,
             },
             events_tx,
         ));

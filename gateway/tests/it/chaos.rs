@@ -130,6 +130,9 @@ impl World {
             .arg("--rate-limit=100000")
             .arg(format!("--webhook-urls={}", self.hook_url))
             .arg("--webhook-secret=chaos");
+        if std::env::var("CHAOS_DEBUG").is_ok() {
+            builder = builder.arg("--log=info,gateway::shard=debug");
+        }
         if keep_id && !self.ids[i].is_empty() {
             builder = builder.with_id(&self.ids[i].clone());
         }
@@ -650,11 +653,13 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
                     "reachable",
                     "resync",
                     "history",
+                    "gap",
+                    "repeat",
                 ]
                 .iter()
                 .any(|k| l.contains(k))
             }) {
-                eprintln!("node {i}: {}", &line[..line.len().min(260)]);
+                eprintln!("node {i}: {}", &line[..line.len().min(600)]);
             }
         }
     }

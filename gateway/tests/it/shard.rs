@@ -219,6 +219,7 @@ impl Shard {
                     dedupe_window: Duration::from_secs(300),
                     dedupe_max: 1000,
                 },
+                webhooks: None,
             },
             events_tx,
         ));

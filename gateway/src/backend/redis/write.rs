@@ -10,7 +10,7 @@ use super::{
     PIPELINE_USERS, RECORD_TTL_MS, RedisBackend, cmd, keys::Keys, record, scripts::ScriptCall,
 };
 use crate::{
-    backend::{BackendError, Changed},
+    backend::{BackendError, Changed, WebhookWritten},
     clock::now_ms,
     metrics as m,
     presence::{ChosenStatus, NodeEntry, platform_bit},
@@ -61,7 +61,11 @@ impl RedisBackend {
         } else {
             WRITE_USERS_PER_CALL
         };
-        let common: [Value; 6] = [
+        // On one Redis the script queues each transition's webhook event itself (see
+        // `WebhookWritten`); on a cluster it cannot reach the queue's slot, so the node's outbox
+        // queues it after the write.
+        let webhooks = self.settings.webhooks.as_ref().filter(|_| !self.cluster);
+        let common: [Value; 8] = [
             node.into(),
             now.to_string().into(),
             (self.settings.presence_ttl.as_millis() as u64)
@@ -70,6 +74,10 @@ impl RedisBackend {
             RECORD_TTL_MS.to_string().into(),
             self.publish_command().into(),
             if touch { "1" } else { "" }.into(),
+            webhooks
+                .map_or(String::new(), |w| w.queue_max.to_string())
+                .into(),
+            webhooks.map_or("", |w| &*w.node).into(),
         ];
         let status_args = |s: Option<&ChosenStatus>| match s {
             Some(s) => [
@@ -98,11 +106,17 @@ impl RedisBackend {
             args.extend(status_args(w.status));
             args.extend(status_args(w.restore));
         }
+        if webhooks.is_some() {
+            for (_, keys, _) in &mut calls {
+                keys.push(self.keys.webhooks().into());
+            }
+        }
         calls
     }
 
     /// Runs `write.lua` calls plus index updates as one round trip; returns the changes the
-    /// script reported (one reply per user: 0, or the mask before and the published payload).
+    /// script reported (one reply per user: 0, or the mask before, the published payload and,
+    /// when it queued the transition's webhook event, 1, or 0 when the queue was full).
     pub(super) async fn write_pipeline(
         &self,
         op: &'static str,
@@ -123,10 +137,16 @@ impl RedisBackend {
                     payload.as_deref().and_then(record::parse_payload)
                 {
                     metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "out").increment(1);
+                    let webhook = match parts.get(2).and_then(|v| v.as_u64()) {
+                        Some(1) => WebhookWritten::Queued,
+                        Some(_) => WebhookWritten::Refused,
+                        None => WebhookWritten::NotQueued,
+                    };
                     changed.push(Changed {
                         before_platforms: before,
                         record,
                         public_changed,
+                        webhook,
                     });
                 }
             }
