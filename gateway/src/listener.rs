@@ -63,7 +63,10 @@ pub async fn serve(
     let open = Arc::new(AtomicUsize::new(0));
     let mut rates = RateTable::new(limits.connect_rate_per_ip);
     let max_sockets = limits.max_connections + HEADROOM_SOCKETS;
-    let cap: usize = std::env::var("TEMP_HTTP_CAP").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
+    let cap: usize = std::env::var("TEMP_HTTP_CAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     loop {
         let slot = tokio::select! {

@@ -147,6 +147,9 @@ export class Gateway {
       '--batch-interval-ms=50',
       '--shards=3',
       '--shutdown-grace-secs=5',
+      // SIGTERM closes clients with 1001 at once (the load-balancer drain is tested in Rust).
+      '--drain-delay-secs=0',
+      '--drain-spread-secs=0',
       `--api-key=${API_KEY}`,
       `--jwt-secret=${JWT_SECRET}`,
       `--node-id=${this.id}`,

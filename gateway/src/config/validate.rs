@@ -58,6 +58,21 @@ impl Config {
                     .into(),
             );
         }
+        if self.drain_delay_secs > 600
+            || self.drain_spread_secs > 3600
+            || self.drain_handover_secs > 3600
+        {
+            problems.push(
+                "PRESENCE_DRAIN_DELAY_SECS must be at most 600, PRESENCE_DRAIN_SPREAD_SECS and PRESENCE_DRAIN_HANDOVER_SECS at most 3600"
+                    .into(),
+            );
+        } else if self.drain_delay_secs + self.drain_spread_secs >= self.shutdown_grace_secs {
+            // The last flush and the handover need time after the last client is closed.
+            problems.push(
+                "PRESENCE_DRAIN_DELAY_SECS + PRESENCE_DRAIN_SPREAD_SECS must be less than PRESENCE_SHUTDOWN_GRACE_SECS"
+                    .into(),
+            );
+        }
         if self.history_age_secs > 365 * 86_400 || self.token_ttl_secs > 30 * 86_400 {
             problems.push(
                 "PRESENCE_HISTORY_AGE_SECS must be at most a year and PRESENCE_TOKEN_TTL_SECS at most 30 days"

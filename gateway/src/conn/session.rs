@@ -193,15 +193,20 @@ impl Session {
         // The node's shutdown token is shared by every session, and polling its future takes a
         // lock they all share: it is registered once here, and afterwards a cheap flag says
         // whether it fired.
-        let node = self.requests.app().closing.clone();
+        let node = self.requests.app().drain.closing_token();
         let mut node_closing = pin!(node.cancelled());
         std::future::poll_fn(|cx| {
             let _ = node_closing.as_mut().poll(cx);
             Poll::Ready(())
         })
         .await;
+        // Once the drain closes sessions, this one's turn (see `drain.rs`); it keeps serving
+        // until then.
+        let mut close_at: Option<Instant> = None;
         loop {
-            let deadline = next_ping.min(token_deadline(&self.conn));
+            let deadline = next_ping
+                .min(token_deadline(&self.conn))
+                .min(close_at.unwrap_or(next_ping));
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -216,7 +221,7 @@ impl Session {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Tick);
                 }
-                if node.is_cancelled() {
+                if close_at.is_none() && node.is_cancelled() {
                     return Poll::Ready(Event::NodeClosing);
                 }
                 Poll::Pending
@@ -243,8 +248,8 @@ impl Session {
                     return;
                 }
                 Event::NodeClosing => {
-                    self.conn.close(close_code::GOING_AWAY);
-                    return;
+                    close_at = Some(self.requests.app().drain.take_turn());
+                    continue;
                 }
                 Event::Answer(answer) => {
                     let applying = Box::pin(self.requests.answered(answer));
@@ -257,6 +262,10 @@ impl Session {
                     continue;
                 }
                 Event::Tick => {
+                    if close_at.is_some_and(|at| Instant::now() >= at) {
+                        self.conn.close(close_code::GOING_AWAY);
+                        return;
+                    }
                     let now = now_ms();
                     let expires = self.conn.token_expires_at.load(Ordering::Relaxed);
                     if expires != 0 && now >= expires {

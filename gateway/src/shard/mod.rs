@@ -37,6 +37,10 @@ pub enum ShardCmd {
     },
     /// A connection closed; always sent, whatever ended it.
     Disconnect { user: String, conn: ConnId },
+    /// The node is draining with a handover: from now on a closing connection takes nothing
+    /// from this node's entry of its user (it is handed over to expiry at shutdown), so a user
+    /// the drain closes and who reconnects elsewhere never shows offline.
+    Drain,
     /// A connection that had been idle for `idle_away` saw activity again.
     Active { user: String },
     /// The user chose a status.
@@ -190,6 +194,18 @@ impl Shards {
         self.senders.len()
     }
 
+    /// Commands waiting in each shard's mailbox, in shard order, as of now.
+    pub fn queue_depths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.senders
+            .iter()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+    }
+
+    /// Commands one shard's mailbox holds before senders wait.
+    pub fn mailbox_capacity(&self) -> usize {
+        self.senders.first().map_or(0, |tx| tx.max_capacity())
+    }
+
     /// The shard that owns `key`.
     pub fn index_of(&self, key: &str) -> usize {
         shard_of(key, self.senders.len())
@@ -254,6 +270,14 @@ impl Shards {
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Tells every shard the node is draining (see [`ShardCmd::Drain`]); returns once each has
+    /// it queued, so it comes before any close the drain causes.
+    pub async fn drain(&self) {
+        for index in 0..self.senders.len() {
+            self.send_to(index, ShardCmd::Drain).await;
         }
     }
 

@@ -218,6 +218,7 @@ impl Shard {
                     dedupe_window: Duration::from_secs(300),
                     dedupe_max: 1000,
                 },
+                webhooks: None,
             },
             events_tx,
         ));
@@ -763,4 +764,57 @@ async fn stopping_writes_the_pending_batch_without_waiting() {
     shard.stop().await;
     assert_eq!(at_and_users(&shard.writes()), [(10, users(&["alice"]))]);
     assert_eq!(shard.record("alice").await.status, Status::Online);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_draining_closes_take_nothing_from_the_entry() {
+    let shard = Shard::start(settings());
+    let mut watcher = shard.watcher(&["alice", "bob", "carol"]).await;
+    let alice = shard.connect("alice", 1).await;
+    let bob_ios = shard.connect("bob", 1).await;
+    let bob_web = shard.connect("bob", 5).await;
+    let carol = shard.connect("carol", 2).await;
+    shard.at(1001).await;
+    assert_eq!(shard.writes().len(), 1);
+    assert_eq!(watcher.presence().len(), 3);
+
+    // The drain: every connection closes, one platform of bob's first; carol sets a status
+    // before hers closes, and dave connects in between.
+    shard.send("alice", ShardCmd::Drain).await;
+    shard.disconnect(&bob_ios).await;
+    shard.at(1500).await;
+    shard.disconnect(&alice).await;
+    shard.disconnect(&bob_web).await;
+    shard.set_status("carol", Status::Busy, None).await;
+    let _dave = shard.connect("dave", 3).await;
+    shard.disconnect(&carol).await;
+    shard.stop().await;
+
+    // Only carol's status and dave's arrival were written; everyone else's entry stays as it was.
+    let writes = shard.writes();
+    assert_eq!(
+        at_and_users(&writes[1..]),
+        [(1500, users(&["carol", "dave"]))]
+    );
+    let carol_write = &writes[1].writes[0];
+    assert_eq!(carol_write.entry, entry(&[2], false));
+    assert_eq!(
+        carol_write.status.as_ref().map(|s| s.status),
+        Some(Status::Busy)
+    );
+    assert_eq!(writes[1].writes[1].entry, entry(&[3], false));
+    for (user, platforms) in [("alice", vec![1]), ("bob", vec![1, 5]), ("carol", vec![2])] {
+        let record = shard.record(user).await;
+        assert_eq!(
+            record.platforms,
+            platforms.iter().fold(0, |m, p| m | platform_bit(*p))
+        );
+    }
+    // (The worker stopped with the node, so carol's busy may not have been passed on.)
+    let offline: Vec<Presence> = watcher
+        .presence()
+        .into_iter()
+        .filter(|p| p.status == Status::Offline)
+        .collect();
+    assert_eq!(offline, vec![], "nobody went offline");
 }

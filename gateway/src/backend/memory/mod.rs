@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::{
     BackendEvent, BackendSettings, Changed, EventSink, JoinPolicy, NodeInfo, TokenClaims, Topic,
+    WebhookWritten,
 };
 use crate::{
     clock::now_ms,
@@ -192,6 +193,7 @@ impl State {
             before_platforms,
             record,
             public_changed,
+            webhook: WebhookWritten::NotQueued,
         })
     }
 
@@ -210,6 +212,15 @@ impl State {
                 slot.entries.remove(node);
             }
         }
+    }
+
+    /// Users with an entry of `node`. A scan of every user: for shutdown only, once per process.
+    fn users_with_entry(&self, node: &str) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|(_, s)| s.entries.contains_key(node))
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 
     /// Recomputes every user with an entry that expired by `now`.

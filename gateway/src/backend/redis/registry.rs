@@ -1,17 +1,21 @@
 //! The node registry on Redis: a hash of node infos, a sorted set of heartbeats, and the reaper's
 //! lock per dead node.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use fred::prelude::*;
 
-use super::{RedisBackend, cmd};
+use super::{PIPELINE_USERS, RedisBackend, cmd};
 use crate::{
-    backend::{BackendError, Changed, NodeInfo, Registry},
+    backend::{BackendError, Changed, NodeInfo, Registry, handover_name},
     clock::now_ms,
 };
 
 /// A reaper holds a dead node for this long; if it dies mid-way another takes over after it.
 const REAP_LOCK_MS: u64 = 30_000;
+/// Users per `handover.lua` call on one Redis, as for `write.lua`.
+const HANDOVER_USERS_PER_CALL: usize = 50;
 
 #[async_trait]
 impl Registry for RedisBackend {
@@ -54,6 +58,60 @@ impl Registry for RedisBackend {
             );
         }
         Ok(())
+    }
+
+    async fn hand_over(&self, node: &str, window: Duration) -> Result<usize, BackendError> {
+        self.admit("hand_over")?;
+        let now = now_ms();
+        let name = handover_name(node, now);
+        let latest = now + window.as_millis() as u64;
+        let users_key = self.keys.node_users(node);
+        let per_call = if self.cluster {
+            1
+        } else {
+            HANDOVER_USERS_PER_CALL
+        };
+        let args: Vec<Value> = vec![node.into(), name.clone().into(), latest.to_string().into()];
+        // The set is read page by page and left as it is: it is renamed below, in one step.
+        let mut handed = 0;
+        loop {
+            let users = self
+                .node_users_page("hand_over", &users_key, handed)
+                .await?;
+            if users.is_empty() {
+                break;
+            }
+            let calls: Vec<_> = users
+                .chunks(per_call)
+                .map(|chunk| {
+                    let keys = chunk.iter().map(|u| self.keys.user(u).into()).collect();
+                    (&self.scripts.handover, keys, args.clone())
+                })
+                .collect();
+            self.run_scripts("hand_over", &calls).await?;
+            handed += users.len();
+            if users.len() < PIPELINE_USERS {
+                break;
+            }
+        }
+        let mut keys: Vec<Value> = Vec::with_capacity(20);
+        for id in [node, name.as_str()] {
+            keys.push(self.keys.node_users(id).into());
+            keys.extend(
+                shared::ids::PLATFORMS.map(|p| Value::from(self.keys.node_platform(id, p))),
+            );
+        }
+        keys.push(self.keys.heartbeats().into());
+        keys.push(self.keys.nodes().into());
+        // Dead (older than the node TTL) once the window is over: reaped as a node that died then.
+        let heartbeat = latest.saturating_sub(self.settings.node_ttl.as_millis() as u64);
+        let call = (
+            &self.scripts.handover_node,
+            keys,
+            vec![node.into(), name.into(), heartbeat.to_string().into()],
+        );
+        self.run_scripts("hand_over", &[call]).await?;
+        Ok(handed)
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError> {

@@ -20,6 +20,8 @@ pub(super) struct Scripts {
     pub login: Script,
     pub webhook_enqueue: Script,
     pub webhook_ack: Script,
+    pub handover: Script,
+    pub handover_node: Script,
 }
 
 impl Scripts {
@@ -34,6 +36,8 @@ impl Scripts {
             login: Script::from_lua(include_str!("login.lua")),
             webhook_enqueue: Script::from_lua(include_str!("webhook_enqueue.lua")),
             webhook_ack: Script::from_lua(include_str!("webhook_ack.lua")),
+            handover: Script::from_lua(include_str!("handover.lua")),
+            handover_node: Script::from_lua(include_str!("handover_node.lua")),
         }
     }
 }
@@ -54,6 +58,8 @@ impl RedisBackend {
             &self.scripts.login,
             &self.scripts.webhook_enqueue,
             &self.scripts.webhook_ack,
+            &self.scripts.handover,
+            &self.scripts.handover_node,
         ] {
             script.load(&self.client).await?;
         }

@@ -10,7 +10,7 @@ use super::{
     PIPELINE_USERS, RECORD_TTL_MS, RedisBackend, cmd, keys::Keys, record, scripts::ScriptCall,
 };
 use crate::{
-    backend::{BackendError, Changed},
+    backend::{BackendError, Changed, WebhookWritten},
     clock::now_ms,
     metrics as m,
     presence::{ChosenStatus, NodeEntry, platform_bit},
@@ -61,7 +61,11 @@ impl RedisBackend {
         } else {
             WRITE_USERS_PER_CALL
         };
-        let common: [Value; 6] = [
+        // On one Redis the script queues each transition's webhook event itself (see
+        // `WebhookWritten`); on a cluster it cannot reach the queue's slot, so the node's outbox
+        // queues it after the write.
+        let webhooks = self.settings.webhooks.as_ref().filter(|_| !self.cluster);
+        let common: [Value; 8] = [
             node.into(),
             now.to_string().into(),
             (self.settings.presence_ttl.as_millis() as u64)
@@ -70,6 +74,10 @@ impl RedisBackend {
             RECORD_TTL_MS.to_string().into(),
             self.publish_command().into(),
             if touch { "1" } else { "" }.into(),
+            webhooks
+                .map_or(String::new(), |w| w.queue_max.to_string())
+                .into(),
+            webhooks.map_or("", |w| &*w.node).into(),
         ];
         let status_args = |s: Option<&ChosenStatus>| match s {
             Some(s) => [
@@ -98,11 +106,17 @@ impl RedisBackend {
             args.extend(status_args(w.status));
             args.extend(status_args(w.restore));
         }
+        if webhooks.is_some() {
+            for (_, keys, _) in &mut calls {
+                keys.push(self.keys.webhooks().into());
+            }
+        }
         calls
     }
 
     /// Runs `write.lua` calls plus index updates as one round trip; returns the changes the
-    /// script reported (one reply per user: 0, or the mask before and the published payload).
+    /// script reported (one reply per user: 0, or the mask before, the published payload and,
+    /// when it queued the transition's webhook event, 1, or 0 when the queue was full).
     pub(super) async fn write_pipeline(
         &self,
         op: &'static str,
@@ -123,10 +137,16 @@ impl RedisBackend {
                     payload.as_deref().and_then(record::parse_payload)
                 {
                     metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "out").increment(1);
+                    let webhook = match parts.get(2).and_then(|v| v.as_u64()) {
+                        Some(1) => WebhookWritten::Queued,
+                        Some(_) => WebhookWritten::Refused,
+                        None => WebhookWritten::NotQueued,
+                    };
                     changed.push(Changed {
                         before_platforms: before,
                         record,
                         public_changed,
+                        webhook,
                     });
                 }
             }
@@ -149,25 +169,35 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// Up to [`PIPELINE_USERS`] users of a node's user set, from position `start`.
+    pub(super) async fn node_users_page(
+        &self,
+        op: &'static str,
+        users_key: &str,
+        start: usize,
+    ) -> Result<Vec<String>, BackendError> {
+        Self::count_round_trip(op);
+        self.client
+            .custom(
+                cmd("ZRANGE"),
+                vec![
+                    users_key.to_string(),
+                    start.to_string(),
+                    (start + PIPELINE_USERS - 1).to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| Self::error(op, e))
+    }
+
     /// Removes every entry `node` holds and publishes what that changes; then forgets the node.
     pub(super) async fn reap_node(&self, node: &str) -> Result<Vec<Changed>, BackendError> {
         let users_key = self.keys.node_users(node);
         let now = now_ms();
         let mut changed = Vec::new();
         loop {
-            Self::count_round_trip("reap");
-            let users: Vec<String> = self
-                .client
-                .custom(
-                    cmd("ZRANGE"),
-                    vec![
-                        users_key.clone(),
-                        "0".into(),
-                        (PIPELINE_USERS - 1).to_string(),
-                    ],
-                )
-                .await
-                .map_err(|e| Self::error("reap", e))?;
+            // Each round removes what it read from the set, so the next starts at 0 again.
+            let users = self.node_users_page("reap", &users_key, 0).await?;
             if users.is_empty() {
                 break;
             }

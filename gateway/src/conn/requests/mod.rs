@@ -30,7 +30,7 @@ use crate::{
     authz::{Ask, Verdict},
     backend::{Dedupe, JoinPolicy, Origin, Outgoing, online_members},
     clock::now_ms,
-    metrics as m,
+    metrics::{self as m, RequestTimer},
     presence::ChosenStatus,
     router::{Reply, RouteJob},
     shard::ShardCmd,
@@ -53,6 +53,9 @@ pub struct Requests {
     /// Subscribes waiting for the authorization hook; made at the first one (boxed: most
     /// connections never have one, and every connection carries this field).
     asking: Option<Box<Asking>>,
+    /// The frame being handled: taken by whatever answers it later (a request task, the router,
+    /// the hook's answer), else recorded when `handle` returns.
+    timer: Option<RequestTimer>,
 }
 
 impl Requests {
@@ -65,6 +68,7 @@ impl Requests {
             in_flight: OnceLock::new(),
             bucket: TokenBucket::new(rate),
             asking: None,
+            timer: None,
         }
     }
 
@@ -105,12 +109,16 @@ impl Requests {
             }
         };
         metrics::counter!(m::FRAMES_IN, "type" => frame.kind()).increment(1);
+        self.timer = Some(RequestTimer::start(frame.kind()));
         if !matches!(frame, ClientFrame::Ping { .. }) {
             self.note_activity(now).await;
         }
         let id = frame.id();
         if let Err((code, message)) = self.dispatch(frame).await {
             self.reply_error(id, code, message);
+        }
+        if let Some(timer) = self.timer.take() {
+            timer.answered();
         }
     }
 
@@ -259,6 +267,7 @@ impl Requests {
                     reply: Reply::Conn {
                         conn: self.conn.clone(),
                         id,
+                        timer: self.timer.take(),
                     },
                 };
                 if !self.app.router.route(job).await {
@@ -341,7 +350,7 @@ impl Requests {
     /// the `ok`, so a message sent after it reaches this connection); the user's other connections,
     /// here and on other nodes, follow through the membership event.
     fn change_membership(
-        &self,
+        &mut self,
         id: Option<u64>,
         group: String,
         joined: bool,

@@ -83,7 +83,11 @@ impl Worker {
             let Some(slot) = self.users.get_mut(&user) else {
                 continue;
             };
-            let entry = slot.desired_entry();
+            let entry = if self.draining {
+                slot.draining_entry()
+            } else {
+                slot.desired_entry()
+            };
             let status = slot.pending_status.take();
             // Flap suppression: a connect and a disconnect inside one batch leave the entry as the
             // backend has it, so nothing is written and nobody hears of it.
@@ -211,8 +215,6 @@ impl Worker {
             self.retry_at = Some(Instant::now() + self.backoff);
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
-        metrics::gauge!(m::SHARD_QUEUE_DEPTH, "shard" => self.shard_label.clone())
-            .set((self.mailbox.max_capacity() - self.mailbox.capacity()) as f64);
         metrics::gauge!(m::SHARD_USERS, "shard" => self.shard_label.clone())
             .set(self.users.len() as f64);
     }

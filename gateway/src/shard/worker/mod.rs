@@ -119,6 +119,19 @@ impl UserSlot {
         }
     }
 
+    /// While the node drains, connections close without taking anything from the entry: what
+    /// the backend holds stays (a drained user is handed over, not removed), and a connection
+    /// opened meanwhile still adds its platform.
+    fn draining_entry(&self) -> Option<NodeEntry> {
+        match (self.desired_entry(), self.flushed) {
+            (Some(now), Some(held)) => Some(NodeEntry {
+                platforms: now.platforms | held.platforms,
+                idle: now.idle,
+            }),
+            (now, held) => now.or(held),
+        }
+    }
+
     fn is_forgettable(&self) -> bool {
         // `chosen_here` is only worth keeping while the user is connected here.
         self.conns.is_empty()
@@ -190,6 +203,8 @@ pub(super) struct Worker {
     rereading: bool,
     /// Numbers reads of group history, so each closes only the gaps it covered.
     reads: u64,
+    /// The node drains with a handover: closing connections leave the entry as it is.
+    draining: bool,
 }
 
 impl Worker {
@@ -232,6 +247,7 @@ impl Worker {
             reread_at: None,
             rereading: false,
             reads: 0,
+            draining: false,
         }
     }
 
@@ -331,6 +347,7 @@ impl Worker {
                 self.refresh_idle(&user);
                 self.mark_dirty(user);
             }
+            ShardCmd::Drain => self.draining = true,
             ShardCmd::Active { user } => self.refresh_idle(&user),
             ShardCmd::SetStatus { user, status } => {
                 if let Some(slot) = self.users.get_mut(&user) {
