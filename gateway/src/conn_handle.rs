@@ -75,6 +75,9 @@ pub struct ConnHandle {
     /// Ms since the epoch when the token expires (0: never); the writer closes with 4001 then.
     /// `refresh` moves it.
     pub token_expires_at: AtomicU64,
+    /// Ms since the epoch when the drain closes this session (0: not draining): its turn, kept
+    /// here rather than in the session's task, which every idle connection holds.
+    pub drain_close_at: AtomicU64,
     /// Frames on their way to the socket; bounded in frames by `max_queued_frames` and in bytes
     /// by `queued_bytes`, so one slow client costs bounded memory. A plain deque rather than a
     /// channel: it allocates only while it holds frames, where a tokio `mpsc` channel kept
@@ -120,6 +123,7 @@ impl ConnHandle {
             rtt_ms: AtomicU64::new(RTT_UNMEASURED),
             token_issued_at: AtomicU64::new(0),
             token_expires_at: AtomicU64::new(0),
+            drain_close_at: AtomicU64::new(0),
             login_seq: AtomicU64::new(0),
             outbound: Mutex::new(Outbound::default()),
             max_queued_frames,

@@ -10,7 +10,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::{Pin, pin},
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -200,13 +203,12 @@ impl Session {
             Poll::Ready(())
         })
         .await;
-        // Once the drain closes sessions, this one's turn (see `drain.rs`); it keeps serving
-        // until then.
-        let mut close_at: Option<Instant> = None;
         loop {
-            let deadline = next_ping
-                .min(token_deadline(&self.conn))
-                .min(close_at.unwrap_or(next_ping));
+            let deadline = next_ping.min(deadline_of(&self.conn.token_expires_at)).min(
+                // Once the drain closes sessions, this one's turn (see `drain.rs`); it keeps
+                // serving until then.
+                deadline_of(&self.conn.drain_close_at),
+            );
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -221,7 +223,7 @@ impl Session {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Tick);
                 }
-                if close_at.is_none() && node.is_cancelled() {
+                if node.is_cancelled() && self.conn.drain_close_at.load(Ordering::Relaxed) == 0 {
                     return Poll::Ready(Event::NodeClosing);
                 }
                 Poll::Pending
@@ -248,7 +250,10 @@ impl Session {
                     return;
                 }
                 Event::NodeClosing => {
-                    close_at = Some(self.requests.app().drain.take_turn());
+                    let turn = self.requests.app().drain.take_turn();
+                    let wait = turn.saturating_duration_since(Instant::now());
+                    let at = now_ms() + wait.as_millis() as u64;
+                    self.conn.drain_close_at.store(at.max(1), Ordering::Relaxed);
                     continue;
                 }
                 Event::Answer(answer) => {
@@ -262,11 +267,12 @@ impl Session {
                     continue;
                 }
                 Event::Tick => {
-                    if close_at.is_some_and(|at| Instant::now() >= at) {
+                    let now = now_ms();
+                    let drained = self.conn.drain_close_at.load(Ordering::Relaxed);
+                    if drained != 0 && now >= drained {
                         self.conn.close(close_code::GOING_AWAY);
                         return;
                     }
-                    let now = now_ms();
                     let expires = self.conn.token_expires_at.load(Ordering::Relaxed);
                     if expires != 0 && now >= expires {
                         metrics::counter!(m::SESSION_CLOSES, "reason" => "token_expired")
@@ -392,10 +398,11 @@ async fn while_writing(
     wrote
 }
 
-/// When the token expires, on tokio's clock (far away for a token that does not expire).
-fn token_deadline(conn: &ConnHandle) -> Instant {
+/// A time in ms since the epoch (the token's expiry, the drain's turn) on tokio's clock; far
+/// away for 0 (never).
+fn deadline_of(at_ms: &AtomicU64) -> Instant {
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
-    match conn.token_expires_at.load(Ordering::Relaxed) {
+    match at_ms.load(Ordering::Relaxed) {
         0 => far,
         expires => {
             let left = Duration::from_millis(expires.saturating_sub(now_ms()));
