@@ -161,10 +161,11 @@ enum Event {
     WriteFailed,
     /// A close was asked for (`ConnHandle::close`).
     Closing,
-    /// The node is shutting down.
+    /// The drain started closing sessions: this one takes its turn.
     NodeClosing,
-    /// The authorization hook answered a `subscribe`.
-    Answer(Answered),
+    /// The authorization hook answered a `subscribe` (boxed: rare, and every idle task holds room
+    /// for the largest event).
+    Answer(Box<Answered>),
     /// The heartbeat (or the token's expiry) is due.
     Tick,
 }
@@ -218,7 +219,7 @@ impl Session {
                 }
                 // Only with the authorization hook, while a `subscribe` waits for its answer.
                 if let Poll::Ready(Some(answer)) = self.requests.poll_answer(cx) {
-                    return Poll::Ready(Event::Answer(answer));
+                    return Poll::Ready(Event::Answer(Box::new(answer)));
                 }
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Tick);
@@ -257,7 +258,7 @@ impl Session {
                     continue;
                 }
                 Event::Answer(answer) => {
-                    let applying = Box::pin(self.requests.answered(answer));
+                    let applying = Box::pin(self.requests.answered(*answer));
                     if !while_writing(applying, &mut self.socket, &mut self.writer, &self.conn)
                         .await
                     {
