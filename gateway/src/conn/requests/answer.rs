@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use shared::{Encoding, ErrorCode, ServerFrame};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Requests;
+use super::{MAX_IN_FLIGHT, Requests};
 use crate::{
     auth::AuthError,
     backend::{BackendError, Roles},
@@ -64,7 +64,10 @@ impl Requests {
 
     /// One of the connection's `MAX_IN_FLIGHT` slots for backend work.
     pub(super) fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, (ErrorCode, String)> {
-        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+        let in_flight = self
+            .in_flight
+            .get_or_init(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT)));
+        in_flight.clone().try_acquire_owned().map_err(|_| {
             (
                 ErrorCode::RateLimited,
                 "too many requests in flight".to_string(),
