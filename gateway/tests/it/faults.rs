@@ -282,6 +282,9 @@ async fn cluster_failover_under_traffic_keeps_presence_right() {
                         || l.contains("ERROR")
                         || l.contains("econnect")
                         || l.contains("ubscri")
+                        || l.contains("SSUBSCRIBE")
+                        || l.contains("resync")
+                        || l.contains("re-read")
                 })
                 .collect();
             eprintln!("---- {}\n{}", node.id, lines.join("\n"));

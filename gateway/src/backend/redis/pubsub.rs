@@ -114,13 +114,18 @@ pub async fn run_subscriptions(
         let add: Vec<String> = pending.add.drain().collect();
         for channels in add.chunks(CHUNK) {
             let ok = if cluster {
-                join_all(channels.iter().map(|c| subscriber.ssubscribe(c.clone())))
-                    .await
-                    .into_iter()
-                    .all(|r| r.is_ok())
+                let results =
+                    join_all(channels.iter().map(|c| subscriber.ssubscribe(c.clone()))).await;
+                for (channel, result) in channels.iter().zip(&results) {
+                    if let Err(e) = result {
+                        tracing::debug!(%channel, error = %e, "SSUBSCRIBE refused; retrying");
+                    }
+                }
+                results.iter().all(|r| r.is_ok())
             } else {
                 subscriber.subscribe(channels.to_vec()).await.is_ok()
             };
+            tracing::debug!(channels = channels.len(), ok, "subscribed");
             if ok {
                 subscribed.extend(channels.iter().cloned());
             } else {
