@@ -22,7 +22,7 @@ use crate::{
     clock::now_ms,
     config::{BackendChoice, Config},
     hooks::{ChangeHooks, WebhookSettings},
-    metrics as m,
+    index_repair, metrics as m,
     registry::Heartbeat,
     router::Router,
     shard::{ShardBackend, ShardSettings, Shards, route_events},
@@ -260,6 +260,11 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         tracing::warn!(error = %e, "could not announce the node; the heartbeat will retry");
     }
     background.spawn(heartbeat.run(stop_background.clone()));
+    background.spawn(index_repair::run(
+        app.backend.presence.clone(),
+        index_repair::REPAIR_INTERVAL,
+        stop_background.clone(),
+    ));
     if let Some(handle) = app.metrics.clone() {
         let stop = stop_background.clone();
         background.spawn(async move {

@@ -16,6 +16,7 @@ pub mod conn;
 pub mod conn_handle;
 pub mod frame;
 pub mod hooks;
+pub mod index_repair;
 pub mod listener;
 pub mod metrics;
 pub mod presence;

@@ -25,7 +25,7 @@ pub use memory::MemoryBackend;
 pub use messages::{
     Dedupe, MessageSettings, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
 };
-pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal};
+pub use presence::{Changed, Counts, IndexRepair, PresenceStore, PresenceWrite, Renewal};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry};
 pub use sessions::{ConnectState, ConnectionInfo, Control, Sessions};

@@ -10,8 +10,9 @@ use crate::{
     clock::now_ms,
 };
 
-/// A reaper holds a dead node for this long; if it dies mid-way another takes over after it.
-const REAP_LOCK_MS: u64 = 30_000;
+/// A reaper holds a dead node for this long after its last step; if it dies mid-way another
+/// takes over after it.
+pub(super) const REAP_LOCK_MS: u64 = 30_000;
 
 #[async_trait]
 impl Registry for RedisBackend {
@@ -46,7 +47,7 @@ impl Registry for RedisBackend {
     async fn leave_node(&self, node: &str) -> Result<(), BackendError> {
         self.admit("leave_node")?;
         // The final flush removed this node's entries; reaping clears whatever a failed flush left.
-        let changed = self.reap_node(node).await?;
+        let changed = self.reap_node(node, None).await?;
         if !changed.is_empty() {
             tracing::warn!(
                 users = changed.len(),
@@ -81,7 +82,7 @@ impl Registry for RedisBackend {
 
     async fn reap_previous_run(&self, node: &str) -> Result<Vec<Changed>, BackendError> {
         self.admit("reap_previous_run")?;
-        self.reap_node(node).await
+        self.reap_node(node, None).await
     }
 
     async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError> {
@@ -117,7 +118,10 @@ impl Registry for RedisBackend {
             if got.is_none() {
                 continue;
             }
-            let reaped = self.reap_node(&node).await?;
+            // A large node takes many steps: the lock is kept between them, so nobody else
+            // starts over while this reaper is still at it.
+            let lock = self.keys.reap_lock(&node);
+            let reaped = self.reap_node(&node, Some(&lock)).await?;
             tracing::info!(dead = %node, users = reaped.len(), "reaped a node that stopped heartbeating");
             changed.extend(reaped);
         }

@@ -11,7 +11,9 @@
 -- (renewal: the status chosen through that node) replaces the stored choice only if there is none
 -- or it is older: after Redis lost the record, each node of the user restores the choice it
 -- holds, and the newest wins whatever order they come in; a renewal never undoes a newer choice.
--- Returns one reply per user: 0 when nothing visible changed, else {mask before, payload}.
+-- Returns one reply per user: {mask before, payload or "" when nothing visible changed, the
+-- record's version (0: there is no record), the counted mask (the platform mask of a visibly
+-- online user, else 0)}; the last two are what the caller writes to the online index (index.lua).
 -- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|'), where
 -- version is "v" when the public version is the same, else "v:pv:1" when others see the change,
 -- "v:pv:0" when only the user does (record.rs, parse_payload).
@@ -120,8 +122,9 @@ for u = 1, #KEYS / 2 do
     before_status, before_mask, touch = 'online', was_mask, true
   end
   local payload
+  local version = v
   if status ~= before_status or mask ~= before_mask or text ~= (tx or '') then
-    local version = string.format('%d', math.max(tonumber(v or '0') + 1, now))
+    version = string.format('%d', math.max(tonumber(v or '0') + 1, now))
     local was, is = visible(before_status), visible(status)
     local last_seen = ls or ''
     if was and not is then last_seen = tostring(now) end
@@ -153,12 +156,14 @@ for u = 1, #KEYS / 2 do
 
   if #set > 0 then redis.call('HSET', key, unpack(set)) end
   if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
-  if touch then redis.call('PEXPIRE', key, record_ttl) end
+  if touch and (#fields > 0 or #set > 0) then redis.call('PEXPIRE', key, record_ttl) end
+  local counted = 0
+  if visible(status) then counted = mask end
   if payload then
     redis.call(publish, channel, payload)
-    out[u] = {before_mask, payload}
-  else
-    out[u] = 0
   end
+  -- A record that does not exist (nothing was there, nothing written) has version 0.
+  if #fields == 0 and #set == 0 then version = '0' end
+  out[u] = {before_mask, payload or '', tonumber(version or '0'), counted}
 end
 return out
