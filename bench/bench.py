@@ -285,7 +285,8 @@ class Stack:
             port = free_port()
             argv = [GATEWAY, '--listen', f'127.0.0.1:{port}', '--jwt-secret', JWT_SECRET, '--api-key', API_KEY,
                     '--redis-url', f'redis://127.0.0.1:{self.redis_port}', '--log-format', 'json',
-                    '--log', 'warn', '--node-id', f'bench-{i}', '--shutdown-grace-secs', '5', *extra]
+                    '--log', 'warn', '--node-id', f'bench-{i}', '--shutdown-grace-secs', '5',
+                    '--drain-delay-secs', '0', '--drain-spread-secs', '0', *extra]
             logfile = os.path.join(self.workdir, f'gateway-{i}-{port}.log')
             p = PROCS.start(f'gateway{i}', argv, logfile)
             deadline = time.time() + 25
@@ -447,7 +448,8 @@ def stack_flags(stack):
 
 def nodes(stack, count, extra=()):
     stack.start_nodes(count, extra)
-    STACK_FLAGS['flags'] = ['--log-format json', '--log warn', '--shutdown-grace-secs 5', *extra]
+    STACK_FLAGS['flags'] = ['--log-format json', '--log warn', '--shutdown-grace-secs 5',
+                           '--drain-delay-secs 0', '--drain-spread-secs 0', *extra]
 
 
 def step_redis_benchmark(stack):

@@ -5,7 +5,7 @@
 //! dev mode (API key `dev`), as an app backend's would, minus the socket. Shared by the fuzz
 //! target `rest` and the corpus replay test.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use axum::{
     Router,
@@ -56,8 +56,7 @@ impl Rest {
         if self.served >= REQUESTS_PER_NODE {
             self.served = 0;
             if let Some((running, _)) = self.node.take() {
-                self.runtime
-                    .block_on(running.shutdown(Duration::from_secs(1)));
+                self.runtime.block_on(running.shutdown());
             }
         }
         self.served += 1;
@@ -115,8 +114,15 @@ impl Default for Rest {
 }
 
 async fn start() -> app::Running {
-    let config = Config::try_parse_from_env(["presence-gateway", "--dev"], |_| None)
-        .expect("dev flags parse");
+    // No drain delay or spread: nothing balances load onto this node, and the checks restart it.
+    let flags = [
+        "presence-gateway",
+        "--dev",
+        "--drain-delay-secs=0",
+        "--drain-spread-secs=0",
+        "--shutdown-grace-secs=1",
+    ];
+    let config = Config::try_parse_from_env(flags, |_| None).expect("dev flags parse");
     let bound: SocketAddr = ([127, 0, 0, 1], 9).into();
     app::build(config, bound).await.expect("a dev node builds")
 }

@@ -2,7 +2,8 @@
 //! turning connect/disconnect commands into one batch written to the embedded backend, and the
 //! fan-out of one message to many local connections (encode once per encoding, then one
 //! non-blocking queue push per connection). These bound how many presence changes and deliveries
-//! one node can handle per core.
+//! one node can handle per core. And what timing each client frame costs
+//! (`presence_ws_request_seconds`), beside the frame counter every frame already paid for.
 //!
 //! Run: `cargo bench -p presence-gateway --bench hot_paths -- --warm-up-time 1 --measurement-time 3`
 
@@ -20,6 +21,7 @@ use gateway::{
     conn_handle::ConnHandle,
     frame::EncodedFrame,
     hooks::ChangeHooks,
+    metrics::{self as m, RequestTimer},
     shard::{ShardBackend, ShardCmd, ShardSettings, Shards},
 };
 use shared::{Body, Destination, Encoding, Message, ServerFrame, Status};
@@ -123,6 +125,7 @@ impl ShardFixture {
                     // Small next to the 1 s default but above a 1000-user phase (~1.3 ms): at
                     // 1 ms about one phase in ten was split into two flushes, at 5 ms none was.
                     batch_interval: Duration::from_millis(5),
+                    early_flushes_per_sec: 0,
                     // Neither renewal nor the idle check fires during a run.
                     renew_interval: Duration::from_secs(3_600),
                     idle_away: Duration::from_secs(3_600),
@@ -298,5 +301,19 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, shard_batch, fan_out);
+/// Per client frame, with the real Prometheus recorder: the frame counter (there before) and the
+/// latency timer (two clock reads and a histogram record by frame type).
+fn frame_metrics(c: &mut Criterion) {
+    let _ = m::install();
+    let mut group = c.benchmark_group("frame_metrics");
+    group.bench_function("frames_in_counter", |b| {
+        b.iter(|| metrics::counter!(m::FRAMES_IN, "type" => black_box("query")).increment(1))
+    });
+    group.bench_function("request_timer", |b| {
+        b.iter(|| RequestTimer::start(black_box("query")).answered())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, shard_batch, fan_out, frame_metrics);
 criterion_main!(benches);

@@ -21,6 +21,7 @@ use crate::{
     backend::{BackendSettings, MemoryBackend, MessageSettings, RedisBackend, RedisTarget, Roles},
     clock::now_ms,
     config::{BackendChoice, Config},
+    drain::Drain,
     hooks::{ChangeHooks, WebhookSettings},
     index_repair, metrics as m,
     registry::Heartbeat,
@@ -52,14 +53,14 @@ pub struct App {
     pub metrics: Option<PrometheusHandle>,
     /// False until started and again once draining: `/readyz` answers 503.
     pub ready: AtomicBool,
+    /// The drain's phases: sessions close in turn once it closes them.
+    pub drain: Drain,
     next_conn_id: AtomicU64,
     /// Open connections; the registry heartbeat announces it.
     connections: Arc<AtomicI64>,
     by_platform: [AtomicI64; 9],
     /// Every session task, so shutdown can wait for them to close.
     pub sessions: TaskTracker,
-    /// Cancelled at shutdown: sessions close with 1001.
-    pub closing: CancellationToken,
     /// Wakes the registry heartbeat early (after the backend lost its data).
     pub announce_now: Arc<tokio::sync::Notify>,
 }
@@ -93,6 +94,10 @@ impl App {
 /// The running node's tasks, for shutdown.
 pub struct Running {
     pub app: Arc<App>,
+    /// Stopped before the node leaves the registry, so it cannot announce itself again after.
+    heartbeat: (CancellationToken, tokio::task::JoinHandle<()>),
+    /// Cancelled once every session is gone: the accept loop stops (see [`Running::stop_accepting`]).
+    stop_accepting: CancellationToken,
     background: TaskTracker,
     shards_tracker: TaskTracker,
     stop_shards: CancellationToken,
@@ -188,6 +193,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             node: node_id.clone(),
             batch_max: config.batch_max,
             batch_interval: config.batch_interval(),
+            early_flushes_per_sec: config.early_flushes_per_shard(),
             renew_interval: config.renew_interval(),
             idle_away: config.idle_away(),
             max_conns_per_user: config.max_conns_per_user,
@@ -230,7 +236,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         connections: Arc::new(AtomicI64::new(0)),
         by_platform: Default::default(),
         sessions: TaskTracker::new(),
-        closing: CancellationToken::new(),
+        drain: Drain::default(),
         announce_now: Arc::new(tokio::sync::Notify::new()),
         config,
     });
@@ -259,7 +265,11 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
     if let Err(e) = heartbeat.announce().await {
         tracing::warn!(error = %e, "could not announce the node; the heartbeat will retry");
     }
-    background.spawn(heartbeat.run(stop_background.clone()));
+    let stop_heartbeat = stop_background.child_token();
+    let heartbeat = (
+        stop_heartbeat.clone(),
+        background.spawn(heartbeat.run(stop_heartbeat)),
+    );
     background.spawn(index_repair::run(
         app.backend.presence.clone(),
         index_repair::REPAIR_INTERVAL,
@@ -280,6 +290,8 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
     app.ready.store(true, Ordering::Release);
     Ok(Running {
         app,
+        heartbeat,
+        stop_accepting: CancellationToken::new(),
         background,
         shards_tracker,
         stop_shards,
@@ -288,13 +300,41 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
 }
 
 impl Running {
-    /// Drains the node: not ready, sessions closed with 1001, every batch flushed, registry left;
-    /// all within `grace`.
-    pub async fn shutdown(self, grace: Duration) {
-        let deadline = tokio::time::Instant::now() + grace;
+    /// The accept loop's stop: it outlives the signal, since during the drain the node still
+    /// answers probes (503 on `/readyz`), metrics and REST, and accepts WebSockets until it
+    /// starts closing them.
+    pub fn stop_accepting(&self) -> CancellationToken {
+        self.stop_accepting.clone()
+    }
+
+    /// Drains the node (docs/ARCHITECTURE.md, "Shutdown: the drain"), all within the grace
+    /// period: not ready but serving for the drain delay; sessions closed with 1001 spread over
+    /// the drain spread (closes taking nothing from presence when there is a handover window);
+    /// the accept loop stopped once they are gone; every batch flushed; then the node's entries
+    /// handed over to expiry (or removed, without a window) as it leaves the registry.
+    pub async fn shutdown(self) {
         let app = self.app;
+        let config = &app.config;
+        let deadline = tokio::time::Instant::now() + config.shutdown_grace();
         app.ready.store(false, Ordering::Release);
-        app.closing.cancel();
+        app.drain.begin();
+        tracing::info!(
+            delay_secs = config.drain_delay_secs,
+            "draining: not ready, still serving until load balancers notice"
+        );
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + config.drain_delay()))
+            .await;
+        let handover = config.drain_handover();
+        if !handover.is_zero() {
+            app.shards.drain().await;
+        }
+        let open = app.connections();
+        tracing::info!(
+            sessions = open,
+            spread_secs = config.drain_spread_secs,
+            "draining: closing sessions"
+        );
+        app.drain.close_sessions(open, config.drain_spread());
         app.sessions.close();
         if tokio::time::timeout_at(deadline, app.sessions.wait())
             .await
@@ -302,6 +342,7 @@ impl Running {
         {
             tracing::warn!("sessions still open at the end of the grace period");
         }
+        self.stop_accepting.cancel();
         self.stop_shards.cancel();
         self.shards_tracker.close();
         if tokio::time::timeout_at(deadline, self.shards_tracker.wait())
@@ -310,8 +351,32 @@ impl Running {
         {
             tracing::warn!("shards still flushing at the end of the grace period");
         }
-        if let Err(e) = app.backend.registry.leave_node(&app.node_id).await {
-            tracing::warn!(error = %e, "could not leave the node registry");
+        let (stop_heartbeat, heartbeat) = self.heartbeat;
+        stop_heartbeat.cancel();
+        let _ = tokio::time::timeout_at(deadline, heartbeat).await;
+        let registry = &app.backend.registry;
+        if handover.is_zero() {
+            match tokio::time::timeout_at(deadline, registry.leave_node(&app.node_id)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the node registry"),
+                Err(_) => tracing::warn!("no time left to leave the node registry"),
+            }
+        } else {
+            match tokio::time::timeout_at(deadline, registry.hand_over(&app.node_id, handover))
+                .await
+            {
+                Ok(Ok(users)) => tracing::info!(
+                    users,
+                    window_secs = handover.as_secs(),
+                    "handed presence over to expiry: users who reconnect elsewhere stay online"
+                ),
+                // Then the node is reaped as a dead one: its users show offline within the TTL
+                // (those who reconnected elsewhere stay online all the same).
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not hand presence over; the node will be reaped as dead")
+                }
+                Err(_) => tracing::warn!("no time left to hand presence over"),
+            }
         }
         self.stop_background.cancel();
         self.background.close();

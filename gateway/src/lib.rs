@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod conn_handle;
+pub mod drain;
 pub mod frame;
 pub mod hooks;
 pub mod index_repair;
@@ -59,7 +60,6 @@ pub async fn serve(
         anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "));
     }
     let bound = listener.local_addr().context("listener has no address")?;
-    let grace = config.shutdown_grace();
     let running = app::build(config, bound).await?;
     let app = running.app.clone();
     tracing::info!(
@@ -81,12 +81,12 @@ pub async fn serve(
         router,
         limits,
         app.connection_counter(),
-        shutdown.clone(),
+        running.stop_accepting(),
         Duration::from_secs(1),
     ));
     shutdown.cancelled().await;
-    tracing::info!("shutting down: draining connections");
-    running.shutdown(grace).await;
+    tracing::info!("shutting down: draining");
+    running.shutdown().await;
     match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
         Err(_) => tracing::warn!("HTTP server still draining"),

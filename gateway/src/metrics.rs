@@ -1,6 +1,7 @@
 //! Every metric name in one place, their help texts, and the Prometheus recorder behind `/metrics`.
+//! docs/metrics.md lists them for operators (the `metrics` integration test keeps it true).
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Instant};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -13,6 +14,7 @@ pub const ONLINE_USERS: &str = "presence_online_users";
 pub const STATUS_CHANGES: &str = "presence_status_changes_total";
 pub const TRANSITIONS: &str = "presence_transitions_total";
 pub const BATCH_SIZE: &str = "presence_batch_size";
+pub const EARLY_FLUSHES: &str = "presence_early_flushes_total";
 pub const FLUSH_SECONDS: &str = "presence_flush_seconds";
 pub const FLUSHES: &str = "presence_flushes_total";
 pub const PRESENCE_WRITES: &str = "presence_writes_total";
@@ -51,6 +53,11 @@ pub const AUTH_HOOK_CACHE_HITS: &str = "presence_auth_hook_cache_hits_total";
 pub const SEND_RETRIES: &str = "presence_send_retries_total";
 pub const MESSAGES_DEDUPED: &str = "presence_messages_deduped_total";
 pub const DEDUPE_ENTRIES: &str = "presence_dedupe_entries";
+pub const HTTP_REQUEST_SECONDS: &str = "presence_http_request_seconds";
+pub const WS_REQUEST_SECONDS: &str = "presence_ws_request_seconds";
+pub const CONNECTIONS_MAX: &str = "presence_connections_max";
+pub const SHARD_QUEUE_CAPACITY: &str = "presence_shard_queue_capacity";
+pub const WEBHOOK_QUEUE_MAX: &str = "presence_webhook_queue_max";
 
 fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
@@ -73,6 +80,10 @@ fn describe() {
         "Users whose first connection anywhere opened (online) or last one closed (offline)."
     );
     describe_histogram!(BATCH_SIZE, "Users written per shard flush.");
+    describe_counter!(
+        EARLY_FLUSHES,
+        "Flushes started before their batch was due, for an online or status change."
+    );
     describe_histogram!(
         FLUSH_SECONDS,
         "Time to write one shard batch to the backend."
@@ -113,7 +124,11 @@ fn describe() {
     );
     describe_gauge!(
         SHARD_QUEUE_DEPTH,
-        "Commands waiting in a shard worker's mailbox."
+        "Commands waiting in a shard worker's mailbox, sampled at each scrape."
+    );
+    describe_gauge!(
+        SHARD_QUEUE_CAPACITY,
+        "Commands a shard worker's mailbox holds before senders wait."
     );
     describe_gauge!(SHARD_USERS, "Users a shard worker holds state for.");
     describe_counter!(RENEWALS, "Presence entries renewed, by result.");
@@ -198,6 +213,69 @@ fn describe() {
         DEDUPE_ENTRIES,
         "Remembered client_msg_ids held by the embedded backend (capped by PRESENCE_DEDUPE_MAX)."
     );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        "HTTP requests (REST, probes, metrics, WebSocket upgrades) by route, method and status, from routing to the response."
+    );
+    describe_histogram!(
+        WS_REQUEST_SECONDS,
+        "Client frames by type, from decoding to their answer queued (a send's ack, a query's presence_list)."
+    );
+    describe_gauge!(
+        CONNECTIONS_MAX,
+        "WebSocket sessions this node accepts (PRESENCE_MAX_CONNECTIONS)."
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE_MAX,
+        "Webhook events the shared queue holds at most (PRESENCE_WEBHOOK_QUEUE_MAX)."
+    );
+    metrics_process::Collector::default().describe();
+}
+
+/// Counters alerts watch, at zero from the start: `increase()` sees nothing in a series until its
+/// second sample, so a first slow-consumer close or given-up webhook would otherwise go unnoticed.
+fn zero_counters() {
+    metrics::counter!(SLOW_CONSUMER_CLOSES).absolute(0);
+    for result in ["ok", "retry", "given_up", "dropped", "queue_full"] {
+        metrics::counter!(WEBHOOKS, "result" => result).absolute(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(RENEWALS, "result" => result).absolute(0);
+        metrics::counter!(FLUSHES, "result" => result).absolute(0);
+    }
+    for reason in ["sockets", "rate", "accept_error"] {
+        metrics::counter!(ACCEPT_REFUSED, "reason" => reason).absolute(0);
+    }
+    for to in ["up", "down"] {
+        metrics::counter!(BACKEND_TRANSITIONS, "to" => to).absolute(0);
+    }
+}
+
+/// Refreshes the process's CPU, memory, open files and threads (`process_*`) from /proc; the
+/// scrape calls it, so they are as fresh as the scrape.
+pub fn sample_process() {
+    metrics_process::Collector::default().collect();
+}
+
+/// A client frame's age, recorded once (as [`WS_REQUEST_SECONDS`] by its type) by whatever
+/// queues its answer: the session, a request task, the router, or the hook's answer.
+pub struct RequestTimer {
+    kind: &'static str,
+    started: Instant,
+}
+
+impl RequestTimer {
+    pub fn start(kind: &'static str) -> Self {
+        RequestTimer {
+            kind,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn answered(self) {
+        metrics::histogram!(WS_REQUEST_SECONDS, "type" => self.kind)
+            .record(self.started.elapsed().as_secs_f64());
+    }
 }
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -226,6 +304,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 return None;
             }
             describe();
+            zero_counters();
             Some(handle)
         })
         .clone()

@@ -22,7 +22,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     backend::{BackendError, Dedupe, ErrorKind, MessageStore, Outgoing, SendOutcome, SendRefused},
     conn_handle::ConnHandle,
-    metrics as m,
+    metrics::{self as m, RequestTimer},
 };
 
 /// Senders one worker keeps a storage budget for; beyond it the table starts over (every sender
@@ -128,6 +128,8 @@ pub enum Reply {
     Conn {
         conn: Arc<ConnHandle>,
         id: Option<u64>,
+        /// The `send` frame's age, recorded as the `ack` is queued.
+        timer: Option<RequestTimer>,
     },
     /// The REST API waits for it.
     Caller(oneshot::Sender<SendResult>),
@@ -324,7 +326,7 @@ fn answer(job: RouteJob, result: SendResult) {
         Reply::Caller(tx) => {
             let _ = tx.send(result);
         }
-        Reply::Conn { conn, id } => {
+        Reply::Conn { conn, id, timer } => {
             let frame = match result {
                 Ok(Ok(o)) => ServerFrame::Ack {
                     id,
@@ -342,6 +344,9 @@ fn answer(job: RouteJob, result: SendResult) {
                 Err(failed) => ServerFrame::send_unavailable(id, failed.outcome),
             };
             conn.push_frame(frame);
+            if let Some(timer) = timer {
+                timer.answered();
+            }
         }
     }
 }

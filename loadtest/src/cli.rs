@@ -28,9 +28,9 @@ for something the scenario needs (e.g. messaging not enabled).";
 /// Load-test tool for the presence gateway.
 ///
 /// Every scenario is bounded in time and in count and stops by itself. Targets must be loopback
-/// (127.0.0.0/8, localhost, ::1); any other host is refused. Tokens are HS256 JWTs minted
-/// locally from `--jwt-secret`. Runs that need more sockets than `--per-process` re-execute this
-/// binary as several worker processes and merge their results.
+/// (127.0.0.0/8, localhost, ::1) unless `--allow-remote` is given; `wss://` URLs speak TLS.
+/// Tokens are HS256 JWTs minted locally from `--jwt-secret`. Runs that need more sockets than
+/// `--per-process` re-execute this binary as several worker processes and merge their results.
 ///
 /// Run `presence-loadtest <SCENARIO> --help` for the options of a scenario.
 #[derive(Parser, Debug)]
@@ -85,15 +85,28 @@ impl Format {
 /// Options every scenario takes.
 #[derive(Args, Serialize, Deserialize, Debug, Clone)]
 pub struct CommonArgs {
-    /// Gateway WebSocket URL (`ws://host:port/ws`); repeat for several nodes, clients are spread
-    /// over them round-robin. Only loopback hosts are accepted. Each node's `/metrics` is read
-    /// from the same host and port.
+    /// Gateway WebSocket URL (`ws://host:port/ws`, or `wss://` through a load balancer that
+    /// terminates TLS); repeat for several nodes, clients are spread over them round-robin. Only
+    /// loopback hosts are accepted unless `--allow-remote`. Each node's `/metrics` is read from the
+    /// same host and port (plain HTTP, also for `wss://` URLs).
     #[arg(
         long = "url",
         value_name = "URL",
         default_value = "ws://127.0.0.1:8080/ws"
     )]
     pub urls: Vec<String>,
+
+    /// Accept non-loopback `--url` hosts (a real deployment). Without it every other host is
+    /// refused. Load only what you run, or are allowed to test.
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_remote: bool,
+
+    /// PEM file of CA certificates to trust for `wss://` URLs, besides the system's store (a
+    /// load balancer with a private or self-signed certificate).
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 
     /// HS256 secret the gateway checks JWTs with (the gateway's `--jwt-secret`). Tokens are minted
     /// locally with claims `sub`, `platform` and `exp`.

@@ -1,15 +1,25 @@
-//! One client connection: binds a loopback source address, connects, upgrades with a minted JWT
-//! and small buffers, waits for `welcome`, then sends and receives frames without ever panicking
-//! on what the server sends.
+//! One client connection: binds a loopback source address, connects (TLS for `wss://`), upgrades
+//! with a minted JWT and small buffers, waits for `welcome`, then sends and receives frames
+//! without ever panicking on what the server sends.
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt};
 use shared::{ClientFrame, Encoding, ServerFrame};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::{
+    TlsConnector,
+    client::TlsStream,
+    rustls::{
+        ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, ServerName, pem::PemObject},
+    },
+};
 use tokio_tungstenite::{
     WebSocketStream, client_async_with_config,
     tungstenite::{
@@ -19,6 +29,7 @@ use tokio_tungstenite::{
         protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
     },
 };
+use tokio_util::either::Either;
 
 use crate::{
     cli::CommonArgs,
@@ -49,7 +60,13 @@ pub struct ClientEnv {
     pub platform: Option<u8>,
     pub connect_timeout: Duration,
     minter: Minter,
+    /// For `wss://` targets (built only when there is one).
+    tls: Option<TlsConnector>,
 }
+
+/// A connection's byte stream: plain TCP, or TLS (boxed: a TLS session's buffers would otherwise
+/// make every plain connection as large).
+pub type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 impl ClientEnv {
     /// Checks the common options (loopback URLs, source addresses) and builds the environment.
@@ -60,8 +77,12 @@ impl ClientEnv {
         let targets = common
             .urls
             .iter()
-            .map(|u| Target::parse(u))
+            .map(|u| Target::parse(u, common.allow_remote))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let tls = match targets.iter().any(|t| t.tls) {
+            true => Some(tls_connector(common.ca_file.as_deref())?),
+            false => None,
+        };
         if common.jwt_secret.is_empty() {
             anyhow::bail!("--jwt-secret must not be empty");
         }
@@ -76,6 +97,7 @@ impl ClientEnv {
                 &common.jwt_secret,
                 Duration::from_secs(common.token_ttl_secs),
             ),
+            tls,
         })
     }
 
@@ -105,7 +127,11 @@ impl ClientEnv {
         let url = target.client_url(&token, format);
         let subprotocol = (!self.format_in_query).then(|| self.encoding.subprotocol());
         let started = Instant::now();
-        let attempt = open(target.addr, source, &url, subprotocol, self.encoding);
+        let tls = match (target.tls, &self.tls) {
+            (true, Some(connector)) => Some((connector, target.host.as_str())),
+            _ => None,
+        };
+        let attempt = open(target.addr, source, tls, &url, subprotocol, self.encoding);
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(Ok((conn, welcome))) => Ok(Connected {
                 conn,
@@ -160,9 +186,38 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
+/// TLS settings for `wss://`: the system's trusted CAs plus those in `ca_file`, ring as the
+/// crypto provider, TLS 1.2 and 1.3.
+fn tls_connector(ca_file: Option<&Path>) -> anyhow::Result<TlsConnector> {
+    let mut roots = RootCertStore::empty();
+    let system = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow::anyhow!("--ca-file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("--ca-file {}: no certificate in it", path.display());
+        }
+        for cert in certs {
+            roots.add(cert)?;
+        }
+    }
+    if roots.is_empty() {
+        anyhow::bail!("no trusted CA for wss:// (the system store is empty): give --ca-file");
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 async fn open(
     addr: SocketAddr,
     source: IpAddr,
+    tls: Option<(&TlsConnector, &str)>,
     url: &str,
     subprotocol: Option<&'static str>,
     encoding: Encoding,
@@ -186,6 +241,18 @@ async fn open(
         .await
         .map_err(|e| ConnectError::new("tcp", format!("{addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
+    let stream: Stream = match tls {
+        None => Either::Left(stream),
+        Some((connector, host)) => {
+            let name = ServerName::try_from(host.to_string())
+                .map_err(|e| ConnectError::new("tls", format!("{host}: {e}")))?;
+            let tls = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| ConnectError::new("tls", e.to_string()))?;
+            Either::Right(Box::new(tls))
+        }
+    };
     let mut request = url
         .into_client_request()
         .map_err(|e| ConnectError::new("request", e.to_string()))?;
@@ -257,7 +324,7 @@ pub enum Incoming {
 
 /// An open client connection.
 pub struct Conn {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<Stream>,
     encoding: Encoding,
 }
 

@@ -465,9 +465,9 @@ mod tests {
 
     #[test]
     fn sockets_spread_over_source_addresses_and_urls() -> anyhow::Result<()> {
-        let a = Target::parse("ws://127.0.0.1:8080/ws")?;
-        let b = Target::parse("ws://127.0.0.1:8081/ws")?;
-        let v6 = Target::parse("ws://[::1]:8082/ws")?;
+        let a = Target::parse("ws://127.0.0.1:8080/ws", false)?;
+        let b = Target::parse("ws://127.0.0.1:8081/ws", false)?;
+        let v6 = Target::parse("ws://[::1]:8082/ws", false)?;
         // One URL, 4 addresses: 10,001 sockets put 2,501 on the first address.
         let p = busiest_pair(std::slice::from_ref(&a), 4, 10_001);
         assert_eq!((p.sockets, p.on_url, p.ipv4), (2_501, 10_001, true));

@@ -1,6 +1,7 @@
-//! Where the load goes: parses gateway URLs (loopback only) and the loopback source addresses.
+//! Where the load goes: parses gateway URLs (`ws://`, or `wss://` through a TLS-terminating load
+//! balancer; loopback only unless `--allow-remote`) and the loopback source addresses.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
 use anyhow::{Context, bail};
 
@@ -15,18 +16,24 @@ pub struct Target {
     pub authority: String,
     /// Path and query, starting with `/`.
     pub path_and_query: String,
+    /// `wss://`: TLS, with the certificate checked against `host`.
+    pub tls: bool,
+    /// The host as written in the URL (without brackets), the name TLS checks.
+    pub host: String,
 }
 
 impl Target {
-    /// Parses `ws://host[:port][/path][?query]`. Only loopback hosts are accepted: an IPv4 address
-    /// in 127.0.0.0/8, `[::1]` or `localhost`; every other host is refused.
-    pub fn parse(url: &str) -> anyhow::Result<Target> {
-        let rest = if let Some(rest) = url.strip_prefix("ws://") {
-            rest
-        } else if url.starts_with("wss://") {
-            bail!("{url}: wss:// is not supported (loopback targets need no TLS); use ws://");
+    /// Parses `ws://host[:port][/path][?query]` or `wss://...` (port 443 by default). Without
+    /// `allow_remote` only loopback hosts are accepted: an IPv4 address in 127.0.0.0/8, `[::1]`
+    /// or `localhost`, every other host is refused (without a DNS lookup). With it, any host is
+    /// resolved and its first address used.
+    pub fn parse(url: &str, allow_remote: bool) -> anyhow::Result<Target> {
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("ws://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (rest, true)
         } else {
-            bail!("{url}: a gateway URL must start with ws://");
+            bail!("{url}: a gateway URL must start with ws:// or wss://");
         };
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(split);
@@ -38,19 +45,27 @@ impl Target {
         if authority.contains('@') {
             bail!("{url}: user info in the URL is not supported");
         }
+        let default_port = if tls { 443 } else { 80 };
         let (host, port) =
-            split_host_port(authority).with_context(|| format!("{url}: bad host"))?;
-        let ip = loopback_ip(host).with_context(|| {
-            format!(
-                "{url}: refusing host {host:?}: the load tool only targets loopback addresses \
-                 (127.0.0.0/8, localhost, [::1])"
-            )
-        })?;
+            split_host_port(authority, default_port).with_context(|| format!("{url}: bad host"))?;
+        let addr = if allow_remote {
+            resolve(host, port).with_context(|| format!("{url}: cannot resolve {host:?}"))?
+        } else {
+            let ip = loopback_ip(host).with_context(|| {
+                format!(
+                    "{url}: refusing host {host:?}: the load tool only targets loopback addresses \
+                     (127.0.0.0/8, localhost, [::1]) unless --allow-remote is given"
+                )
+            })?;
+            SocketAddr::new(ip, port)
+        };
         Ok(Target {
             url: url.to_string(),
-            addr: SocketAddr::new(ip, port),
+            addr,
             authority: authority.to_string(),
             path_and_query,
+            tls,
+            host: host.to_string(),
         })
     }
 
@@ -62,8 +77,9 @@ impl Target {
         } else {
             '?'
         };
+        let scheme = if self.tls { "wss" } else { "ws" };
         let mut url = format!(
-            "ws://{}{}{sep}token={token}",
+            "{scheme}://{}{}{sep}token={token}",
             self.authority, self.path_and_query
         );
         if let Some(format) = format {
@@ -74,7 +90,18 @@ impl Target {
     }
 }
 
-fn split_host_port(authority: &str) -> anyhow::Result<(&str, u16)> {
+/// A host's first address (an IP address as is, a name through the system's resolver).
+fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()?
+        .next()
+        .context("the name has no address")
+}
+
+fn split_host_port(authority: &str, default_port: u16) -> anyhow::Result<(&str, u16)> {
     if authority.is_empty() {
         bail!("empty host");
     }
@@ -96,7 +123,7 @@ fn split_host_port(authority: &str) -> anyhow::Result<(&str, u16)> {
     };
     let port = match port {
         Some(p) => p.parse::<u16>().context("bad port")?,
-        None => 80,
+        None => default_port,
     };
     Ok((host, port))
 }
@@ -158,9 +185,12 @@ fn loopback_v4(text: &str) -> anyhow::Result<Ipv4Addr> {
 }
 
 /// The source address a client connecting to `target` binds to: one of `sources` for an IPv4
-/// target, `::1` for an IPv6 one.
+/// loopback target, `::1` for an IPv6 one, and for a remote target (`--allow-remote`) whichever
+/// the system picks.
 pub fn source_for(target: &Target, sources: &[IpAddr], index: usize) -> IpAddr {
     match target.addr {
+        SocketAddr::V4(a) if !a.ip().is_loopback() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(a) if !a.ip().is_loopback() => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         SocketAddr::V4(_) => sources
             .get(index % sources.len().max(1))
@@ -175,22 +205,22 @@ mod tests {
 
     #[test]
     fn loopback_urls_parse() -> anyhow::Result<()> {
-        let t = Target::parse("ws://127.0.0.1:8080/ws")?;
+        let t = Target::parse("ws://127.0.0.1:8080/ws", false)?;
         assert_eq!(t.addr, "127.0.0.1:8080".parse()?);
         assert_eq!(
             t.client_url("abc", None),
             "ws://127.0.0.1:8080/ws?token=abc"
         );
-        let t = Target::parse("ws://localhost:9000")?;
+        let t = Target::parse("ws://localhost:9000", false)?;
         assert_eq!(t.path_and_query, "/ws");
         assert_eq!(
             t.client_url("t", Some("json")),
             "ws://localhost:9000/ws?token=t&format=json"
         );
-        let t = Target::parse("ws://[::1]:7000/ws?x=1")?;
+        let t = Target::parse("ws://[::1]:7000/ws?x=1", false)?;
         assert_eq!(t.addr, "[::1]:7000".parse()?);
         assert_eq!(t.client_url("t", None), "ws://[::1]:7000/ws?x=1&token=t");
-        assert_eq!(Target::parse("ws://127.1.2.3")?.addr.port(), 80);
+        assert_eq!(Target::parse("ws://127.1.2.3", false)?.addr.port(), 80);
         Ok(())
     }
 
@@ -202,12 +232,35 @@ mod tests {
             "ws://example.com/ws",
             "ws://8.8.8.8:80",
             "ws://[2001:db8::1]:80/ws",
-            "wss://127.0.0.1/ws",
+            "wss://10.0.0.1/ws",
             "http://127.0.0.1/ws",
             "ws://user@127.0.0.1/ws",
         ] {
-            assert!(Target::parse(url).is_err(), "{url} was accepted");
+            assert!(Target::parse(url, false).is_err(), "{url} was accepted");
         }
+    }
+
+    #[test]
+    fn wss_urls_and_remote_hosts_when_allowed() -> anyhow::Result<()> {
+        let t = Target::parse("wss://localhost/ws", false)?;
+        assert!(t.tls);
+        assert_eq!((t.addr.port(), t.host.as_str()), (443, "localhost"));
+        assert_eq!(t.client_url("t", None), "wss://localhost/ws?token=t");
+        let t = Target::parse("wss://[::1]:8443", false)?;
+        assert_eq!((t.addr.port(), t.host.as_str()), (8443, "::1"));
+        // Remote targets only when asked; parsed, never connected to here.
+        assert!(Target::parse("ws://192.0.2.7:8080/ws", false).is_err());
+        let t = Target::parse("ws://192.0.2.7:8080/ws", true)?;
+        assert_eq!(t.addr, "192.0.2.7:8080".parse()?);
+        let sources = parse_source_ips("127.0.0.2")?;
+        assert_eq!(
+            source_for(&t, &sources, 0),
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            "not a loopback source"
+        );
+        let t = Target::parse("wss://[2001:db8::1]/ws", true)?;
+        assert_eq!((t.addr.port(), t.tls), (443, true));
+        Ok(())
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Smoke runs of `presence-loadtest` against the real gateway binary: short `idle`, `churn`,
 //! `storm`, `fanout` and `private` runs must connect everything, fail nothing and count something;
 //! `fanout` must open its groups with the API key and stop on a wrong one; non-loopback targets
-//! must be refused.
+//! must be refused; `wss://` works through HAProxy terminating TLS with a certificate of a CA
+//! made for the test (given with `--ca-file`), and fails without it.
 //!
 //! The gateway is another package's binary, so Cargo does not build it for this test: `make test`
 //! builds it first (or run `cargo build -p presence-gateway`). The test looks for it next to the
@@ -17,6 +18,11 @@ use std::{
 };
 
 use serde_json::Value;
+
+/// HAProxy as a child process: the gateway tests' own harness file.
+#[path = "../../gateway/tests/it/haproxy.rs"]
+#[allow(dead_code)]
+mod haproxy;
 
 const SECRET: &str = "test-secret";
 
@@ -173,15 +179,19 @@ fn start_gateway() -> Gateway {
 /// Runs the load tool with `args` plus the gateway URL, secret and a report file; the exit status
 /// and the parsed report.
 fn loadtest(gateway: &Gateway, name: &str, args: &[&str]) -> (ExitStatus, Value) {
+    loadtest_at(&format!("ws://{}/ws", gateway.addr), name, args)
+}
+
+/// [`loadtest`] against `url`.
+fn loadtest_at(url: &str, name: &str, args: &[&str]) -> (ExitStatus, Value) {
     let report = std::env::temp_dir().join(format!(
         "presence-loadtest-smoke-{}-{name}.json",
         std::process::id()
     ));
     let _ = std::fs::remove_file(&report);
-    let url = format!("ws://{}/ws", gateway.addr);
     let mut child = Command::new(env!("CARGO_BIN_EXE_presence-loadtest"))
         .args(args)
-        .args(["--url", &url, "--jwt-secret", SECRET, "--quiet", "--report"])
+        .args(["--url", url, "--jwt-secret", SECRET, "--quiet", "--report"])
         .arg(&report)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -506,4 +516,130 @@ fn listening_lines_are_parsed() {
         Some("127.0.0.1:34795".into())
     );
     assert_eq!(listening_addr("something else"), None);
+}
+
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1, made with the openssl CLI in
+/// `dir`: returns (the CA's PEM, the server's certificate and key in one PEM, as HAProxy reads it).
+fn make_certificates(dir: &Path) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package `openssl`)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=presence test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    let bundle = dir.join("server-bundle.pem");
+    let pem = std::fs::read_to_string(dir.join("server.pem")).expect("server.pem")
+        + &std::fs::read_to_string(dir.join("server.key")).expect("server.key");
+    std::fs::write(&bundle, pem).expect("write the bundle");
+    (dir.join("ca.pem"), bundle)
+}
+
+#[test]
+fn wss_through_a_tls_terminating_load_balancer() {
+    let gateway = start_gateway();
+    let dir = std::env::temp_dir().join(format!("presence-loadtest-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tls dir");
+    let (ca, bundle) = make_certificates(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let _lb = haproxy::Haproxy::start(&format!(
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 1m\n    \
+         timeout server 1m\n    timeout tunnel 1m\n\n\
+         frontend tls\n    bind 127.0.0.1:{port} ssl crt {}\n    default_backend gateway\n\n\
+         backend gateway\n    server g {}\n",
+        bundle.display(),
+        gateway.addr
+    ));
+    let url = format!("wss://localhost:{port}/ws");
+    let idle = [
+        "idle",
+        "--connections",
+        "20",
+        "--rate",
+        "100",
+        "--hold",
+        "1",
+        "--settle-ms",
+        "0",
+    ];
+    let ca_arg = ca.display().to_string();
+    let (status, r) = loadtest_at(&url, "wss", &[&idle[..], &["--ca-file", &ca_arg]].concat());
+    assert!(status.success(), "exit {status}: {r:#}");
+    assert_eq!(num(&r, "/figures/connected"), 20.0, "{r:#}");
+    assert_eq!(num(&r, "/figures/failed"), 0.0, "{r:#}");
+    // Without the CA the certificate is not trusted: nothing connects.
+    let (status, r) = loadtest_at(&url, "wss-untrusted", &idle);
+    assert!(!status.success(), "{r:#}");
+    assert_eq!(num(&r, "/figures/connected"), 0.0, "{r:#}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,6 +3,8 @@
 mod groups;
 mod messages;
 mod presence;
+mod scrape;
+mod timing;
 mod tokens;
 mod users;
 
@@ -100,8 +102,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws", get(conn::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(scrape::metrics))
         .nest("/v1", v1)
+        // Routed requests only: unknown paths would each be a label value of their own.
+        .route_layer(middleware::from_fn(timing::timed))
         .with_state(app)
 }
 
@@ -142,9 +146,4 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     }
-}
-
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let text = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -27,7 +27,7 @@ pub use messages::{
 };
 pub use presence::{Changed, Counts, IndexRepair, PresenceStore, PresenceWrite, Renewal};
 pub use redis::{RedisBackend, RedisTarget};
-pub use registry::{NodeInfo, Registry};
+pub use registry::{NodeInfo, Registry, handover_name};
 pub use sessions::{ConnectState, ConnectionInfo, Control, Sessions};
 pub use tokens::{TokenClaims, TokenStore};
 pub use webhooks::{ClaimedWebhook, Enqueued, QueuedWebhook, ReclaimCursor, WebhookQueue};

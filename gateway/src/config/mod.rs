@@ -76,6 +76,12 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_BATCH_INTERVAL_MS", default_value_t = 1000)]
     pub batch_interval_ms: u64,
 
+    /// Flushes per second a node may start before their batch is due, so that a user coming
+    /// online or choosing a status is seen at once (offline transitions always wait for the
+    /// batch). Spread over the shards; past it, changes batch. 0 batches everything.
+    #[arg(long, env = "PRESENCE_EARLY_FLUSHES_PER_SEC", default_value_t = 200)]
+    pub early_flushes_per_sec: u32,
+
     /// Presence entry expiry; each node renews its entries every third of it.
     #[arg(long, env = "PRESENCE_TTL_SECS", default_value_t = 60)]
     pub ttl_secs: u64,
@@ -228,9 +234,25 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_AUTH_HOOK_CACHE_SECS", default_value_t = 0)]
     pub auth_hook_cache_secs: u64,
 
-    /// Longest drain on SIGTERM/SIGINT.
+    /// Longest drain on SIGTERM/SIGINT: delay, spread, the last flush and the handover together.
     #[arg(long, env = "PRESENCE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// After SIGTERM/SIGINT, how long the node keeps serving and accepting while `/readyz`
+    /// answers 503, so a load balancer's health checks take it out before any client is closed.
+    #[arg(long, env = "PRESENCE_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
+
+    /// Then the node's clients are closed (1001) one after another over this many seconds, so
+    /// their reconnects do not land on the other nodes all at once.
+    #[arg(long, env = "PRESENCE_DRAIN_SPREAD_SECS", default_value_t = 10)]
+    pub drain_spread_secs: u64,
+
+    /// A user closed by the drain stays online this long for everyone (their entry is handed over
+    /// to expiry): one who reconnects to another node meanwhile never shows offline and no
+    /// `user.offline` webhook fires. 0: the drain writes them offline at once.
+    #[arg(long, env = "PRESENCE_DRAIN_HANDOVER_SECS", default_value_t = 10)]
+    pub drain_handover_secs: u64,
 
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "PRESENCE_LOG", default_value = "info")]
@@ -379,6 +401,12 @@ impl Config {
         })
     }
 
+    /// Each shard's share of [`Config::early_flushes_per_sec`] (at least one when it is not 0).
+    pub fn early_flushes_per_shard(&self) -> u32 {
+        let shards = self.shard_count().max(1) as u32;
+        self.early_flushes_per_sec.div_ceil(shards)
+    }
+
     pub fn batch_interval(&self) -> Duration {
         Duration::from_millis(self.batch_interval_ms)
     }
@@ -396,6 +424,15 @@ impl Config {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_secs(self.drain_delay_secs)
+    }
+    pub fn drain_spread(&self) -> Duration {
+        Duration::from_secs(self.drain_spread_secs)
+    }
+    pub fn drain_handover(&self) -> Duration {
+        Duration::from_secs(self.drain_handover_secs)
     }
 
     /// The authorization hook's URL; an empty value counts as unset.

@@ -142,3 +142,34 @@ fn dedupe_and_send_retry_are_checked() {
     let problems = c.validate().expect_err("invalid");
     assert_eq!(problems.len(), 2, "{problems:?}");
 }
+
+#[test]
+fn drain_settings_fit_in_the_grace_period() {
+    let c = parse(&[], &[]);
+    assert_eq!(
+        (
+            c.drain_delay_secs,
+            c.drain_spread_secs,
+            c.drain_handover_secs,
+            c.shutdown_grace_secs
+        ),
+        (5, 10, 10, 30)
+    );
+    let c = parse(
+        &["--drain-delay-secs=1", "--drain-handover-secs=0"],
+        &[("PRESENCE_DRAIN_SPREAD_SECS", "2")],
+    );
+    assert_eq!(
+        (c.drain_delay(), c.drain_spread(), c.drain_handover()),
+        (
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            Duration::ZERO
+        )
+    );
+    assert!(c.validate().is_ok());
+    let late = parse(&["--drain-delay-secs=20", "--drain-spread-secs=10"], &[]);
+    assert_eq!(late.validate().expect_err("invalid").len(), 1);
+    let huge = parse(&["--drain-handover-secs=3601"], &[]);
+    assert_eq!(huge.validate().expect_err("invalid").len(), 1);
+}

@@ -38,6 +38,9 @@ impl Config {
         if self.batch_interval_ms == 0 {
             problems.push("PRESENCE_BATCH_INTERVAL_MS must be at least 1".into());
         }
+        if self.early_flushes_per_sec > 100_000 {
+            problems.push("PRESENCE_EARLY_FLUSHES_PER_SEC must be at most 100000".into());
+        }
         const WEEK_SECS: u64 = 7 * 86_400;
         if !(3..=WEEK_SECS).contains(&self.ttl_secs) {
             problems
@@ -52,6 +55,21 @@ impl Config {
         if self.batch_interval_ms > 60_000 || self.shutdown_grace_secs > 3600 {
             problems.push(
                 "PRESENCE_BATCH_INTERVAL_MS must be at most 60000 and PRESENCE_SHUTDOWN_GRACE_SECS at most 3600"
+                    .into(),
+            );
+        }
+        if self.drain_delay_secs > 600
+            || self.drain_spread_secs > 3600
+            || self.drain_handover_secs > 3600
+        {
+            problems.push(
+                "PRESENCE_DRAIN_DELAY_SECS must be at most 600, PRESENCE_DRAIN_SPREAD_SECS and PRESENCE_DRAIN_HANDOVER_SECS at most 3600"
+                    .into(),
+            );
+        } else if self.drain_delay_secs + self.drain_spread_secs >= self.shutdown_grace_secs {
+            // The last flush and the handover need time after the last client is closed.
+            problems.push(
+                "PRESENCE_DRAIN_DELAY_SECS + PRESENCE_DRAIN_SPREAD_SECS must be less than PRESENCE_SHUTDOWN_GRACE_SECS"
                     .into(),
             );
         }

@@ -5,7 +5,7 @@ mod requests;
 mod session;
 mod writer;
 
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     extract::{ConnectInfo, Query, State, WebSocketUpgrade},
@@ -41,7 +41,8 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !app.ready.load(Ordering::Acquire) {
+    // Accepted while the drain only waits for load balancers to notice; refused once it closes.
+    if app.drain.is_closing() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,

@@ -340,6 +340,8 @@ async fn read_loop(
     requests: &mut Requests,
 ) {
     let max = app.config.max_frame_bytes;
+    // Once the drain closes sessions, this one's turn (see `drain.rs`); it keeps serving until then.
+    let mut close_at = None;
     loop {
         let message = tokio::select! {
             m = stream.next() => m,
@@ -349,7 +351,11 @@ async fn read_loop(
                 continue;
             }
             _ = conn.close_requested().cancelled() => return,
-            _ = app.closing.cancelled() => {
+            _ = app.drain.closing(), if close_at.is_none() => {
+                close_at = Some(app.drain.take_turn());
+                continue;
+            }
+            _ = tokio::time::sleep_until(close_at.unwrap_or_else(tokio::time::Instant::now)), if close_at.is_some() => {
                 conn.close(close_code::GOING_AWAY);
                 return;
             }

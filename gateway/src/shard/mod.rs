@@ -37,6 +37,10 @@ pub enum ShardCmd {
     },
     /// A connection closed; always sent, whatever ended it.
     Disconnect { user: String, conn: ConnId },
+    /// The node is draining with a handover: from now on a closing connection takes nothing
+    /// from this node's entry of its user (it is handed over to expiry at shutdown), so a user
+    /// the drain closes and who reconnects elsewhere never shows offline.
+    Drain,
     /// A connection that had been idle for `idle_away` saw activity again.
     Active { user: String },
     /// The user chose a status.
@@ -107,18 +111,24 @@ pub enum Reread {
         records: Vec<PresenceRecord>,
         read_at: u64,
     },
-    /// A group's messages after the last one its local members got.
+    /// A group's history from the starts of its gaps, as read `read` found it.
     Group {
         group: String,
         messages: Vec<shared::Message>,
+        read: u64,
     },
+    /// This node now hears `group`'s messages (its first local member attached): what was sent
+    /// between the attach and the subscription is read from history.
+    Subscribed { group: String },
     /// Messages a connection that followed its group late missed.
     Backfill {
         conn: Arc<ConnHandle>,
         messages: Vec<shared::Message>,
     },
-    /// The re-read ended; not `ok` means it failed part-way and is tried again.
-    Finished { ok: bool },
+    /// The fill `read` of a group failed: its gaps wait for the next read.
+    Failed { read: u64 },
+    /// Re-read `read` ended; not `ok` means it failed part-way and is tried again.
+    Finished { ok: bool, read: u64 },
 }
 
 /// The backend roles a shard worker uses.
@@ -136,6 +146,8 @@ pub struct ShardSettings {
     pub node: Arc<str>,
     pub batch_max: usize,
     pub batch_interval: Duration,
+    /// Flushes a shard may start before its batch is due, for urgent changes, per second.
+    pub early_flushes_per_sec: u32,
     pub renew_interval: Duration,
     pub idle_away: Duration,
     pub max_conns_per_user: usize,
@@ -180,6 +192,18 @@ impl Shards {
 
     pub fn count(&self) -> usize {
         self.senders.len()
+    }
+
+    /// Commands waiting in each shard's mailbox, in shard order, as of now.
+    pub fn queue_depths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.senders
+            .iter()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+    }
+
+    /// Commands one shard's mailbox holds before senders wait.
+    pub fn mailbox_capacity(&self) -> usize {
+        self.senders.first().map_or(0, |tx| tx.max_capacity())
     }
 
     /// The shard that owns `key`.
@@ -246,6 +270,14 @@ impl Shards {
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Tells every shard the node is draining (see [`ShardCmd::Drain`]); returns once each has
+    /// it queued, so it comes before any close the drain causes.
+    pub async fn drain(&self) {
+        for index in 0..self.senders.len() {
+            self.send_to(index, ShardCmd::Drain).await;
         }
     }
 

@@ -267,6 +267,31 @@ impl Client {
         .await
     }
 
+    /// Waits for a `presence` event about `user` with `status`, skipping others (an earlier
+    /// state may still be on its way).
+    pub async fn presence_until(&mut self, user: &str, status: Status) -> Presence {
+        loop {
+            let p = self.presence_of(user).await;
+            if p.status == status {
+                return p;
+            }
+        }
+    }
+
+    /// Subscribes to `user` and waits until it is seen with `status`, in the initial list or in
+    /// an event after it: a change is written at once, so it may land before or after the
+    /// subscription.
+    pub async fn watch_until(&mut self, user: &str, status: Status) -> Presence {
+        let listed = self.subscribe(&[user]).await;
+        match listed
+            .into_iter()
+            .find(|p| p.user == user && p.status == status)
+        {
+            Some(p) => p,
+            None => self.presence_until(user, status).await,
+        }
+    }
+
     /// Subscribes to `users` and returns the initial presence list.
     pub async fn subscribe(&mut self, users: &[&str]) -> Vec<Presence> {
         let users = users.iter().map(|u| u.to_string()).collect();

@@ -50,6 +50,9 @@ impl NodeBuilder {
             "--batch-interval-ms=50",
             "--shards=3",
             "--shutdown-grace-secs=5",
+            // Tests that drain set their own delay and spread (drain.rs).
+            "--drain-delay-secs=0",
+            "--drain-spread-secs=0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -211,11 +214,16 @@ impl Node {
     /// SIGTERM, then waits for the node to drain and exit; returns its exit success. Process
     /// nodes only (see [`Node::shut_down`]).
     pub fn terminate(&mut self) -> bool {
+        self.terminate_within(Duration::from_secs(15))
+    }
+
+    /// [`Node::terminate`], waiting up to `patience` for the drain (a long drain delay and spread).
+    pub fn terminate_within(&mut self, patience: Duration) -> bool {
         let Some(mut child) = self.child.take() else {
             return false;
         };
         signal(child.id(), "-TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + patience;
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return status.success(),

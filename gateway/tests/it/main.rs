@@ -8,6 +8,8 @@ mod harness;
 mod inproc;
 /// A client in a task of its own that records what it hears (fault and chaos tests).
 mod peer;
+/// A webhook receiver in the test process that checks signatures and records every attempt.
+mod receiver;
 
 /// The authorization hook: a hook server in the test process decides `join` and `subscribe`.
 mod access;
@@ -17,14 +19,22 @@ mod chaos;
 mod connect;
 /// Backend role contracts, each test run in-process against the embedded and the Redis backend.
 mod contract;
+/// The drain on SIGTERM: readiness, the spread of closes, zero-flap handover on Redis.
+mod drain;
 /// Faults under traffic: a Redis Cluster master killed (failover), a node SIGKILLed.
 mod faults;
 /// The `rest` fuzz target's stored inputs, replayed through its check.
 mod fuzz_corpus;
+/// HAProxy as a child process with its stats socket (also included by the load tool's tests).
+mod haproxy;
 /// Hostile clients: memory bounds, poison bodies.
 mod hostile;
+/// Behind HAProxy: a rolling restart through three nodes is invisible to clients.
+mod lb;
 /// Messaging: groups, private messages, offline storage, history, broadcasts, slow consumers.
 mod messaging;
+/// `/metrics` under traffic: promtool, the dashboard's and alerts' metric names, docs/metrics.md.
+mod metrics;
 /// Many nodes on Redis and Redis Cluster: cross-node presence, crashes, batching, recovery.
 mod multinode;
 /// Redis stalled, killed and restarted empty under two nodes: nothing waits for it, nothing stays

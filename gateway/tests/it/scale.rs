@@ -822,3 +822,69 @@ async fn cluster_masters_share_the_churn() {
         counts
     );
 }
+
+/// A drained node's hand-over on a 3-master cluster (`Registry::hand_over`): every bucket's set
+/// moves to the handover name one bucket per call (a call's keys share a slot), including
+/// buckets of more than one page (30,000 users: ~234 a bucket, pages of 200); counts stay exact
+/// through the window, and reaping the name when it ends takes every user offline.
+#[tokio::test]
+async fn cluster_hand_over_moves_every_bucket() {
+    const USERS: usize = 30_000;
+    let cluster = RedisCluster::start();
+    let target = RedisTarget::Cluster(cluster.seeds());
+    let mut sims = sim_nodes(&target, 1, USERS).await;
+    let (survivor, _survivor_stop) = connect(&target, "survivor").await;
+    let announce = |roles: &Roles, id: &str| {
+        let (roles, info) = (roles.clone(), crate::contract::node_info(id, 0));
+        async move { roles.registry.announce_node(&info).await.expect("announce") }
+    };
+    fill(&mut sims, 0).await;
+    // Announced now: filling takes longer than a node's TTL, and nobody heartbeats here.
+    announce(&sims[0].roles, &sims[0].id).await;
+    announce(&survivor, "survivor").await;
+    let (counts, _) = expected(&sims);
+    assert_eq!(survivor.presence.counts().await.expect("counts"), counts);
+
+    let window = Duration::from_secs(2);
+    let handed = sims[0]
+        .roles
+        .registry
+        .hand_over(&sims[0].id, window)
+        .await
+        .expect("hand over");
+    assert_eq!(handed, USERS);
+    let nodes = survivor.registry.nodes().await.expect("nodes");
+    assert_eq!(nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["survivor"]);
+    assert_eq!(
+        survivor.presence.counts().await.expect("counts"),
+        counts,
+        "handed-over users stay online and counted through the window"
+    );
+    assert_eq!(
+        survivor.registry.reap_dead_nodes("survivor").await.expect("reap"),
+        vec![],
+        "nothing to reap before the window ends"
+    );
+
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    announce(&survivor, "survivor").await;
+    let reaped = survivor
+        .registry
+        .reap_dead_nodes("survivor")
+        .await
+        .expect("reap");
+    assert_eq!(reaped.len(), USERS, "every user changes once, through the reaper");
+    assert!(
+        reaped.iter().all(|c| c.transition() == Some(false)),
+        "every user goes offline"
+    );
+    assert_eq!(
+        survivor.presence.counts().await.expect("counts"),
+        Counts::default()
+    );
+    assert_eq!(
+        survivor.registry.reap_dead_nodes("survivor").await.expect("reap"),
+        vec![],
+        "reaped once"
+    );
+}

@@ -59,6 +59,7 @@ fn settings() -> ShardSettings {
         node: NODE.into(),
         batch_max: 100,
         batch_interval: ms(1000),
+        early_flushes_per_sec: 0,
         renew_interval: DAY,
         idle_away: DAY,
         max_conns_per_user: 4,
@@ -95,6 +96,8 @@ struct Recorder {
     fail_writes: AtomicUsize,
     /// How long a renewal call takes, in ms (so a test can catch a round in flight).
     renew_ms: AtomicU64,
+    /// How long a write takes, in ms.
+    write_ms: AtomicU64,
 }
 
 impl Recorder {
@@ -125,6 +128,10 @@ impl PresenceStore for Recorder {
             .is_ok();
         let users = writes.iter().map(|w| w.user.clone()).collect();
         self.log(Op::Write, users, writes.clone(), failed);
+        let takes = self.write_ms.load(Ordering::SeqCst);
+        if takes > 0 {
+            sleep(ms(takes)).await;
+        }
         if failed {
             return Err(BackendError::unavailable("flush", "injected failure"));
         }
@@ -226,6 +233,7 @@ impl Shard {
             calls: Mutex::new(Vec::new()),
             fail_writes: AtomicUsize::new(0),
             renew_ms: AtomicU64::new(0),
+            write_ms: AtomicU64::new(0),
         });
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -445,6 +453,70 @@ async fn a_batch_is_written_batch_interval_after_its_first_change() {
     shard.stop().await;
 }
 
+/// Group commit: coming online and choosing a status are written as soon as no write is in
+/// flight (what arrives during one goes out right after it), within the budget of early flushes;
+/// going offline waits for the batch even when an early flush goes out meanwhile, so a quick
+/// reconnect stays silent; past the budget, an urgent change waits for it (or the batch).
+#[tokio::test(start_paused = true)]
+async fn online_and_status_changes_go_out_at_once_offline_waits_for_the_batch() {
+    let shard = Shard::start(ShardSettings {
+        early_flushes_per_sec: 2,
+        ..settings()
+    });
+    shard.store.write_ms.store(10, Ordering::SeqCst);
+    let mut bob = shard.watcher(&["alice", "carol", "dave", "erin"]).await;
+    let alice = shard.connect("alice", 1).await;
+    shard.at(2).await;
+    let _carol = shard.connect("carol", 1).await;
+    shard.at(5).await;
+    let dave = shard.connect("dave", 2).await;
+    shard.at(21).await;
+    assert_eq!(
+        at_and_users(&shard.writes()),
+        [(0, users(&["alice"])), (10, users(&["carol", "dave"]))]
+    );
+    let mut online: Vec<_> = bob.presence().into_iter().map(|p| p.user).collect();
+    online.sort();
+    assert_eq!(online, users(&["alice", "carol", "dave"]));
+
+    // Offline waits a whole interval; an urgent change meanwhile goes out alone, once the budget
+    // (2 a second, both spent) has room again.
+    shard.disconnect(&alice).await;
+    shard.at(30).await;
+    let _erin = shard.connect("erin", 1).await;
+    shard.at(400).await;
+    assert_eq!(shard.writes().len(), 2, "{:?}", shard.writes());
+    shard.at(600).await;
+    let writes = shard.writes();
+    assert_eq!(writes[2].users, users(&["erin"]));
+    assert!((499..=502).contains(&writes[2].at), "{:?}", writes[2]);
+    assert_eq!(bob.presence()[0].user, "erin");
+    shard.at(1020).await;
+    assert_eq!(shard.writes().len(), 3);
+    shard.at(1032).await;
+    assert_eq!(
+        at_and_users(&shard.writes()[3..]),
+        [(1021, users(&["alice"]))]
+    );
+    assert_eq!(bob.presence()[0].status, Status::Offline);
+
+    // A status choice is urgent; a reconnect inside the batch is not written at all.
+    shard.set_status("carol", Status::Busy, Some("call")).await;
+    shard.at(1100).await;
+    shard.disconnect(&dave).await;
+    let _dave = shard.connect("dave", 2).await;
+    shard.at(3000).await;
+    let writes = shard.writes();
+    assert_eq!(at_and_users(&writes[4..]), [(1032, users(&["carol"]))]);
+    let seen: Vec<_> = bob
+        .presence()
+        .into_iter()
+        .map(|p| (p.user, p.status))
+        .collect();
+    assert_eq!(seen, [("carol".to_string(), Status::Busy)]);
+    shard.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn batch_max_changes_are_written_at_once() {
     let shard = Shard::start(ShardSettings {
@@ -514,6 +586,7 @@ async fn a_flap_inside_one_batch_writes_and_publishes_nothing() {
 async fn failed_batches_are_retried_with_doubling_backoff_and_lose_nothing() {
     let shard = Shard::start(ShardSettings {
         batch_interval: ms(50),
+        early_flushes_per_sec: 0,
         ..settings()
     });
     shard.fail_writes(8);
@@ -575,6 +648,7 @@ async fn renewal_rounds_run_every_interval_in_chunks_with_flushes_between() {
     let shard = Shard::start(ShardSettings {
         batch_max: 10_000,
         batch_interval: ms(50),
+        early_flushes_per_sec: 0,
         renew_interval: ms(1000),
         ..settings()
     });
@@ -651,6 +725,7 @@ async fn idle_connections_turn_away_at_the_next_idle_check() {
     // Idle after 2 s; the check runs every quarter of that.
     let shard = Shard::start(ShardSettings {
         batch_interval: ms(50),
+        early_flushes_per_sec: 0,
         idle_away: ms(2000),
         ..settings()
     });
@@ -695,4 +770,57 @@ async fn stopping_writes_the_pending_batch_without_waiting() {
     shard.stop().await;
     assert_eq!(at_and_users(&shard.writes()), [(10, users(&["alice"]))]);
     assert_eq!(shard.record("alice").await.status, Status::Online);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_draining_closes_take_nothing_from_the_entry() {
+    let shard = Shard::start(settings());
+    let mut watcher = shard.watcher(&["alice", "bob", "carol"]).await;
+    let alice = shard.connect("alice", 1).await;
+    let bob_ios = shard.connect("bob", 1).await;
+    let bob_web = shard.connect("bob", 5).await;
+    let carol = shard.connect("carol", 2).await;
+    shard.at(1001).await;
+    assert_eq!(shard.writes().len(), 1);
+    assert_eq!(watcher.presence().len(), 3);
+
+    // The drain: every connection closes, one platform of bob's first; carol sets a status
+    // before hers closes, and dave connects in between.
+    shard.send("alice", ShardCmd::Drain).await;
+    shard.disconnect(&bob_ios).await;
+    shard.at(1500).await;
+    shard.disconnect(&alice).await;
+    shard.disconnect(&bob_web).await;
+    shard.set_status("carol", Status::Busy, None).await;
+    let _dave = shard.connect("dave", 3).await;
+    shard.disconnect(&carol).await;
+    shard.stop().await;
+
+    // Only carol's status and dave's arrival were written; everyone else's entry stays as it was.
+    let writes = shard.writes();
+    assert_eq!(
+        at_and_users(&writes[1..]),
+        [(1500, users(&["carol", "dave"]))]
+    );
+    let carol_write = &writes[1].writes[0];
+    assert_eq!(carol_write.entry, entry(&[2], false));
+    assert_eq!(
+        carol_write.status.as_ref().map(|s| s.status),
+        Some(Status::Busy)
+    );
+    assert_eq!(writes[1].writes[1].entry, entry(&[3], false));
+    for (user, platforms) in [("alice", vec![1]), ("bob", vec![1, 5]), ("carol", vec![2])] {
+        let record = shard.record(user).await;
+        assert_eq!(
+            record.platforms,
+            platforms.iter().fold(0, |m, p| m | platform_bit(*p))
+        );
+    }
+    // (The worker stopped with the node, so carol's busy may not have been passed on.)
+    let offline: Vec<Presence> = watcher
+        .presence()
+        .into_iter()
+        .filter(|p| p.status == Status::Offline)
+        .collect();
+    assert_eq!(offline, vec![], "nobody went offline");
 }

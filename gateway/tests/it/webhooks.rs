@@ -4,160 +4,16 @@
 //! delivered by another node; what the retry time cannot deliver is given up and counted; the
 //! queue's bound refuses and counts.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::HashMap, sync::atomic::Ordering, time::Duration};
 
-use axum::{
-    Router,
-    body::Bytes,
-    extract::State,
-    http::{HeaderMap, StatusCode},
-    routing::post,
-};
-use hmac::{Hmac, Mac};
-use serde_json::{Value, json};
-use sha2::Sha256;
+use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{
     client::{Client, Rest},
     harness::{Backend, Node, NodeBuilder, Redis, RedisCluster},
+    receiver::{PATIENCE, Receiver, SECRET},
 };
-
-const SECRET: &str = "webhook-secret";
-/// Longest wait for something the gateway should do within seconds, on a loaded machine.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Hit {
-    /// `X-Presence-Event-Id`.
-    id: String,
-    signed: bool,
-    body: Value,
-    /// Answered 2xx.
-    ok: bool,
-    when: Instant,
-}
-
-#[derive(Default)]
-struct ReceiverState {
-    hits: Mutex<Vec<Hit>>,
-    /// Every request answered 500 while set.
-    down: AtomicBool,
-    /// The first this-many attempts of each event id answered 500.
-    fail_first: AtomicUsize,
-}
-
-struct Receiver {
-    addr: SocketAddr,
-    state: Arc<ReceiverState>,
-}
-
-impl Receiver {
-    async fn start() -> Receiver {
-        let state = Arc::new(ReceiverState::default());
-        let app = Router::new()
-            .route("/hook", post(receive))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the receiver");
-        let addr = listener.local_addr().expect("receiver address");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Receiver { addr, state }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.state.down.store(down, Ordering::SeqCst);
-    }
-
-    fn hits(&self) -> Vec<Hit> {
-        self.state.hits.lock().expect("lock").clone()
-    }
-
-    /// Every attempt at `event` about `user`.
-    fn attempts(&self, user: &str, event: &str) -> Vec<Hit> {
-        self.hits()
-            .into_iter()
-            .filter(|h| h.body["user"] == user && h.body["event"] == event)
-            .collect()
-    }
-
-    /// Waits until `check` holds of what arrived.
-    async fn wait_for<T>(&self, what: &str, check: impl Fn(&[Hit]) -> Option<T>) -> T {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let hits = self.hits();
-            if let Some(found) = check(&hits) {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never got {what}; got: {hits:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The first accepted delivery of `event` about `user`.
-    async fn delivered(&self, user: &str, event: &str) -> Hit {
-        self.wait_for(&format!("{event} of {user}"), |hits| {
-            hits.iter()
-                .find(|h| h.ok && h.body["user"] == user && h.body["event"] == event)
-                .cloned()
-        })
-        .await
-    }
-}
-
-async fn receive(
-    State(state): State<Arc<ReceiverState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let id = header("x-presence-event-id");
-    let signed = header("x-presence-signature") == sign(&body);
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut hits = state.hits.lock().expect("lock");
-    let earlier = hits.iter().filter(|h| h.id == id).count();
-    let ok =
-        !state.down.load(Ordering::SeqCst) && earlier >= state.fail_first.load(Ordering::SeqCst);
-    hits.push(Hit {
-        id,
-        signed,
-        body,
-        ok,
-        when: Instant::now(),
-    });
-    if ok {
-        StatusCode::NO_CONTENT
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
-    }
-}
-
-fn sign(body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac key");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
 
 fn node(backend: &Backend, receiver: &Receiver, extra: &[&str]) -> Node {
     let mut builder = NodeBuilder::new(backend)

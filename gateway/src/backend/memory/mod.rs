@@ -217,6 +217,15 @@ impl State {
         }
     }
 
+    /// Users with an entry of `node`. A scan of every user: for shutdown only, once per process.
+    fn users_with_entry(&self, node: &str) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|(_, s)| s.entries.contains_key(node))
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
     /// Recomputes every user with an entry that expired by `now`.
     fn sweep(&mut self, now: Instant) -> Vec<Changed> {
         let mut changed = Vec::new();

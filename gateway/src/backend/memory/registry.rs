@@ -1,11 +1,15 @@
 //! The node registry on the embedded backend: one process holds every node, so reaping sweeps expired entries (and expired tokens).
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::MemoryBackend;
 use crate::{
-    backend::{BackendError, Changed, NodeInfo, Registry, sessions::REVOCATION_TTL_MS},
+    backend::{
+        BackendError, Changed, NodeInfo, Registry, handover_name, sessions::REVOCATION_TTL_MS,
+    },
     clock::now_ms,
 };
 
@@ -25,12 +29,7 @@ impl Registry for MemoryBackend {
         let (changed, watched) = {
             let mut state = self.lock();
             state.nodes.remove(node);
-            let users: Vec<String> = state
-                .users
-                .iter()
-                .filter(|(_, s)| s.entries.contains_key(node))
-                .map(|(u, _)| u.clone())
-                .collect();
+            let users = state.users_with_entry(node);
             let mut changed = Vec::new();
             for user in users {
                 state.set_entry(&user, node, None);
@@ -41,6 +40,25 @@ impl Registry for MemoryBackend {
         };
         self.publish(&changed, watched).await;
         Ok(())
+    }
+
+    async fn hand_over(&self, node: &str, window: Duration) -> Result<usize, BackendError> {
+        let until = Instant::now() + window;
+        let name = handover_name(node, now_ms());
+        let mut state = self.lock();
+        state.nodes.remove(node);
+        let users = state.users_with_entry(node);
+        let count = users.len();
+        for user in users {
+            let entry = state
+                .users
+                .get_mut(&user)
+                .and_then(|s| s.entries.remove(node));
+            if let Some((entry, expires)) = entry {
+                state.set_entry(&user, &name, Some((entry, expires.min(until))));
+            }
+        }
+        Ok(count)
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError> {

@@ -130,11 +130,13 @@ impl RedisBackend {
 
         let keys = Keys::new(prefix);
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
+        let (gap_tx, gap_rx) = mpsc::channel(1);
         tracker.spawn(pubsub::run_subscriptions(
             subscriber.clone(),
             cluster,
             sub_rx,
             events.clone(),
+            gap_tx,
             stop.clone(),
         ));
         let _ = sub_tx.send(SubCmd::Watch(vec![keys.broadcast_channel()]));
@@ -142,6 +144,7 @@ impl RedisBackend {
             subscriber.clone(),
             keys.clone(),
             events.clone(),
+            gap_rx,
             stop.clone(),
         ));
         tracker.spawn(watch_reconnects(

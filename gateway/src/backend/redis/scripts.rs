@@ -23,6 +23,9 @@ pub(super) struct Scripts {
     pub login: Script,
     pub webhook_enqueue: Script,
     pub webhook_ack: Script,
+    pub handover: Script,
+    pub handover_sets: Script,
+    pub handover_node: Script,
 }
 
 impl Scripts {
@@ -39,6 +42,9 @@ impl Scripts {
             login: Script::from_lua(include_str!("login.lua")),
             webhook_enqueue: Script::from_lua(include_str!("webhook_enqueue.lua")),
             webhook_ack: Script::from_lua(include_str!("webhook_ack.lua")),
+            handover: Script::from_lua(include_str!("handover.lua")),
+            handover_sets: Script::from_lua(include_str!("handover_sets.lua")),
+            handover_node: Script::from_lua(include_str!("handover_node.lua")),
         }
     }
 }
@@ -61,6 +67,9 @@ impl RedisBackend {
             &self.scripts.login,
             &self.scripts.webhook_enqueue,
             &self.scripts.webhook_ack,
+            &self.scripts.handover,
+            &self.scripts.handover_sets,
+            &self.scripts.handover_node,
         ] {
             script.load(&self.client).await?;
         }

@@ -24,13 +24,14 @@ impl Requests {
     /// Replaces the connection's token with a newer one of the same user and platform, moving
     /// its expiry; any other token leaves the connection as it was.
     pub(super) fn refresh(
-        &self,
+        &mut self,
         id: Option<u64>,
         token: String,
     ) -> Result<(), (ErrorCode, String)> {
         let app = self.app.clone();
         let conn = self.conn.clone();
         let permit = self.permit()?;
+        let timer = self.timer.take();
         tokio::spawn(async move {
             let _permit = permit;
             let frame = match app.auth.authenticate(Some(&token)).await {
@@ -54,6 +55,9 @@ impl Requests {
                 Err(e) => ServerFrame::error(id, ErrorCode::Unauthorized, e.to_string()),
             };
             conn.push_frame(frame);
+            if let Some(timer) = timer {
+                timer.answered();
+            }
         });
         Ok(())
     }
@@ -70,7 +74,11 @@ impl Requests {
 
     /// Runs backend work for a request in its own task (at most `MAX_IN_FLIGHT` per connection)
     /// and queues its answer; a backend failure answers `unavailable`.
-    pub(super) fn spawn<F, Fut>(&self, id: Option<u64>, work: F) -> Result<(), (ErrorCode, String)>
+    pub(super) fn spawn<F, Fut>(
+        &mut self,
+        id: Option<u64>,
+        work: F,
+    ) -> Result<(), (ErrorCode, String)>
     where
         F: FnOnce(Roles) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<ServerFrame, BackendError>> + Send + 'static,
@@ -80,7 +88,7 @@ impl Requests {
 
     /// `spawn`, with the message a backend failure answers.
     pub(super) fn spawn_or<F, Fut>(
-        &self,
+        &mut self,
         id: Option<u64>,
         failure: &'static str,
         work: F,
@@ -96,7 +104,7 @@ impl Requests {
 
     /// Runs `work` in its own task holding `permit`, and queues its answer.
     pub(super) fn run<F, Fut>(
-        &self,
+        &mut self,
         permit: OwnedSemaphorePermit,
         id: Option<u64>,
         failure: &'static str,
@@ -107,6 +115,7 @@ impl Requests {
     {
         let backend = self.app.backend.clone();
         let conn = self.conn.clone();
+        let timer = self.timer.take();
         tokio::spawn(async move {
             let _permit = permit;
             let frame = match work(backend).await {
@@ -117,12 +126,15 @@ impl Requests {
                 }
             };
             conn.push(&readable(frame, conn.encoding, id));
+            if let Some(timer) = timer {
+                timer.answered();
+            }
         });
     }
 
     /// Answers `presence_list` for `users`, as this connection's user may see them.
     pub(super) fn query(
-        &self,
+        &mut self,
         id: Option<u64>,
         users: Vec<String>,
     ) -> Result<(), (ErrorCode, String)> {
@@ -135,7 +147,7 @@ impl Requests {
     /// read waits (at most [`SUBSCRIBE_WAIT`]) for `confirmed`: the watches of a `subscribe`
     /// taking effect, so no change falls between the list and the first event.
     pub(super) fn query_with(
-        &self,
+        &mut self,
         permit: OwnedSemaphorePermit,
         id: Option<u64>,
         users: Vec<String>,

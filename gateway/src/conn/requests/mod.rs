@@ -27,7 +27,7 @@ use crate::{
     authz::{Ask, Verdict},
     backend::{Dedupe, JoinPolicy, Origin, Outgoing, online_members},
     clock::now_ms,
-    metrics as m,
+    metrics::{self as m, RequestTimer},
     presence::ChosenStatus,
     router::{Reply, RouteJob},
     shard::ShardCmd,
@@ -48,6 +48,9 @@ pub struct Requests {
     /// Subscribes waiting for the authorization hook; made at the first one (boxed: most
     /// connections never have one, and every connection carries this field).
     asking: Option<Box<Asking>>,
+    /// The frame being handled: taken by whatever answers it later (a request task, the router,
+    /// the hook's answer), else recorded when `handle` returns.
+    timer: Option<RequestTimer>,
 }
 
 impl Requests {
@@ -60,6 +63,7 @@ impl Requests {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             bucket: TokenBucket::new(rate),
             asking: None,
+            timer: None,
         }
     }
 
@@ -95,12 +99,16 @@ impl Requests {
             }
         };
         metrics::counter!(m::FRAMES_IN, "type" => frame.kind()).increment(1);
+        self.timer = Some(RequestTimer::start(frame.kind()));
         if !matches!(frame, ClientFrame::Ping { .. }) {
             self.note_activity(now).await;
         }
         let id = frame.id();
         if let Err((code, message)) = self.dispatch(frame).await {
             self.reply_error(id, code, message);
+        }
+        if let Some(timer) = self.timer.take() {
+            timer.answered();
         }
     }
 
@@ -247,6 +255,7 @@ impl Requests {
                     reply: Reply::Conn {
                         conn: self.conn.clone(),
                         id,
+                        timer: self.timer.take(),
                     },
                 };
                 if !self.app.router.route(job).await {
@@ -329,7 +338,7 @@ impl Requests {
     /// the `ok`, so a message sent after it reaches this connection); the user's other connections,
     /// here and on other nodes, follow through the membership event.
     fn change_membership(
-        &self,
+        &mut self,
         id: Option<u64>,
         group: String,
         joined: bool,

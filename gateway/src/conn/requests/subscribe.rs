@@ -10,6 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use super::{MAX_IN_FLIGHT, MAX_USERS, Requests, checks::bad};
 use crate::{
     authz::{Ask, AuthzHook, Verdict},
+    metrics::RequestTimer,
     shard::ShardCmd,
 };
 
@@ -34,6 +35,7 @@ pub struct Answered {
     verdict: Verdict,
     /// The request's in-flight slot, kept for the `presence_list` read that follows.
     permit: OwnedSemaphorePermit,
+    timer: Option<RequestTimer>,
 }
 
 impl Requests {
@@ -78,6 +80,7 @@ impl Requests {
         }
         asking.outstanding += 1;
         let tx = asking.tx.clone();
+        let timer = self.timer.take();
         let (user, platform) = (self.conn.user.clone(), self.conn.platform);
         tokio::spawn(async move {
             let ask = Ask::Subscribe {
@@ -94,6 +97,7 @@ impl Requests {
                     users,
                     verdict,
                     permit,
+                    timer,
                 })
                 .await;
         });
@@ -129,7 +133,10 @@ impl Requests {
             users,
             verdict,
             permit,
+            timer,
         } = answer;
+        // Answered below, by the `presence_list` read's task or the refusal.
+        self.timer = timer;
         let mut decides = |user: &String| {
             let mine = asking.pending.get(user) == Some(&number);
             if mine {
@@ -146,6 +153,9 @@ impl Requests {
                 }
                 drop(permit);
                 self.reply_error(id, ErrorCode::Forbidden, refusal.message());
+                if let Some(timer) = self.timer.take() {
+                    timer.answered();
+                }
                 return;
             }
         };

@@ -50,9 +50,7 @@ impl Worker {
                     if *id > mark.id {
                         mark.id.clone_from(id);
                         mark.delivered = true;
-                        if let Some((_, end @ None)) = &mut mark.gap {
-                            *end = Some(id.clone());
-                        }
+                        mark.gaps.heard(id);
                     }
                 }
                 let mut closed = Vec::new();

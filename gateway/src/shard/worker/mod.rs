@@ -10,6 +10,7 @@
 
 mod batch;
 mod delivery;
+mod gaps;
 mod reread;
 
 use std::{
@@ -102,6 +103,35 @@ impl UserSlot {
         })
     }
 
+    /// Watchers want this change at once: the user came online, on a new platform, back from
+    /// idle, or chose a status. Going offline, or idle, waits for the batch, so that a client that
+    /// drops and reconnects within it is never seen offline.
+    fn is_urgent(&self) -> bool {
+        if self.pending_status.is_some() {
+            return true;
+        }
+        match (self.desired_entry(), self.flushed) {
+            (Some(_), None) => true,
+            (Some(want), Some(had)) => {
+                want.platforms & !had.platforms != 0 || (had.idle && !want.idle)
+            }
+            (None, _) => false,
+        }
+    }
+
+    /// While the node drains, connections close without taking anything from the entry: what
+    /// the backend holds stays (a drained user is handed over, not removed), and a connection
+    /// opened meanwhile still adds its platform.
+    fn draining_entry(&self) -> Option<NodeEntry> {
+        match (self.desired_entry(), self.flushed) {
+            (Some(now), Some(held)) => Some(NodeEntry {
+                platforms: now.platforms | held.platforms,
+                idle: now.idle,
+            }),
+            (now, held) => now.or(held),
+        }
+    }
+
     fn is_forgettable(&self) -> bool {
         // `chosen_here` is only worth keeping while the user is connected here.
         self.conns.is_empty()
@@ -118,10 +148,9 @@ struct GroupMark {
     /// `id` is a message passed on here (not just the time the group got local members): live
     /// messages at or below it are repeats of a history re-read.
     delivered: bool,
-    /// Since the backend was last found away (a resync), where the gap in this group's
-    /// messages may start (`id` then) and where it ends: the first message heard live after it.
-    /// Later live messages move `id` past the gap before the re-read runs; these keep it.
-    gap: Option<(String, Option<String>)>,
+    /// Where messages may have been missed since the backend was last found away (later live
+    /// messages move `id` past them before the re-read runs; these keep them).
+    gaps: gaps::Gaps,
 }
 
 enum Job {
@@ -154,6 +183,9 @@ pub(super) struct Worker {
     group_marks: HashMap<String, GroupMark>,
     /// Users changed since the last flush began.
     dirty: HashSet<String>,
+    /// One of them changed in a way watchers want at once ([`UserSlot::is_urgent`]).
+    urgent: bool,
+    early: batch::EarlyFlushes,
     /// When the oldest pending change arrived: the batch is due `batch_interval` after it.
     first_dirty_at: Option<Instant>,
     job: Option<JoinHandle<JobDone>>,
@@ -169,6 +201,10 @@ pub(super) struct Worker {
     reread_at: Option<Instant>,
     /// A re-read is running.
     rereading: bool,
+    /// Numbers reads of group history, so each closes only the gaps it covered.
+    reads: u64,
+    /// The node drains with a handover: closing connections leave the entry as it is.
+    draining: bool,
 }
 
 impl Worker {
@@ -185,6 +221,7 @@ impl Worker {
             subscriptions,
             messages,
         } = backend;
+        let early = batch::EarlyFlushes::new(settings.early_flushes_per_sec);
         Worker {
             index,
             settings,
@@ -198,6 +235,8 @@ impl Worker {
             groups: HashMap::new(),
             group_marks: HashMap::new(),
             dirty: HashSet::new(),
+            urgent: false,
+            early,
             first_dirty_at: None,
             job: None,
             renew_due: false,
@@ -207,6 +246,8 @@ impl Worker {
             shard_label: index.to_string(),
             reread_at: None,
             rereading: false,
+            reads: 0,
+            draining: false,
         }
     }
 
@@ -306,6 +347,7 @@ impl Worker {
                 self.refresh_idle(&user);
                 self.mark_dirty(user);
             }
+            ShardCmd::Drain => self.draining = true,
             ShardCmd::Active { user } => self.refresh_idle(&user),
             ShardCmd::SetStatus { user, status } => {
                 if let Some(slot) = self.users.get_mut(&user) {
@@ -390,18 +432,23 @@ impl Worker {
                 if conn.is_closing() {
                     return;
                 }
-                let members = self.groups.entry(group.clone()).or_default();
-                if members.is_empty() {
-                    self.subscriptions.watch(vec![Topic::Group(group.clone())]);
+                if self.groups.get(&group).is_none_or(|m| m.is_empty()) {
+                    // Until the node hears the group, what is sent to it is missed here: a gap
+                    // from now, filled once the subscription is confirmed.
+                    let id = msg_id(now_ms(), 0);
+                    let mut gaps = gaps::Gaps::default();
+                    gaps.open(&id);
                     self.group_marks.insert(
                         group.clone(),
                         GroupMark {
-                            id: msg_id(now_ms(), 0),
+                            id,
                             delivered: false,
-                            gap: None,
+                            gaps,
                         },
                     );
+                    self.watch_group(group.clone());
                 }
+                let members = self.groups.entry(group.clone()).or_default();
                 members.insert(conn.id, conn.clone());
                 if let (Some(since), Some(mark)) = (since, self.group_marks.get(&group)) {
                     // What was sent before now is at or below the mark; what follows comes live.
@@ -444,6 +491,9 @@ impl Worker {
     }
 
     fn mark_dirty(&mut self, user: String) {
+        if !self.urgent && self.users.get(&user).is_some_and(UserSlot::is_urgent) {
+            self.urgent = true;
+        }
         self.dirty.insert(user);
         self.first_dirty_at.get_or_insert_with(Instant::now);
     }

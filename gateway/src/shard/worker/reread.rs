@@ -42,9 +42,7 @@ impl Worker {
     /// subscriber lost its connection, else at the episode's first resync.
     pub(super) fn note_gap(&mut self) {
         for mark in self.group_marks.values_mut() {
-            if mark.gap.is_none() {
-                mark.gap = Some((mark.id.clone(), None));
-            }
+            mark.gaps.open(&mark.id);
         }
     }
 
@@ -56,13 +54,12 @@ impl Worker {
             .filter(|(_, slot)| !slot.watchers.is_empty())
             .map(|(user, _)| user.clone())
             .collect();
-        let groups: Vec<(String, String)> = self
+        self.reads += 1;
+        let read_id = self.reads;
+        let groups: Vec<(String, Vec<String>)> = self
             .group_marks
-            .iter()
-            .map(|(group, mark)| {
-                let since = mark.gap.as_ref().map_or(&mark.id, |(start, _)| start);
-                (group.clone(), since.clone())
-            })
+            .iter_mut()
+            .map(|(group, mark)| (group.clone(), mark.gaps.start_reading(&mark.id, read_id)))
             .collect();
         if users.is_empty() && groups.is_empty() {
             return;
@@ -81,9 +78,15 @@ impl Worker {
             // is tried again whole.
             let send = |reread| shards.send_to(index, super::ShardCmd::Reread(reread));
             let read = async {
-                for (group, since) in groups {
-                    let (messages, _) = messages.history(&group, Some(&since), GROUP_FILL).await?;
-                    if !send(Reread::Group { group, messages }).await {
+                for (group, starts) in groups {
+                    let messages = read_gaps(&*messages, &group, starts).await?;
+                    if !send(Reread::Group {
+                        group,
+                        messages,
+                        read: read_id,
+                    })
+                    .await
+                    {
                         return Ok(());
                     }
                 }
@@ -103,7 +106,7 @@ impl Worker {
                     false
                 }
             };
-            send(Reread::Finished { ok }).await;
+            send(Reread::Finished { ok, read: read_id }).await;
         });
     }
 
@@ -114,7 +117,11 @@ impl Worker {
                     self.reconcile(record, read_at);
                 }
             }
-            Reread::Group { group, messages } => {
+            Reread::Group {
+                group,
+                messages,
+                read,
+            } => {
                 tracing::debug!(
                     shard = self.index,
                     %group,
@@ -122,28 +129,10 @@ impl Worker {
                     after = self.group_marks.get(&group).map(|m| m.id.as_str()),
                     "group history re-read"
                 );
-                // Missed: inside the gap (before the first message heard live after it), or
-                // after everything heard when nothing was heard since.
                 let Some(mark) = self.group_marks.get_mut(&group) else {
                     return;
                 };
-                let gap = mark.gap.take();
-                let (start, end) = match gap {
-                    Some((start, end)) => (start, end),
-                    None => (mark.id.clone(), None),
-                };
-                let last = mark.id.clone();
-                let missed: Vec<_> = messages
-                    .into_iter()
-                    .filter(|m| {
-                        m.msg_id > start
-                            && match &end {
-                                Some(end) => m.msg_id < *end,
-                                None => m.msg_id > last,
-                            }
-                    })
-                    .collect();
-                for message in missed {
+                for message in mark.gaps.missed(messages, &mark.id, read) {
                     metrics::counter!(m::RESYNC_MESSAGES).increment(1);
                     self.deliver_missed(&group, message);
                 }
@@ -154,13 +143,68 @@ impl Worker {
                     conn.push(&frame);
                 }
             }
-            Reread::Finished { ok } => {
+            Reread::Subscribed { group } => self.fill_group(group),
+            Reread::Failed { read } => self
+                .group_marks
+                .values_mut()
+                .for_each(|mark| mark.gaps.read_failed(read)),
+            Reread::Finished { ok, read } => {
                 self.rereading = false;
+                if !ok {
+                    self.group_marks
+                        .values_mut()
+                        .for_each(|mark| mark.gaps.read_failed(read));
+                }
                 if !ok && self.reread_at.is_none() {
                     self.reread_at = Some(Instant::now() + REREAD_RETRY);
                 }
             }
         }
+    }
+
+    /// Starts hearing `group`; once the subscription is confirmed, its gap is filled.
+    pub(super) fn watch_group(&self, group: String) {
+        let (confirmed, subscribed) = tokio::sync::oneshot::channel();
+        self.subscriptions
+            .watch_confirmed(vec![crate::backend::Topic::Group(group.clone())], confirmed);
+        let (shards, index) = (self.shards.clone(), self.index);
+        tokio::spawn(async move {
+            // Dropped unconfirmed (the subscriber stopped, or a refused SUBSCRIBE retried):
+            // the resync that follows re-reads the gap.
+            if subscribed.await.is_ok() {
+                let cmd = super::ShardCmd::Reread(Reread::Subscribed { group });
+                shards.send_to(index, cmd).await;
+            }
+        });
+    }
+
+    /// Reads what `group`'s gaps hold (one read of history per gap) from a task.
+    fn fill_group(&mut self, group: String) {
+        let Some(mark) = self.group_marks.get_mut(&group) else {
+            return;
+        };
+        self.reads += 1;
+        let read = self.reads;
+        let starts = mark.gaps.start_reading(&mark.id, read);
+        let (messages, shards, index) = (self.messages.clone(), self.shards.clone(), self.index);
+        tokio::spawn(async move {
+            match read_gaps(&*messages, &group, starts).await {
+                Ok(messages) => {
+                    let cmd = Reread::Group {
+                        group,
+                        messages,
+                        read,
+                    };
+                    shards.send_to(index, super::ShardCmd::Reread(cmd)).await;
+                }
+                Err(e) => {
+                    // The backend is away: its resync re-reads every gap.
+                    tracing::debug!(shard = index, %group, error = %e, "group fill failed");
+                    let cmd = Reread::Failed { read };
+                    shards.send_to(index, super::ShardCmd::Reread(cmd)).await;
+                }
+            }
+        });
     }
 
     /// Passes a message the group's local members missed to all of them, without moving the
@@ -243,4 +287,17 @@ impl Worker {
         // this version already drops it.
         self.fan_out(record, true);
     }
+}
+
+/// A group's history from each gap's start, at most [`GROUP_FILL`] messages per gap.
+async fn read_gaps(
+    messages: &dyn crate::backend::MessageStore,
+    group: &str,
+    starts: Vec<String>,
+) -> Result<Vec<shared::Message>, crate::backend::BackendError> {
+    let mut read = Vec::new();
+    for since in starts {
+        read.extend(messages.history(group, Some(&since), GROUP_FILL).await?.0);
+    }
+    Ok(read)
 }

@@ -6,6 +6,10 @@
 //! on one prefix; on the embedded backend (one process holds every node, so "another node" is
 //! the same backend) two concurrent calls, where reaping means sweeping the entries past their
 //! expiry, which with `presence_ttl == node_ttl` are exactly the dead node's.
+//!
+//! A drained node's handover (zero-flap restarts): its users stay online, unpublished, until the
+//! window ends; one who is written by another node meanwhile never changes; the rest are reaped
+//! offline afterwards, once; a new run under the node's id finds nothing of it.
 
 use std::time::Duration;
 
@@ -21,6 +25,7 @@ contract!(
     silent_nodes_drop_out,
     dead_nodes_are_reaped_exactly_once,
     me_is_never_reaped,
+    handed_over_entries_stay_until_the_window_ends,
 );
 
 fn ids(nodes: &[gateway::backend::NodeInfo]) -> Vec<&str> {
@@ -170,4 +175,76 @@ async fn me_is_never_reaped(f: Factory) {
     sleep_past(Duration::from_millis(150)).await;
     assert_eq!(b.registry.reap_dead_nodes(N1).await.expect("reap"), vec![]);
     assert_eq!(b.record("mine").await, on.record, "still online");
+}
+
+async fn handed_over_entries_stay_until_the_window_ends(f: Factory) {
+    let window = Duration::from_millis(400);
+    let mut b = f.backend().await;
+    b.announce("n2").await;
+    b.watch(vec![
+        Topic::Presence("back".into()),
+        Topic::Presence("gone".into()),
+    ])
+    .await;
+    let written = b
+        .write(
+            "n2",
+            &[
+                ("back", Some(entry(&[1])), None),
+                ("gone", Some(entry(&[1, 3])), None),
+            ],
+        )
+        .await;
+    assert_eq!(b.presence_events().await.len(), 2);
+
+    let handed = b.registry.hand_over("n2", window).await.expect("hand over");
+    assert_eq!(handed, 2);
+    assert_eq!(ids(&b.registry.nodes().await.expect("nodes")), [N1]);
+    for before in &written {
+        assert_eq!(
+            b.record(&before.record.user).await,
+            before.record,
+            "unchanged"
+        );
+    }
+    assert_eq!(b.all_online(10, None).await, ["back", "gone"]);
+    assert_eq!(b.all_online(10, Some(3)).await, ["gone"]);
+    assert_eq!(b.presence.counts().await.expect("counts").online_users, 2);
+    // "back" reconnects through N1: nothing anyone sees changes.
+    assert_eq!(b.connect("back", &[1]).await, None);
+    assert_eq!(b.registry.reap_dead_nodes(N1).await.expect("reap"), vec![]);
+    assert_eq!(b.presence_events().await, vec![], "nothing published");
+    // A new run under the same id starts clean: the handed-over entries are not its own.
+    assert_eq!(
+        b.registry.reap_previous_run("n2").await.expect("reap"),
+        vec![]
+    );
+    assert_eq!(b.record("gone").await, written[1].record);
+
+    sleep_past(window).await;
+    b.announce(N1).await;
+    let gone = b.record("gone").await;
+    assert_eq!(
+        (gone.status, gone.platforms),
+        (Status::Offline, 0),
+        "expired"
+    );
+    assert_eq!(b.record("back").await, written[0].record, "still online");
+    let reaped = b.registry.reap_dead_nodes(N1).await.expect("reap");
+    let users: Vec<&str> = reaped.iter().map(|c| c.record.user.as_str()).collect();
+    assert_eq!(
+        users,
+        ["gone"],
+        "the offline change goes to the reaper, for webhooks"
+    );
+    assert_eq!(reaped[0].transition(), Some(false));
+    assert_eq!(reaped[0].record.status, Status::Offline);
+    assert_eq!(
+        b.presence_events().await,
+        vec![reaped[0].record.clone()],
+        "published once"
+    );
+    assert_eq!(b.all_online(10, None).await, ["back"]);
+    assert_eq!(b.presence.counts().await.expect("counts").online_users, 1);
+    assert_eq!(b.registry.reap_dead_nodes(N1).await.expect("reap"), vec![]);
 }

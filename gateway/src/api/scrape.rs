@@ -1,0 +1,31 @@
+//! `GET /metrics`: samples what no event updates (shard mailboxes, the process, the node's limits),
+//! then renders the Prometheus text.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::State,
+    http::header,
+    response::{IntoResponse, Response},
+};
+
+use crate::{app::App, metrics as m};
+
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let Some(handle) = &app.metrics else {
+        return text(String::new());
+    };
+    // A mailbox that fills between two flushes shows here, not only after the next job.
+    for (shard, depth) in app.shards.queue_depths().enumerate() {
+        metrics::gauge!(m::SHARD_QUEUE_DEPTH, "shard" => shard.to_string()).set(depth as f64);
+    }
+    metrics::gauge!(m::SHARD_QUEUE_CAPACITY).set(app.shards.mailbox_capacity() as f64);
+    metrics::gauge!(m::CONNECTIONS_MAX).set(app.config.max_connections as f64);
+    metrics::gauge!(m::WEBHOOK_QUEUE_MAX).set(app.config.webhook_queue_max as f64);
+    m::sample_process();
+    text(handle.render())
+}
+
+fn text(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
