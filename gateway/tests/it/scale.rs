@@ -854,14 +854,21 @@ async fn cluster_hand_over_moves_every_bucket() {
         .expect("hand over");
     assert_eq!(handed, USERS);
     let nodes = survivor.registry.nodes().await.expect("nodes");
-    assert_eq!(nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["survivor"]);
+    assert_eq!(
+        nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+        ["survivor"]
+    );
     assert_eq!(
         survivor.presence.counts().await.expect("counts"),
         counts,
         "handed-over users stay online and counted through the window"
     );
     assert_eq!(
-        survivor.registry.reap_dead_nodes("survivor").await.expect("reap"),
+        survivor
+            .registry
+            .reap_dead_nodes("survivor")
+            .await
+            .expect("reap"),
         vec![],
         "nothing to reap before the window ends"
     );
@@ -873,7 +880,11 @@ async fn cluster_hand_over_moves_every_bucket() {
         .reap_dead_nodes("survivor")
         .await
         .expect("reap");
-    assert_eq!(reaped.len(), USERS, "every user changes once, through the reaper");
+    assert_eq!(
+        reaped.len(),
+        USERS,
+        "every user changes once, through the reaper"
+    );
     assert!(
         reaped.iter().all(|c| c.transition() == Some(false)),
         "every user goes offline"
@@ -883,7 +894,11 @@ async fn cluster_hand_over_moves_every_bucket() {
         Counts::default()
     );
     assert_eq!(
-        survivor.registry.reap_dead_nodes("survivor").await.expect("reap"),
+        survivor
+            .registry
+            .reap_dead_nodes("survivor")
+            .await
+            .expect("reap"),
         vec![],
         "reaped once"
     );

@@ -112,7 +112,12 @@ impl Registry for RedisBackend {
             .map(|buckets| {
                 let keys = buckets
                     .iter()
-                    .flat_map(|&b| [self.keys.node_users(b, node), self.keys.node_users(b, &name)])
+                    .flat_map(|&b| {
+                        [
+                            self.keys.node_users(b, node),
+                            self.keys.node_users(b, &name),
+                        ]
+                    })
                     .map(Value::from)
                     .collect();
                 (&self.scripts.handover_sets, keys, Vec::new())

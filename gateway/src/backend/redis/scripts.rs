@@ -86,6 +86,15 @@ impl RedisBackend {
     ) -> Result<Vec<Value>, BackendError> {
         for attempt in 0..2 {
             let pipeline = self.client.pipeline();
+            // The node's sets first: a node killed mid-write (its pipeline cut short) then leaves
+            // at worst a user in its set without an entry, which reaping it removes harmlessly;
+            // the other way round an entry written but in no set would never be reaped, and its
+            // user's offline never published.
+            if let Some((node, sets)) = sets {
+                sets.queue(&self.keys, node, &pipeline)
+                    .await
+                    .map_err(|e| Self::not_sent(op, e))?;
+            }
             for (script, keys, args) in calls {
                 // EVALSHA sha numkeys key...: routed by its first key's slot. fred 10 routes a
                 // custom command by its first string argument whatever policy it names (only
@@ -109,11 +118,6 @@ impl RedisBackend {
                     .await
                     .map_err(|e| Self::not_sent(op, e))?;
             }
-            if let Some((node, sets)) = sets {
-                sets.queue(&self.keys, node, &pipeline)
-                    .await
-                    .map_err(|e| Self::not_sent(op, e))?;
-            }
             Self::count_round_trip(op);
             let results: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
             let noscript = results
@@ -128,7 +132,7 @@ impl RedisBackend {
                 .into_iter()
                 .map(|r| r.map_err(|e| Self::error(op, e)))
                 .collect::<Result<_, _>>()?;
-            replies.truncate(calls.len());
+            replies.drain(..sets.map_or(0, |(_, s)| s.len()).min(replies.len()));
             return Ok(replies);
         }
         Err(BackendError::unavailable(op, "scripts could not be loaded"))

@@ -283,7 +283,9 @@ impl RedisBackend {
             self.keep_lock(lock).await?;
         }
         // The first page of every bucket in one round trip; full buckets are read again.
-        let mut pages = self.node_pages("reap", node, (0..BUCKETS).map(|b| (b, 0))).await?;
+        let mut pages = self
+            .node_pages("reap", node, (0..BUCKETS).map(|b| (b, 0)))
+            .await?;
         while !pages.is_empty() {
             let mut again = Vec::new();
             for (bucket, users) in pages {
@@ -393,6 +395,11 @@ pub(super) struct NodeSetAdds {
 }
 
 impl NodeSetAdds {
+    /// ZADDs [`NodeSetAdds::queue`] queues: one per bucket.
+    pub(super) fn len(&self) -> usize {
+        self.add.len()
+    }
+
     fn add(&mut self, bucket: usize, user: &str) {
         self.add.entry(bucket).or_default().push(user.to_string());
     }
