@@ -288,37 +288,44 @@ async fn renew(sims: &[SimNode], per_sec: usize) -> usize {
     futures_util::future::join_all(jobs).await.into_iter().sum()
 }
 
-/// Churn: every node flushes a batch every 100 ms, half its users leaving, half (who left
-/// before) coming back, `per_sec` changes a second in all. Returns the changes written.
+/// Churn: every node flushes a batch every 100 ms, half its changes users coming back (who left
+/// before), the rest connected users leaving, `per_sec` changes a second in all. Returns the
+/// changes written.
 async fn churn(sims: &mut [SimNode], per_sec: usize, secs: u64, seed: u64) -> usize {
     let per_batch = (per_sec / sims.len() / 10).max(2);
     let jobs = sims.iter_mut().enumerate().map(|(n, sim)| async move {
         let mut rng = StdRng::seed_from_u64(seed + n as u64);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Who is not connected: arrivals are drawn from them (a random draw over everyone would
+        // mostly find connected users and fall short of the rate).
+        let mut away: Vec<usize> = (0..sim.users.len()).filter(|&j| !sim.online[j]).collect();
         let mut written = 0;
         for _ in 0..secs * 10 {
             tick.tick().await;
             let mut picked = std::collections::BTreeSet::new();
             let mut writes = Vec::new();
-            for k in 0..per_batch {
-                // Half leave (a connected user), half arrive (one who left).
-                let leaving = k % 2 == 0;
-                for _ in 0..32 {
-                    let j = rng.random_range(0..sim.users.len());
-                    if sim.online[j] != leaving || !picked.insert(j) {
-                        continue;
-                    }
-                    let i = index_of(&sim.users[j]);
-                    let on = Some(entry_of(i));
-                    let (entry, before) = if leaving { (None, on) } else { (on, None) };
-                    writes.push(PresenceWrite {
-                        user: sim.users[j].clone(),
-                        entry,
-                        before,
-                        status: None,
-                    });
-                    break;
+            let write = |j: usize, leaving: bool| {
+                let on = Some(entry_of(index_of(&sim.users[j])));
+                let (entry, before) = if leaving { (None, on) } else { (on, None) };
+                PresenceWrite {
+                    user: sim.users[j].clone(),
+                    entry,
+                    before,
+                    status: None,
+                }
+            };
+            for _ in 0..(per_batch / 2).min(away.len()) {
+                let j = away.swap_remove(rng.random_range(0..away.len()));
+                picked.insert(j);
+                writes.push(write(j, false));
+            }
+            let mut tries = 0;
+            while writes.len() < per_batch && tries < 32 * per_batch {
+                tries += 1;
+                let j = rng.random_range(0..sim.users.len());
+                if sim.online[j] && picked.insert(j) {
+                    writes.push(write(j, true));
                 }
             }
             sim.roles
@@ -329,6 +336,9 @@ async fn churn(sims: &mut [SimNode], per_sec: usize, secs: u64, seed: u64) -> us
             for w in &writes {
                 let j = sim.users.binary_search(&w.user).expect("own user");
                 sim.online[j] = w.entry.is_some();
+                if w.entry.is_none() {
+                    away.push(j);
+                }
             }
             written += writes.len();
         }
@@ -482,6 +492,10 @@ async fn run(plan: Plan) {
     // gives it the real-time class for the few minutes it runs.
     let strict = plan.slow_us <= 1_000;
     let preferred = redis.prefer(strict);
+    // And a core of its own: the run's own process (the simulated nodes, whose socket writes the
+    // kernel processes on the writer's core, in interrupts Redis would otherwise take mid-command)
+    // keeps to the other cores.
+    let pinned = strict && redis.pin_apart();
     let target = RedisTarget::Single(redis.url());
     let mut sims = sim_nodes(&target, NODES, plan.users).await;
     let beating = CancellationToken::new();
@@ -489,7 +503,7 @@ async fn run(plan: Plan) {
     redis.cli(&["SLOWLOG", "RESET"]);
     redis.cli(&["LATENCY", "RESET"]);
     eprintln!(
-        "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}); load average at the start: {}",
+        "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}, own core: {pinned}); load average at the start: {}",
         plan.users,
         redis.port,
         strict,
