@@ -36,14 +36,10 @@ fn peer() -> SocketAddr {
 }
 
 /// N connections with their outbound queues; the first half MessagePack, the rest JSON.
-fn connections(
-    n: usize,
-    queue: usize,
-) -> (Vec<Arc<ConnHandle>>, Vec<mpsc::Receiver<Arc<EncodedFrame>>>) {
+fn connections(n: usize, queue: usize) -> Vec<Arc<ConnHandle>> {
     let now = now_ms();
     (0..n)
         .map(|i| {
-            let (tx, rx) = mpsc::channel(queue);
             let encoding = if i < n / 2 {
                 Encoding::MsgPack
             } else {
@@ -57,17 +53,18 @@ fn connections(
                 peer(),
                 None,
                 now,
-                tx,
+                queue,
             );
-            (Arc::new(conn), rx)
+            Arc::new(conn)
         })
-        .unzip()
+        .collect()
 }
 
-fn drain(receivers: &mut [mpsc::Receiver<Arc<EncodedFrame>>]) -> usize {
-    receivers
-        .iter_mut()
-        .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
+/// Empties the queues as the connections' sessions would; how many frames they held.
+fn drain(conns: &[Arc<ConnHandle>]) -> usize {
+    conns
+        .iter()
+        .map(|conn| std::iter::from_fn(|| conn.pop_queued()).count())
         .sum()
 }
 
@@ -85,7 +82,6 @@ struct ShardNode {
     tracker: TaskTracker,
     stop: CancellationToken,
     conns: Vec<Arc<ConnHandle>>,
-    receivers: Vec<mpsc::Receiver<Arc<EncodedFrame>>>,
     /// Kept open so the backend's event sink stays valid.
     _events: mpsc::Receiver<BackendEvent>,
 }
@@ -109,6 +105,7 @@ impl ShardFixture {
                     dedupe_window: Duration::from_secs(300),
                     dedupe_max: 1000,
                 },
+                webhooks: None,
             },
             events_tx,
         ));
@@ -142,7 +139,7 @@ impl ShardFixture {
                 stop.clone(),
             )
         };
-        let (conns, receivers) = connections(n, 8);
+        let conns = connections(n, 8);
         ShardFixture {
             rt,
             node: ShardNode {
@@ -151,7 +148,6 @@ impl ShardFixture {
                 tracker,
                 stop,
                 conns,
-                receivers,
                 _events: events,
             },
         }
@@ -233,7 +229,7 @@ impl ShardNode {
         let online = self.backend.counts().await.expect("embedded counts");
         let want = if connect { self.conns.len() as u64 } else { 0 };
         assert_eq!(online.online_users, want, "backend after the phase");
-        drain(&mut self.receivers);
+        drain(&self.conns);
     }
 }
 
@@ -270,13 +266,13 @@ fn message() -> Message {
 }
 
 /// One message to N local connections, half MessagePack and half JSON: one encode per encoding
-/// plus one `try_send` per connection (what `ShardCmd::Deliver` does per member).
+/// plus one queue push per connection (what `ShardCmd::Deliver` does per member).
 fn fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan_out");
     let message = message();
     for n in [100usize, 1000, 10_000] {
         group.throughput(Throughput::Elements(n as u64));
-        let (conns, mut receivers) = connections(n, 4);
+        let conns = connections(n, 4);
         group.bench_function(BenchmarkId::new("message_200b", n), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -292,7 +288,7 @@ fn fan_out(c: &mut Criterion) {
                     black_box(frame);
                     total += started.elapsed();
                     assert_eq!(sent, n, "every push queued");
-                    assert_eq!(drain(&mut receivers), n, "one frame per connection");
+                    assert_eq!(drain(&conns), n, "one frame per connection");
                 }
                 total
             })

@@ -18,7 +18,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     auth::Authenticator,
     authz::AuthzHook,
-    backend::{BackendSettings, MemoryBackend, MessageSettings, RedisBackend, RedisTarget, Roles},
+    backend::{
+        BackendSettings, MemoryBackend, MessageSettings, RedisBackend, RedisTarget, Roles,
+        WebhookWrites,
+    },
     clock::now_ms,
     config::{BackendChoice, Config},
     drain::Drain,
@@ -118,6 +121,13 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             dedupe_window: Duration::from_secs(config.dedupe_secs),
             dedupe_max: config.dedupe_max,
         },
+        // The same condition as `ChangeHooks::with_webhooks` below: events are sent at all.
+        webhooks: (config.webhook_secret.is_some() && !config.webhook_urls().is_empty()).then(
+            || WebhookWrites {
+                node: node_id.clone(),
+                queue_max: config.webhook_queue_max,
+            },
+        ),
     };
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let background = TaskTracker::new();

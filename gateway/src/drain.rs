@@ -56,6 +56,13 @@ impl Drain {
         self.closing.cancelled().await
     }
 
+    /// The token behind [`Drain::closing`]: a session registers its wake-up on it once and then
+    /// checks [`Drain::is_closing`] (polling the shared token's future takes a lock every
+    /// session shares).
+    pub fn closing_token(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
     /// When the session asking should close: the k-th to ask gets k/n of the spread. A session
     /// that opened after the count was taken closes at the end of the spread.
     pub fn take_turn(&self) -> Instant {

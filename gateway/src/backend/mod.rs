@@ -25,7 +25,9 @@ pub use memory::MemoryBackend;
 pub use messages::{
     Dedupe, MessageSettings, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
 };
-pub use presence::{Changed, Counts, IndexRepair, PresenceStore, PresenceWrite, Renewal};
+pub use presence::{
+    Changed, Counts, IndexRepair, PresenceStore, PresenceWrite, Renewal, WebhookWritten,
+};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry, handover_name};
 pub use sessions::{ConnectState, ConnectionInfo, Control, Sessions};
@@ -181,6 +183,18 @@ pub struct BackendSettings {
     /// Expiry of a node's registry entry without heartbeats; after it, the node counts as dead.
     pub node_ttl: Duration,
     pub messages: MessageSettings,
+    /// Set when webhooks are on: a backend that can (one Redis) queues each transition's event
+    /// in the same atomic write as the transition, so no crash falls between them.
+    pub webhooks: Option<WebhookWrites>,
+}
+
+/// What a write needs to queue a transition's webhook event itself.
+#[derive(Debug, Clone)]
+pub struct WebhookWrites {
+    /// The reporting node (the event's `node`): this node, also when it reaps a dead one.
+    pub node: Arc<str>,
+    /// `PRESENCE_WEBHOOK_QUEUE_MAX`: past it the event is refused.
+    pub queue_max: usize,
 }
 
 /// Message ids: `<ms, 13 digits>-<sequence per destination, 10 digits>`. They sort as strings in

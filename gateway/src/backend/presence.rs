@@ -107,6 +107,22 @@ pub struct Changed {
     /// Others see the change too (`record.public_version` moved); else only the user does (an
     /// invisible user connecting, disconnecting or switching platforms).
     pub public_changed: bool,
+    /// Where the transition's webhook event stands (nothing to do without a transition).
+    pub webhook: WebhookWritten,
+}
+
+/// Whether the backend queued a transition's webhook event in the same atomic write as the
+/// transition itself. A node that queues it afterwards can die in between (SIGKILL right after
+/// the write), and nobody would ever send that event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WebhookWritten {
+    /// The caller queues it (`ChangeHooks`), if webhooks are on.
+    #[default]
+    NotQueued,
+    /// Queued with the write: the caller only wakes its delivery loop.
+    Queued,
+    /// The write found the queue at its bound (`PRESENCE_WEBHOOK_QUEUE_MAX`) and dropped it.
+    Refused,
 }
 
 impl Changed {

@@ -80,4 +80,7 @@ pub trait WebhookQueue: Send + Sync + 'static {
     async fn release(&self, node: &str, entries: &[String]) -> Result<(), BackendError>;
     /// Done with these entries: they leave the queue.
     async fn ack(&self, entries: &[String]) -> Result<(), BackendError>;
+    /// Events in the queue, waiting or held (O(1)): a write may queue events itself
+    /// (`WebhookWritten::Queued`), so no enqueue of this node's sees every change of it.
+    async fn queued(&self) -> Result<usize, BackendError>;
 }

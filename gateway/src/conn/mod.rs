@@ -12,7 +12,6 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use futures_util::StreamExt;
 use serde::Deserialize;
 use shared::{Encoding, ErrorCode};
 
@@ -134,15 +133,11 @@ pub async fn upgrade(
         .max_message_size(max * 2)
         .max_frame_size(max * 2)
         .on_upgrade(move |socket| {
-            // The session gets a task of its own, sized for it alone: axum's upgrade task also
-            // holds room for building the socket, which an idle connection would carry for good.
-            // The socket is split here, not in the session, because an async fn keeps room for
-            // its arguments for its whole life: the halves are two pointers, the socket ~0.5 KiB.
-            let (sink, stream) = socket.split();
+            // The setup runs in axum's upgrade task, which ends with it; only an accepted
+            // connection gets a task of its own (`session::serve`), sized for the session alone.
             let sessions = app.sessions.clone();
-            sessions.spawn(session::run(
-                app, sink, stream, identity, encoding, peer, user_agent,
-            ));
-            std::future::ready(())
+            sessions.track_future(session::run(
+                app, socket, identity, encoding, peer, user_agent,
+            ))
         })
 }

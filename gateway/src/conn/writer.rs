@@ -1,133 +1,138 @@
-//! The writer half of a session: drains the connection's outbound queue into the socket in
-//! bursts, pings every heartbeat, and closes the socket with the code (and reason) asked for, when
-//! the client falls silent (4010), or when its token expires (4001).
+//! The write side of a session: drains the connection's outbound queue into the socket in bursts,
+//! sends the heartbeat pings, and closes the socket with the code (and reason) asked for. It is a
+//! state machine polled by the session's one task (`session.rs`), not a task of its own: a second
+//! task per connection cost ~0.6 KiB of every idle connection (docs/benchmarks.md).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
-use futures_util::{SinkExt, stream::SplitSink};
+use futures_util::SinkExt;
 use shared::Encoding;
-use tokio::sync::mpsc;
 
 use crate::{
-    clock::now_ms,
     conn_handle::{ConnHandle, close_code},
     frame::EncodedFrame,
-    metrics as m,
 };
 
-/// Bounds one write burst (see `send_burst`): enough to make one syscall carry a backlog, small
-/// enough that a burst does not grow the connection's write buffer for good.
+/// Bounds one write burst (see `Writer::poll_write`): enough to make one syscall carry a backlog,
+/// small enough that a burst does not grow the connection's write buffer for good.
 const WRITE_BURST_FRAMES: usize = 64;
 pub(super) const WRITE_BURST_BYTES: usize = 16 * 1024;
 
-/// Drains the outbound queue into the socket, pings every `heartbeat`, and closes the socket with
-/// the requested code once the connection is asked to close (or the client is silent for two
-/// heartbeats: 4010; or its token expired: 4001).
-pub(super) async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<Arc<EncodedFrame>>,
-    conn: Arc<ConnHandle>,
-    heartbeat: Duration,
-) {
-    // One timer serves the heartbeat and the token's expiry: it fires at whichever comes first,
-    // so an idle connection carries no second timer.
-    let mut next_ping = tokio::time::Instant::now() + heartbeat;
-    let timer = tokio::time::sleep_until(next_ping);
-    tokio::pin!(timer);
-    let closer = conn.close_requested().clone();
-    loop {
-        let deadline = next_ping.min(token_deadline(&conn));
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        tokio::select! {
-            biased;
-            _ = closer.cancelled() => break,
-            frame = out.recv() => {
-                let Some(frame) = frame else { break };
-                let sent = tokio::select! {
-                    r = Box::pin(send_burst(&mut sink, &mut out, &conn, frame)) => r.is_ok(),
-                    _ = closer.cancelled() => false,
-                };
-                if !sent {
-                    conn.close(close_code::NORMAL);
-                    break;
-                }
-            }
-            _ = &mut timer => {
-                let now = now_ms();
-                let expires = conn.token_expires_at.load(std::sync::atomic::Ordering::Relaxed);
-                if expires != 0 && now >= expires {
-                    metrics::counter!(m::SESSION_CLOSES, "reason" => "token_expired").increment(1);
-                    conn.close_with(close_code::UNAUTHORIZED, "token expired");
-                    break;
-                }
-                if tokio::time::Instant::now() < next_ping {
-                    continue;
-                }
-                next_ping += heartbeat;
-                let heard = conn.last_heard.load(std::sync::atomic::Ordering::Relaxed);
-                if now.saturating_sub(heard) > 2 * heartbeat.as_millis() as u64 {
-                    conn.close(close_code::HEARTBEAT_TIMEOUT);
-                    break;
-                }
-                let ping = Message::Ping(Bytes::copy_from_slice(&now.to_be_bytes()));
-                if sink.send(ping).await.is_err() {
-                    conn.close(close_code::NORMAL);
-                    break;
-                }
-            }
-        }
-    }
-    let code = conn.requested_close_code().unwrap_or(close_code::NORMAL);
-    let reason = conn.close_reason().map(Utf8Bytes::from);
-    Box::pin(close_socket(sink, out, conn.encoding, code, reason)).await;
+/// What the write side has begun and not finished. Everything lives here, not in a future, so
+/// the session may stop polling it at any point (to read, or to close) and lose nothing.
+#[derive(Default)]
+pub(super) struct Writer {
+    /// Frames were handed to the socket and not yet flushed.
+    flushing: bool,
+    /// A heartbeat ping waits to be sent, carrying this time (ms since the epoch); 0: none.
+    ping: u64,
 }
 
-/// When the token expires, on tokio's clock (far away for a token that does not expire).
-fn token_deadline(conn: &ConnHandle) -> tokio::time::Instant {
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    match conn
-        .token_expires_at
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        0 => far,
-        expires => {
-            let left = Duration::from_millis(expires.saturating_sub(now_ms()));
-            (tokio::time::Instant::now() + left).min(far)
+impl Writer {
+    /// Sends a ping carrying `now` with the next write.
+    pub(super) fn ping(&mut self, now: u64) {
+        self.ping = now;
+    }
+
+    /// Writes what is queued (and registers the task to be woken when more is, or a close is asked
+    /// for): a due ping, then whatever frames are queued, up to
+    /// `WRITE_BURST_FRAMES` frames or `WRITE_BURST_BYTES` per burst, each burst with one flush, so
+    /// under load one `send()` carries many frames instead of one syscall and one loopback/TCP
+    /// transmit per frame (the gateway's main per-delivery cost). Pending while there is nothing
+    /// to write or the socket cannot take more (the task is woken by either); ready only when
+    /// the socket failed.
+    pub(super) fn poll_write(
+        &mut self,
+        socket: &mut WebSocket,
+        conn: &ConnHandle,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), axum::Error>> {
+        // Before looking at the queue, so a frame queued from now on wakes the task.
+        conn.register_session(cx.waker());
+        if self.flushing {
+            ready!(socket.poll_flush_unpin(cx))?;
+            self.flushing = false;
         }
+        if self.ping != 0 {
+            ready!(socket.poll_ready_unpin(cx))?;
+            let now = std::mem::take(&mut self.ping);
+            socket.start_send_unpin(Message::Ping(Bytes::copy_from_slice(&now.to_be_bytes())))?;
+            self.flushing = true;
+        }
+        let mut frames = 0;
+        let mut bytes = 0;
+        while frames < WRITE_BURST_FRAMES && bytes < WRITE_BURST_BYTES {
+            if socket.poll_ready_unpin(cx)?.is_pending() {
+                break;
+            }
+            let Some(frame) = conn.pop_queued() else {
+                break;
+            };
+            frames += 1;
+            if let Some(message) = to_message(conn.encoding, &frame) {
+                let size = message_len(&message);
+                bytes += size;
+                socket.start_send_unpin(message)?;
+                conn.written(size);
+                self.flushing = true;
+            }
+        }
+        if self.flushing {
+            ready!(socket.poll_flush_unpin(cx))?;
+            self.flushing = false;
+        }
+        if frames == WRITE_BURST_FRAMES || bytes >= WRITE_BURST_BYTES {
+            // More may wait: come back after the others had their turn.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 }
 
-/// Frames queued before the close was asked for still go out (e.g. an error explaining it),
-/// within a short bound; a slow consumer's backlog is dropped so the close frame goes first.
-async fn close_socket(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<Arc<EncodedFrame>>,
-    encoding: Encoding,
+fn message_len(message: &Message) -> usize {
+    match message {
+        Message::Binary(b) => b.len(),
+        Message::Text(t) => t.len(),
+        _ => 0,
+    }
+}
+
+/// Closes the socket with `code` and `reason` (or the code's own reason). Frames queued before the
+/// close still go out (e.g. an error explaining it), within a short bound; a slow consumer's
+/// backlog is dropped so the close frame goes first. Then the queue is ended.
+pub(super) async fn close_socket(
+    socket: &mut WebSocket,
+    conn: &ConnHandle,
     code: u16,
     reason: Option<Utf8Bytes>,
 ) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         if code != close_code::POLICY {
-            while let Ok(frame) = out.try_recv() {
-                let Some(message) = to_message(encoding, &frame) else {
+            while let Some(frame) = conn.pop_queued() {
+                let Some(message) = to_message(conn.encoding, &frame) else {
                     continue;
                 };
-                if sink.feed(message).await.is_err() {
+                let size = message_len(&message);
+                if socket.feed(message).await.is_err() {
                     return;
                 }
+                conn.written(size);
             }
         }
         let reason = reason.unwrap_or_else(|| Utf8Bytes::from_static(close_reason(code)));
-        let _ = sink
+        let _ = socket
             .send(Message::Close(Some(CloseFrame { code, reason })))
             .await;
-        let _ = sink.close().await;
+        let _ = socket.close().await;
     })
     .await;
+    conn.end_queue();
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -145,41 +150,9 @@ fn close_reason(code: u16) -> &'static str {
     }
 }
 
-/// Writes `first` and what else is already queued, up to `WRITE_BURST_FRAMES` frames or
-/// `WRITE_BURST_BYTES`, with one flush: under load one `send()` carries many frames instead of one
-/// syscall and one loopback/TCP transmit per frame, the gateway's main per-delivery cost.
-async fn send_burst(
-    sink: &mut SplitSink<WebSocket, Message>,
-    out: &mut mpsc::Receiver<Arc<EncodedFrame>>,
-    conn: &ConnHandle,
-    first: Arc<EncodedFrame>,
-) -> Result<(), axum::Error> {
-    let encoding = conn.encoding;
-    let mut frames = 0;
-    let mut bytes = 0;
-    let mut next = Some(first);
-    while let Some(frame) = next.take() {
-        if let Some(message) = to_message(encoding, &frame) {
-            let size = match &message {
-                Message::Binary(b) => b.len(),
-                Message::Text(t) => t.len(),
-                _ => 0,
-            };
-            bytes += size;
-            sink.feed(message).await?;
-            conn.written(size);
-        }
-        frames += 1;
-        if frames < WRITE_BURST_FRAMES && bytes < WRITE_BURST_BYTES {
-            next = out.try_recv().ok();
-        }
-    }
-    sink.flush().await
-}
-
 /// The WebSocket message carrying `frame` in `encoding`; `None` if it cannot be encoded (logged
 /// where it is encoded).
-fn to_message(encoding: Encoding, frame: &EncodedFrame) -> Option<Message> {
+fn to_message(encoding: Encoding, frame: &Arc<EncodedFrame>) -> Option<Message> {
     let bytes = frame.bytes(encoding)?;
     Some(match encoding {
         Encoding::MsgPack => Message::Binary(bytes),

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    backend::{Changed, QueuedWebhook, WebhookQueue},
+    backend::{Changed, QueuedWebhook, WebhookQueue, WebhookWritten},
     clock::now_ms,
     metrics as m,
     presence::platforms_of,
@@ -45,6 +45,8 @@ pub struct WebhookSettings {
 #[derive(Clone, Default)]
 pub struct ChangeHooks {
     webhooks: Option<mpsc::Sender<QueuedWebhook>>,
+    /// Wakes this node's delivery loop when a write queued events itself.
+    wake: Option<Arc<Notify>>,
 }
 
 /// A webhook's JSON body.
@@ -90,8 +92,11 @@ impl ChangeHooks {
             wake.clone(),
             stop.clone(),
         ));
-        tracker.spawn(deliver::Delivery::new(settings, queue, wake).run(stop));
-        ChangeHooks { webhooks: Some(tx) }
+        tracker.spawn(deliver::Delivery::new(settings, queue, wake.clone()).run(stop));
+        ChangeHooks {
+            webhooks: Some(tx),
+            wake: Some(wake),
+        }
     }
 
     pub fn changed(&self, node: &str, changes: Vec<Changed>) {
@@ -110,6 +115,19 @@ impl ChangeHooks {
             };
             metrics::counter!(m::TRANSITIONS, "to" => if online { "online" } else { "offline" })
                 .increment(1);
+            match change.webhook {
+                WebhookWritten::Queued => {
+                    if let Some(wake) = &self.wake {
+                        wake.notify_one();
+                    }
+                    continue;
+                }
+                WebhookWritten::Refused => {
+                    outbox::count_refused(1);
+                    continue;
+                }
+                WebhookWritten::NotQueued => {}
+            }
             if self.webhooks.is_some() {
                 let platforms = if online {
                     platforms_of(change.record.platforms)
@@ -202,11 +220,48 @@ mod tests {
     #[tokio::test]
     async fn a_full_buffer_drops_instead_of_waiting() {
         let (tx, _rx) = mpsc::channel(2);
-        let hooks = ChangeHooks { webhooks: Some(tx) };
+        let hooks = ChangeHooks {
+            webhooks: Some(tx),
+            wake: None,
+        };
         let pushed: Vec<bool> = (0..4)
             .map(|i| hooks.push("user.online", format!("u{i}"), vec![1], "n1", None))
             .collect();
         assert_eq!(pushed, [true, true, false, false]);
+    }
+
+    #[tokio::test]
+    async fn events_a_write_queued_are_not_queued_again() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let wake = Arc::new(Notify::new());
+        let hooks = ChangeHooks {
+            webhooks: Some(tx),
+            wake: Some(wake.clone()),
+        };
+        let change = |user: &str, webhook| Changed {
+            before_platforms: 0,
+            record: crate::presence::PresenceRecord {
+                platforms: 2,
+                ..crate::presence::PresenceRecord::unknown(user)
+            },
+            public_changed: true,
+            webhook,
+        };
+        hooks.changed(
+            "n1",
+            vec![
+                change("queued", WebhookWritten::Queued),
+                change("refused", WebhookWritten::Refused),
+                change("mine", WebhookWritten::NotQueued),
+            ],
+        );
+        let event = rx.try_recv().expect("the caller's event");
+        assert!(std::str::from_utf8(&event.body).is_ok_and(|b| b.contains(r#""user":"mine""#)));
+        assert!(rx.try_recv().is_err(), "only that one");
+        // The write's event wakes the delivery loop (a permit is stored for it).
+        tokio::time::timeout(std::time::Duration::from_secs(1), wake.notified())
+            .await
+            .expect("woken");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub(super) async fn run(
     }
 }
 
-fn count_refused(refused: usize) {
+pub(super) fn count_refused(refused: usize) {
     if refused > 0 {
         metrics::counter!(m::WEBHOOKS, "result" => "queue_full").increment(refused as u64);
         tracing::warn!(

@@ -130,6 +130,9 @@ impl World {
             .arg("--rate-limit=100000")
             .arg(format!("--webhook-urls={}", self.hook_url))
             .arg("--webhook-secret=chaos");
+        if std::env::var("CHAOS_DEBUG").is_ok() {
+            builder = builder.arg("--log=info,gateway::shard=debug");
+        }
         if keep_id && !self.ids[i].is_empty() {
             builder = builder.with_id(&self.ids[i].clone());
         }
@@ -608,16 +611,34 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
     );
     eprintln!("{summary}");
 
-    // Users of killed incarnations go offline within TTL + TTL/3; give it generous room.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut presence = world.presence_differences().await;
-    while !presence.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        presence = world.presence_differences().await;
-    }
-    let messages = world.missing_messages();
-    let webhooks = world.missing_webhooks(&hooks);
+    // Everything converges once the faults stop, none of it at once: users of killed
+    // incarnations go offline within TTL + TTL/3; messages a node missed while it was not
+    // subscribed come with its re-read, a batch interval and a second after it subscribed again
+    // (its reconnect backs off up to 2 s); webhooks are retried. Give it generous room.
     let strict = webhooks_strict(!world.emptied.is_empty());
+    let settling = Instant::now();
+    let deadline = settling + Duration::from_secs(30);
+    let (mut presence, mut messages, mut webhooks);
+    loop {
+        presence = world.presence_differences().await;
+        messages = world.missing_messages();
+        webhooks = world.missing_webhooks(&hooks);
+        let settled =
+            presence.is_empty() && messages.is_empty() && (!strict || webhooks.is_empty());
+        if settled || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let settled_after = settling.elapsed().as_secs_f64();
+    eprintln!(
+        "chaos: {} after the faults stopped",
+        if presence.is_empty() && messages.is_empty() {
+            format!("settled {settled_after:.1} s")
+        } else {
+            "not settled within 30 s".to_string()
+        }
+    );
     let ids = hooks
         .lock()
         .expect("hooks")
@@ -650,11 +671,13 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
                     "reachable",
                     "resync",
                     "history",
+                    "gap",
+                    "repeat",
                 ]
                 .iter()
                 .any(|k| l.contains(k))
             }) {
-                eprintln!("node {i}: {}", &line[..line.len().min(260)]);
+                eprintln!("node {i}: {}", &line[..line.len().min(600)]);
             }
         }
     }

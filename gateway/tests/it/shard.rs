@@ -174,17 +174,16 @@ impl PresenceStore for Recorder {
     }
 }
 
-/// A local connection as the shard sees it, with the queue its session would drain.
+/// A local connection as the shard sees it; the test drains its queue as its session would.
 struct Conn {
     handle: Arc<ConnHandle>,
-    frames: mpsc::Receiver<Arc<EncodedFrame>>,
 }
 
 impl Conn {
     /// The presence events queued since the last call.
     fn presence(&mut self) -> Vec<Presence> {
         let mut events = Vec::new();
-        while let Ok(frame) = self.frames.try_recv() {
+        while let Some(frame) = self.handle.pop_queued() {
             let bytes = frame.bytes(Encoding::Json).expect("encodes");
             if let ServerFrame::Presence(p) = Encoding::Json.decode_server(&bytes).expect("decodes")
             {
@@ -223,6 +222,7 @@ impl Shard {
                     dedupe_window: Duration::from_secs(300),
                     dedupe_max: 1000,
                 },
+                webhooks: None,
             },
             events_tx,
         ));
@@ -281,7 +281,6 @@ impl Shard {
     }
 
     fn conn(&self, user: &str, platform: Platform) -> Conn {
-        let (tx, frames) = mpsc::channel(256);
         let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 40_000));
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let handle = ConnHandle::new(
@@ -292,11 +291,10 @@ impl Shard {
             peer,
             None,
             now_ms(),
-            tx,
+            256,
         );
         Conn {
             handle: Arc::new(handle),
-            frames,
         }
     }
 

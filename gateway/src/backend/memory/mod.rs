@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::{
     BackendEvent, BackendSettings, Changed, EventSink, JoinPolicy, NodeInfo, TokenClaims, Topic,
+    WebhookWritten,
 };
 use crate::{
     clock::now_ms,
@@ -197,6 +198,7 @@ impl State {
             before_platforms,
             record,
             public_changed,
+            webhook: WebhookWritten::NotQueued,
         })
     }
 

@@ -38,6 +38,11 @@ impl MemoryBackend {
 
 #[async_trait]
 impl WebhookQueue for MemoryBackend {
+    async fn queued(&self) -> Result<usize, BackendError> {
+        let q = self.webhooks();
+        Ok(q.waiting.len() + q.held.len())
+    }
+
     async fn enqueue(
         &self,
         events: &[QueuedWebhook],

@@ -82,9 +82,13 @@ pub async fn run_subscriptions(
                 if matches!(r, Err(RecvError::Closed)) {
                     break;
                 }
-                // A reconnect without an error seen first is a gap too; after it, the next
-                // error starts another (Redis may go away again before the resync is sent).
-                if !gap_open && !announce_gap(&gaps).await {
+                // A reconnect is a gap whether or not an error announced one: a re-read started
+                // meanwhile by another resync (the command client's reconnect, the probe) may
+                // have read and closed that gap while this subscriber was still away. Nothing has
+                // been heard since the old connection's last message, so the gap opens exactly
+                // where it must. After it, the next error starts another (Redis may go away again
+                // before the resync is sent).
+                if !announce_gap(&gaps).await {
                     break;
                 }
                 gap_open = false;

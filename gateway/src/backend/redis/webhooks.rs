@@ -25,6 +25,15 @@ const RELEASED_IDLE_MS: u64 = 30 * 86_400 * 1000;
 
 #[async_trait]
 impl WebhookQueue for RedisBackend {
+    async fn queued(&self) -> Result<usize, BackendError> {
+        self.admit("webhooks")?;
+        Self::count_round_trip("webhooks");
+        self.client
+            .custom(cmd("XLEN"), vec![self.keys.webhooks()])
+            .await
+            .map_err(|e| Self::error("webhooks", e))
+    }
+
     async fn enqueue(
         &self,
         events: &[QueuedWebhook],

@@ -1,9 +1,12 @@
 -- Writes one node's entry of each of several users and recomputes each user's record.
 -- KEYS: two per user, in order: the user's hash, the user's event channel (same slot). On a
---   cluster the caller sends one user per call (a script's keys must share a slot).
+--   cluster the caller sends one user per call (a script's keys must share a slot). Last, when
+--   ARGV 7 is set, the webhook queue stream.
 -- ARGV: 1 node, 2 now (ms), 3 entry ttl (ms), 4 record ttl (ms), 5 "PUBLISH" or "SPUBLISH",
 --   6 "1" to push the record's expiry out for every user (renewal, reaper) or "",
---   then eight per user: user, entry "mask:idle" or, to remove it, "-mask" (the entry Redis last
+--   7 the webhook queue's bound, or "" when the caller queues webhook events itself (no webhooks,
+--   or a cluster, where the queue's slot is not this call's), 8 the reporting node (the event's
+--   `node`: the caller, also when it reaps a dead node), then eight per user: user, entry "mask:idle" or, to remove it, "-mask" (the entry Redis last
 --   acknowledged) or "", chosen status or "", its text, when it was chosen (ms), status to restore
 --   or "", its text, when it was chosen (ms).
 -- A chosen status is stored with when it was chosen (`ca`). A new choice always takes effect, at
@@ -13,7 +16,12 @@
 -- holds, and the newest wins whatever order they come in; a renewal never undoes a newer choice.
 -- Returns one reply per user: {mask before, payload or "" when nothing visible changed, the
 -- record's version (0: there is no record), the counted mask (the platform mask of a visibly
--- online user, else 0)}; the last two are what the caller writes to the online index (index.lua).
+-- online user, else 0), and when the change is a transition (no connection anywhere <-> some)
+-- whose webhook event this call queued 1, or 0 when it refused it at the bound}; the version and
+-- the counted mask are what the caller writes to the online index (index.lua). Queued here, in the
+-- write that makes the transition, the event cannot be lost to the node dying between the write
+-- and its own enqueue. Its id is derived from the user, the record version and the event, unique
+-- per transition.
 -- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|'), where
 -- version is "v" when the public version is the same, else "v:pv:1" when others see the change,
 -- "v:pv:0" when only the user does (record.rs, parse_payload).
@@ -25,13 +33,36 @@
 -- ahead), not on every status change. Many users per call spread the script's own entry cost.
 local node, now, entry_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local record_ttl, publish, touch_all = ARGV[4], ARGV[5], ARGV[6] == '1'
+local queue_max, reporter = tonumber(ARGV[7]), ARGV[8]
+local queue = queue_max and KEYS[#KEYS]
 local mine = 'n:' .. node
 local function visible(s) return s == 'online' or s == 'away' or s == 'busy' end
 
+-- XLEN once per call (O(1)), then counted here.
+local queue_len
+local function enqueue(user, online, platforms, version)
+  if not queue_len then queue_len = redis.call('XLEN', queue) end
+  if queue_len >= queue_max then return 0 end
+  local event = online and 'user.online' or 'user.offline'
+  local id = string.sub(redis.sha1hex(user .. '|' .. version .. '|' .. event), 1, 32)
+  local list = {}
+  for p = 1, 8 do
+    if bit.band(platforms, bit.lshift(1, p)) ~= 0 then list[#list + 1] = p end
+  end
+  -- The body hooks/mod.rs's WebhookEvent serializes to; `at` by hand (cjson writes big numbers
+  -- in exponent form).
+  local body = '{"id":"' .. id .. '","event":"' .. event .. '","user":' .. cjson.encode(user)
+    .. ',"platforms":[' .. table.concat(list, ',') .. '],"node":' .. cjson.encode(reporter)
+    .. ',"at":' .. ARGV[2] .. '}'
+  redis.call('XADD', queue, '*', 'id', id, 'at', ARGV[2], 'b', body)
+  queue_len = queue_len + 1
+  return 1
+end
+
 local out = {}
-for u = 1, #KEYS / 2 do
+for u = 1, math.floor(#KEYS / 2) do
   local key, channel = KEYS[2 * u - 1], KEYS[2 * u]
-  local a = 6 + (u - 1) * 8
+  local a = 8 + (u - 1) * 8
   local user, entry = ARGV[a + 1], ARGV[a + 2]
   local was_mask
   if string.byte(entry, 1) == 45 then -- "-mask": a removal that knows what this node had
@@ -159,11 +190,16 @@ for u = 1, #KEYS / 2 do
   if touch and (#fields > 0 or #set > 0) then redis.call('PEXPIRE', key, record_ttl) end
   local counted = 0
   if visible(status) then counted = mask end
+  local webhook
   if payload then
     redis.call(publish, channel, payload)
+    if queue and (before_mask == 0) ~= (mask == 0) then
+      local online = mask ~= 0
+      webhook = enqueue(user, online, online and mask or before_mask, version)
+    end
   end
   -- A record that does not exist (nothing was there, nothing written) has version 0.
   if #fields == 0 and #set == 0 then version = '0' end
-  out[u] = {before_mask, payload or '', tonumber(version or '0'), counted}
+  out[u] = {before_mask, payload or '', tonumber(version or '0'), counted, webhook}
 end
 return out

@@ -15,7 +15,7 @@ use super::{
     scripts::ScriptCall,
 };
 use crate::{
-    backend::{BackendError, Changed},
+    backend::{BackendError, Changed, WebhookWritten},
     presence::{ChosenStatus, NodeEntry},
 };
 
@@ -91,7 +91,11 @@ impl RedisBackend {
         } else {
             WRITE_USERS_PER_CALL
         };
-        let common: [Value; 6] = [
+        // On one Redis the script queues each transition's webhook event itself (see
+        // `WebhookWritten`); on a cluster it cannot reach the queue's slot, so the node's outbox
+        // queues it after the write.
+        let webhooks = self.settings.webhooks.as_ref().filter(|_| !self.cluster);
+        let common: [Value; 8] = [
             node.into(),
             now.to_string().into(),
             (self.settings.presence_ttl.as_millis() as u64)
@@ -100,6 +104,10 @@ impl RedisBackend {
             RECORD_TTL_MS.to_string().into(),
             self.publish_command().into(),
             if touch { "1" } else { "" }.into(),
+            webhooks
+                .map_or(String::new(), |w| w.queue_max.to_string())
+                .into(),
+            webhooks.map_or("", |w| &*w.node).into(),
         ];
         let status_args = |s: Option<&ChosenStatus>| match s {
             Some(s) => [
@@ -127,6 +135,11 @@ impl RedisBackend {
             args.extend([Value::from(w.user), Value::from(entry)]);
             args.extend(status_args(w.status));
             args.extend(status_args(w.restore));
+        }
+        if webhooks.is_some() {
+            for (_, keys, _) in &mut calls {
+                keys.push(self.keys.webhooks().into());
+            }
         }
         calls
     }
@@ -165,10 +178,18 @@ impl RedisBackend {
             if let Some((record, public_changed)) = parsed.clone() {
                 metrics::counter!(crate::metrics::PUBSUB_MESSAGES, "direction" => "out")
                     .increment(1);
+                // The fifth element: the script queued the transition's webhook event (1) or
+                // refused it at the queue's bound (0); absent when it did not try.
+                let webhook = match parts.get(4).and_then(Value::as_u64) {
+                    Some(1) => WebhookWritten::Queued,
+                    Some(_) => WebhookWritten::Refused,
+                    None => WebhookWritten::NotQueued,
+                };
                 changed.push(Changed {
                     before_platforms: int(0) as u16,
                     record,
                     public_changed,
+                    webhook,
                 });
             }
             found.push(Found {

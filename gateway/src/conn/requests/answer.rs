@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use shared::{Encoding, ErrorCode, ServerFrame};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Requests;
+use super::{MAX_IN_FLIGHT, Requests};
 use crate::{
     auth::AuthError,
     backend::{BackendError, Roles},
@@ -19,6 +19,9 @@ use crate::{
 /// round trip, about a millisecond; longer only while Redis is away, when the list is read
 /// anyway and the resync's re-read repairs what it missed).
 const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a `subscribe` answered before its watches were confirmed waits for them, to read its
+/// users again then (a slow SUBSCRIBE on a loaded Redis, or during a cluster failover).
+const LATE_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Requests {
     /// Replaces the connection's token with a newer one of the same user and platform, moving
@@ -64,7 +67,10 @@ impl Requests {
 
     /// One of the connection's `MAX_IN_FLIGHT` slots for backend work.
     pub(super) fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, (ErrorCode, String)> {
-        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+        let in_flight = self
+            .in_flight
+            .get_or_init(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT)));
+        in_flight.clone().try_acquire_owned().map_err(|_| {
             (
                 ErrorCode::RateLimited,
                 "too many requests in flight".to_string(),
@@ -155,16 +161,49 @@ impl Requests {
         confirmed: Vec<tokio::sync::oneshot::Receiver<()>>,
     ) {
         let viewer = self.conn.user.clone();
+        let conn = self.conn.clone();
+        let in_flight = self
+            .in_flight
+            .get_or_init(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT)))
+            .clone();
         self.run(
             permit,
             id,
             "presence store unavailable",
             move |backend| async move {
+                let mut late = None;
                 if !confirmed.is_empty() {
-                    let all = futures_util::future::join_all(confirmed);
-                    let _ = tokio::time::timeout(SUBSCRIBE_WAIT, all).await;
+                    let mut all = futures_util::future::join_all(confirmed);
+                    if tokio::time::timeout(SUBSCRIBE_WAIT, &mut all)
+                        .await
+                        .is_err()
+                    {
+                        late = Some(all);
+                    }
                 }
                 let records = backend.presence.presence(&users).await?;
+                // It counts against the connection's requests in flight; with none free it is
+                // skipped (the client may subscribe again).
+                if let (Some(all), Ok(permit)) = (late, in_flight.try_acquire_owned()) {
+                    // The list is read before the watches took effect: a change in between would
+                    // reach nobody. Once they do, the users are read again and passed on as
+                    // events (the client drops versions it has). A watch never confirmed was
+                    // refused: the resync after its retry re-reads it.
+                    let (users, viewer, presence) =
+                        (users.clone(), viewer.clone(), backend.presence.clone());
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if tokio::time::timeout(LATE_CONFIRM_WAIT, all).await.is_err() {
+                            return;
+                        }
+                        let Ok(records) = presence.presence(&users).await else {
+                            return;
+                        };
+                        for record in records {
+                            conn.push_frame(ServerFrame::Presence(record.view_for(Some(&viewer))));
+                        }
+                    });
+                }
                 Ok(ServerFrame::PresenceList {
                     denied,
                     id,

@@ -46,25 +46,26 @@ pub(super) fn checked_users(users: Vec<String>) -> Result<Vec<String>, (ErrorCod
     Ok(out)
 }
 
-/// Frames per second a connection may send: `rate` sustained, bursts of up to `rate`.
+/// Frames per second a connection may send: `rate` sustained, bursts of up to `rate`. Every
+/// connection carries one, hence `f32` (whole frames need no more precision).
 pub(super) struct TokenBucket {
-    rate: f64,
-    tokens: f64,
+    rate: f32,
+    tokens: f32,
     last: Instant,
 }
 
 impl TokenBucket {
     pub(super) fn new(rate: u32) -> Self {
         TokenBucket {
-            rate: rate as f64,
-            tokens: rate as f64,
+            rate: rate as f32,
+            tokens: rate as f32,
             last: Instant::now(),
         }
     }
 
     pub(super) fn take(&mut self) -> bool {
         let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        let refill = now.duration_since(self.last).as_secs_f32() * self.rate;
         self.tokens = (self.tokens + refill).min(self.rate);
         self.last = now;
         if self.tokens >= 1.0 {

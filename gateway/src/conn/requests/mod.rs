@@ -6,7 +6,7 @@
 //! the task asks, then hands the answer back to the session ([`Requests::answered`]), which alone
 //! owns the subscription set and so watches, and later unwatches, in request order.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::{Arc, OnceLock};
 
 use shared::{ClientFrame, Destination, ErrorCode, Outcome, ServerFrame, Status, ids};
 use tokio::sync::Semaphore;
@@ -14,8 +14,11 @@ use tokio::sync::Semaphore;
 mod answer;
 mod checks;
 mod subscribe;
+mod watched;
 
-use self::subscribe::Asking;
+pub use self::subscribe::Answered;
+
+use self::{subscribe::Asking, watched::Watched};
 
 use self::checks::{
     TokenBucket, bad, check_client_msg_id, check_msg_id, checked_users, forbidden, unavailable,
@@ -42,8 +45,10 @@ pub struct Requests {
     app: Arc<App>,
     conn: Arc<ConnHandle>,
     /// Users this connection watches, so they can be unwatched when it closes.
-    subscribed: HashSet<String>,
-    in_flight: Arc<Semaphore>,
+    subscribed: Watched,
+    /// Slots for backend work; made at the first request that needs one (most idle connections
+    /// never do).
+    in_flight: OnceLock<Arc<Semaphore>>,
     bucket: TokenBucket,
     /// Subscribes waiting for the authorization hook; made at the first one (boxed: most
     /// connections never have one, and every connection carries this field).
@@ -59,12 +64,17 @@ impl Requests {
         Requests {
             app,
             conn,
-            subscribed: HashSet::new(),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            subscribed: Watched::default(),
+            in_flight: OnceLock::new(),
             bucket: TokenBucket::new(rate),
             asking: None,
             timer: None,
         }
+    }
+
+    /// The node this connection is on.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
     }
 
     pub fn reply_error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
@@ -164,15 +174,17 @@ impl Requests {
                 }
                 let new: Vec<String> = users
                     .iter()
-                    .filter(|u| !self.subscribed.contains(*u))
+                    .filter(|u| !self.subscribed.contains(u))
                     .cloned()
                     .collect();
-                if self.subscribed.len() + new.len() > MAX_USERS {
+                if self.subscribed.count() + new.len() > MAX_USERS {
                     return Err(bad(format!(
                         "a connection may subscribe to at most {MAX_USERS} users"
                     )));
                 }
-                self.subscribed.extend(new.iter().cloned());
+                for user in &new {
+                    self.subscribed.insert(user.clone());
+                }
                 let confirmed = self.watch(new).await;
                 let permit = self.permit()?;
                 self.query_with(permit, id, users, None, confirmed);

@@ -2,7 +2,11 @@
 //! the session applies the answer (watching the allowed users, answering `presence_list` with the
 //! denied ones); and dropping a connection's watches.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use shared::ErrorCode;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -62,13 +66,13 @@ impl Requests {
         let waiting = asking
             .pending
             .keys()
-            .filter(|u| !self.subscribed.contains(*u))
+            .filter(|u| !self.subscribed.contains(u))
             .count();
         let adding = users
             .iter()
-            .filter(|u| !self.subscribed.contains(*u) && !asking.pending.contains_key(*u))
+            .filter(|u| !self.subscribed.contains(u) && !asking.pending.contains_key(*u))
             .count();
-        if self.subscribed.len() + waiting + adding > MAX_USERS {
+        if self.subscribed.count() + waiting + adding > MAX_USERS {
             return Err(bad(format!(
                 "a connection may subscribe to at most {MAX_USERS} users"
             )));
@@ -104,17 +108,11 @@ impl Requests {
         Ok(())
     }
 
-    /// Whether a hook answer may be on its way (the session only polls [`Requests::next_answer`]
-    /// then).
-    pub fn awaits_answer(&self) -> bool {
-        self.asking.as_ref().is_some_and(|a| a.outstanding > 0)
-    }
-
-    /// The next hook answer to apply.
-    pub async fn next_answer(&mut self) -> Option<Answered> {
+    /// The next hook answer to apply, while one is due (pending otherwise).
+    pub fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Answered>> {
         match &mut self.asking {
-            Some(asking) => asking.rx.recv().await,
-            None => std::future::pending().await,
+            Some(asking) if asking.outstanding > 0 => asking.rx.poll_recv(cx),
+            _ => Poll::Pending,
         }
     }
 
@@ -209,7 +207,7 @@ impl Requests {
     pub async fn release(&mut self) {
         // Answers still on their way are dropped with it: nothing more gets watched.
         self.asking = None;
-        let all: Vec<String> = self.subscribed.drain().collect();
+        let all = self.subscribed.take_all();
         self.unwatch(all).await;
     }
 }

@@ -45,12 +45,16 @@ impl Worker {
                     let id = &delivery.message.msg_id;
                     if mark.delivered && *id <= mark.id {
                         // Already passed on by a history re-read.
+                        tracing::debug!(shard = self.index, %group, %id, mark = %mark.id, "live repeat dropped");
                         return;
                     }
                     if *id > mark.id {
                         mark.id.clone_from(id);
                         mark.delivered = true;
-                        mark.gaps.heard(id);
+                        if !mark.gaps.is_empty() {
+                            mark.gaps.heard(id);
+                            tracing::debug!(shard = self.index, %group, %id, gaps = ?mark.gaps, "live message after a gap");
+                        }
                     }
                 }
                 let mut closed = Vec::new();

@@ -10,11 +10,12 @@ use shared::Message;
 /// live between them, so a member may get such a message twice (same `msg_id`), never not at all.
 const MAX_GAPS: usize = 8;
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub(super) struct Gaps {
     list: Vec<Gap>,
 }
 
+#[derive(Debug)]
 struct Gap {
     /// Messages after this one may be missing.
     start: String,
@@ -26,6 +27,10 @@ struct Gap {
 }
 
 impl Gaps {
+    pub(super) fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Events stopped (or may have) after `last`: a gap starts there, unless one is open already
     /// and no re-read has started on it (a read in flight may have read its history before this
     /// second outage began).

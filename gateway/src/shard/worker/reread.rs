@@ -41,8 +41,9 @@ impl Worker {
     /// The gap in each group's messages starts at what its members got last: noted when the
     /// subscriber lost its connection, else at the episode's first resync.
     pub(super) fn note_gap(&mut self) {
-        for mark in self.group_marks.values_mut() {
+        for (group, mark) in self.group_marks.iter_mut() {
             mark.gaps.open(&mark.id);
+            tracing::debug!(shard = self.index, %group, mark = %mark.id, gaps = ?mark.gaps, "message gap noted");
         }
     }
 
@@ -132,7 +133,17 @@ impl Worker {
                 let Some(mark) = self.group_marks.get_mut(&group) else {
                     return;
                 };
-                for message in mark.gaps.missed(messages, &mark.id, read) {
+                let gaps = format!("{:?}", mark.gaps);
+                let missed = mark.gaps.missed(messages, &mark.id, read);
+                tracing::debug!(
+                    shard = self.index,
+                    %group,
+                    read,
+                    %gaps,
+                    passed_on = ?missed.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>(),
+                    "group gaps read"
+                );
+                for message in missed {
                     metrics::counter!(m::RESYNC_MESSAGES).increment(1);
                     self.deliver_missed(&group, message);
                 }

@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway::backend::{ClaimedWebhook, QueuedWebhook, ReclaimCursor};
+use gateway::backend::{
+    ClaimedWebhook, QueuedWebhook, ReclaimCursor, WebhookWrites, WebhookWritten,
+};
 
-use super::{Factory, N1};
+use super::{Factory, Kind, N1, entry, settings};
 
 contract!(
     events_are_claimed_by_one_node_and_gone_after_ack,
@@ -15,6 +17,7 @@ contract!(
     touched_events_stay_with_their_node,
     released_events_are_taken_over_at_once,
     a_full_queue_refuses_new_events,
+    transitions_queue_their_event_in_the_same_write,
 );
 
 const FOREVER: Duration = Duration::from_secs(3600);
@@ -157,6 +160,11 @@ async fn a_full_queue_refuses_new_events(f: Factory) {
         .expect("enqueue");
     assert_eq!((done.added, done.len), (2, 2));
     let held = b.webhooks.claim(N1, 1).await.expect("claim");
+    assert_eq!(
+        b.webhooks.queued().await.expect("len"),
+        2,
+        "waiting and held"
+    );
     let done = b.webhooks.enqueue(&[event(4)], 2).await.expect("enqueue");
     assert_eq!((done.added, done.len), (0, 2), "held events count too");
     b.webhooks.ack(&entries(&held)).await.expect("ack");
@@ -168,4 +176,78 @@ async fn a_full_queue_refuses_new_events(f: Factory) {
         ["ev-2", "ev-5"],
         "the oldest kept, the newest refused"
     );
+}
+
+/// With webhooks on, one Redis queues a transition's event in the write that makes it: a node
+/// SIGKILLed right after the write (before any outbox of its own ran) loses nothing. The embedded
+/// backend leaves it to the caller (one process: nothing survives its death anyway).
+async fn transitions_queue_their_event_in_the_same_write(f: Factory) {
+    let mut b = f
+        .backend_with(gateway::backend::BackendSettings {
+            webhooks: Some(WebhookWrites {
+                node: "reporter".into(),
+                queue_max: 2,
+            }),
+            ..settings()
+        })
+        .await;
+    let online = b.connect("wu", &[1, 3]).await.expect("online");
+    let status = b
+        .write(
+            N1,
+            &[(
+                "wu",
+                Some(entry(&[1, 3])),
+                Some(super::chosen(shared::Status::Busy, None)),
+            )],
+        )
+        .await;
+    let offline = b.disconnect("wu").await.expect("offline");
+    let again = b.connect("wu", &[2]).await.expect("online again");
+    let queued = b.webhooks.claim(N1, 10).await.expect("claim");
+    if f.kind() == Kind::Memory {
+        assert_eq!(online.webhook, WebhookWritten::NotQueued);
+        assert!(queued.is_empty(), "the caller queues them: {queued:?}");
+        return;
+    }
+    assert_eq!(
+        (online.webhook, offline.webhook, again.webhook),
+        (
+            WebhookWritten::Queued,
+            WebhookWritten::Queued,
+            WebhookWritten::Refused
+        ),
+        "two queued, the third refused at the bound"
+    );
+    assert!(
+        status
+            .iter()
+            .all(|c| c.webhook == WebhookWritten::NotQueued),
+        "a status change is no transition: {status:?}"
+    );
+    assert_eq!(queued.len(), 2);
+    let bodies: Vec<serde_json::Value> = queued
+        .iter()
+        .map(|c| serde_json::from_slice(&c.event.body).expect("JSON body"))
+        .collect();
+    for (claimed, body) in queued.iter().zip(&bodies) {
+        let id = &claimed.event.id;
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "event id {id}"
+        );
+        assert_eq!(body["id"], serde_json::json!(id), "the body carries the id");
+        assert_eq!(body["at"], serde_json::json!(claimed.event.at));
+        assert_eq!(body["user"], "wu");
+        assert_eq!(body["node"], "reporter", "the reporting node");
+    }
+    assert_eq!(bodies[0]["event"], "user.online");
+    assert_eq!(bodies[0]["platforms"], serde_json::json!([1, 3]));
+    assert_eq!(bodies[1]["event"], "user.offline");
+    assert_eq!(
+        bodies[1]["platforms"],
+        serde_json::json!([1, 3]),
+        "the platforms the user left"
+    );
+    assert_ne!(queued[0].event.id, queued[1].event.id);
 }
