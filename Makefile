@@ -1,5 +1,5 @@
 # The commands developers and CI run. CI (.ci/run) calls these same targets.
-.PHONY: run test chaos lint msrv doc deny toolchain fmt redis promtool haproxy lb-test build bench \
+.PHONY: run test chaos scale lint msrv doc deny toolchain fmt redis promtool haproxy lb-test build bench \
 	fuzz fuzz-corpus cargo-fuzz helm-check sdk-test demo node chromium
 
 CARGO ?= cargo
@@ -73,6 +73,17 @@ chaos: redis
 	$(CARGO) build -p presence-gateway --bins
 	$(CARGO) test -p presence-gateway --test it chaos::chaos_short -- --nocapture
 	CHAOS_SECS=$(CHAOS_SECS) $(CARGO) test -p presence-gateway --test it chaos::chaos_long -- --ignored --nocapture
+
+## Scale (docs/benchmarks.md, "Sizing"): a million online users put into one redis-server as 10
+## nodes would, through the gateway's own Redis backend; renewal rounds, churn at 10,000 changes
+## a second, a dead node of 100,000 users reaped in small steps, GET /v1/stats and a full
+## GET /v1/online walk on a real node, all checked exact; fails on any command over 1 ms in
+## Redis's SLOWLOG (wall time: run it on a quiet machine). A few minutes plus a release build of
+## the test binary. SCALE_USERS, SCALE_CHURN_PER_SEC, SCALE_CHURN_SECS, SCALE_FILL_PER_SEC and
+## SCALE_RENEW_PER_SEC change the run; `make test` runs the 100,000-user version.
+scale: redis
+	$(CARGO) build --release -p presence-gateway --bins
+	$(CARGO) test --release -p presence-gateway --test it scale::scale_1m -- --ignored --nocapture
 
 ## fmt check, clippy with warnings as errors, the MSRV check of the dependencies (see msrv), and
 ## no import circle between the gateway's top-level modules (tools/module_cycles.py --graph shows

@@ -26,7 +26,7 @@ use crate::{
     config::{BackendChoice, Config},
     drain::Drain,
     hooks::{ChangeHooks, WebhookSettings},
-    metrics as m,
+    index_repair, metrics as m,
     registry::Heartbeat,
     router::Router,
     shard::{ShardBackend, ShardSettings, Shards, route_events},
@@ -280,6 +280,11 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
         stop_heartbeat.clone(),
         background.spawn(heartbeat.run(stop_heartbeat)),
     );
+    background.spawn(index_repair::run(
+        app.backend.presence.clone(),
+        index_repair::REPAIR_INTERVAL,
+        stop_background.clone(),
+    ));
     if let Some(handle) = app.metrics.clone() {
         let stop = stop_background.clone();
         background.spawn(async move {

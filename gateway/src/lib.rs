@@ -17,6 +17,7 @@ pub mod conn_handle;
 pub mod drain;
 pub mod frame;
 pub mod hooks;
+pub mod index_repair;
 pub mod listener;
 pub mod metrics;
 pub mod presence;

@@ -41,6 +41,8 @@ pub const WEBHOOKS: &str = "presence_webhooks_total";
 pub const WEBHOOK_QUEUE: &str = "presence_webhook_queue";
 pub const WEBHOOKS_IN_FLIGHT: &str = "presence_webhooks_in_flight";
 pub const REAPED_USERS: &str = "presence_reaped_users_total";
+pub const INDEX_CHECKED: &str = "presence_index_checked_total";
+pub const INDEX_REPAIRED: &str = "presence_index_repaired_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
 pub const MESSAGES_ROUTED: &str = "presence_messages_routed_total";
 pub const DELIVERIES: &str = "presence_deliveries_total";
@@ -67,7 +69,7 @@ fn describe() {
     describe_counter!(DISCONNECTS, "Closed connections by reason.");
     describe_gauge!(
         ONLINE_USERS,
-        "Visibly online users across all nodes, as the backend counts them."
+        "Visibly online users across all nodes, from the backend's counters (every TTL/3)."
     );
     describe_counter!(
         STATUS_CHANGES,
@@ -168,6 +170,14 @@ fn describe() {
     describe_counter!(
         REAPED_USERS,
         "Users whose presence this node reaped from dead nodes."
+    );
+    describe_counter!(
+        INDEX_CHECKED,
+        "Online index entries this node's repair walk checked against their records."
+    );
+    describe_counter!(
+        INDEX_REPAIRED,
+        "Online index entries this node's repair walk found wrong and corrected."
     );
     describe_histogram!(HEARTBEAT_RTT_SECONDS, "WebSocket ping round-trip time.");
     describe_counter!(

@@ -25,7 +25,9 @@ pub use memory::MemoryBackend;
 pub use messages::{
     Dedupe, MessageSettings, MessageStore, Outgoing, RETRY_DEDUPE, SendOutcome, SendRefused,
 };
-pub use presence::{Changed, Counts, PresenceStore, PresenceWrite, Renewal, WebhookWritten};
+pub use presence::{
+    Changed, Counts, IndexRepair, PresenceStore, PresenceWrite, Renewal, WebhookWritten,
+};
 pub use redis::{RedisBackend, RedisTarget};
 pub use registry::{NodeInfo, Registry, handover_name};
 pub use sessions::{ConnectState, ConnectionInfo, Control, Sessions};

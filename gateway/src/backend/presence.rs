@@ -50,8 +50,29 @@ pub trait PresenceStore: Send + Sync + 'static {
         platform: Option<Platform>,
     ) -> Result<(Vec<String>, Option<String>), BackendError>;
 
-    /// Visibly online users overall and per platform.
+    /// Visibly online users overall and per platform. Read from counters kept with every write,
+    /// so it costs the same at any number of users. A crashed node's users count until it is
+    /// reaped (or a repair step finds their entries expired), within TTL + TTL/3.
     async fn counts(&self) -> Result<Counts, BackendError>;
+
+    /// One small step of checking the online index (and so the counts) against the users'
+    /// records and correcting what disagrees. On Redis the index is written in a second step
+    /// after each record (a cluster cannot do both in one), so a node that died in between, or
+    /// a node of an older version, can leave an entry wrong; renewals restate every live user,
+    /// and these steps, run by every node, walk the whole index. Backends whose index cannot
+    /// drift do nothing.
+    async fn repair_index(&self) -> Result<IndexRepair, BackendError>;
+}
+
+/// What one [`PresenceStore::repair_index`] step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexRepair {
+    /// Index entries checked against their records.
+    pub checked: usize,
+    /// Entries corrected.
+    pub fixed: u64,
+    /// This node's walk has just covered the whole index once (since its previous pass ended).
+    pub pass_done: bool,
 }
 
 /// One user's change in one shard's batch.
@@ -121,4 +142,23 @@ impl Changed {
 pub struct Counts {
     pub online_users: u64,
     pub by_platform: BTreeMap<Platform, u64>,
+}
+
+impl Counts {
+    /// A user moved from counted with the platform mask `before` (`None`: not counted) to
+    /// `after`.
+    pub fn moved(&mut self, before: Option<u16>, after: Option<u16>) {
+        for (mask, up) in [(before, false), (after, true)] {
+            let Some(mask) = mask else { continue };
+            let step = |n: &mut u64| *n = if up { *n + 1 } else { n.saturating_sub(1) };
+            step(&mut self.online_users);
+            for p in crate::presence::platforms_of(mask) {
+                let n = self.by_platform.entry(p).or_default();
+                step(n);
+                if *n == 0 {
+                    self.by_platform.remove(&p);
+                }
+            }
+        }
+    }
 }

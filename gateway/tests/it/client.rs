@@ -329,6 +329,27 @@ impl Client {
         }
     }
 
+    /// As [`Client::expect_silence`], but an event of `seen`'s user at a version the client has
+    /// already seen is not news: a real client drops it (protocol.md), and a subscribe's list and
+    /// the write's own event can both carry the same version.
+    pub async fn expect_nothing_new(&mut self, quiet: Duration, seen: &Presence) {
+        let old = |f: &ServerFrame| matches!(f, ServerFrame::Presence(p) if p.user == seen.user && p.version <= seen.version);
+        self.backlog.retain(|f| !old(f));
+        assert!(
+            self.backlog.is_empty(),
+            "unexpected frames: {:?}",
+            self.backlog
+        );
+        let deadline = tokio::time::Instant::now() + quiet;
+        loop {
+            match tokio::time::timeout_at(deadline, self.next_frame()).await {
+                Err(_) => return,
+                Ok(Ok(frame)) if old(&frame) => continue,
+                Ok(other) => panic!("expected nothing new, got {other:?}"),
+            }
+        }
+    }
+
     /// Waits for the server to close the connection and returns the code.
     pub async fn closed(&mut self) -> Closed {
         loop {

@@ -48,6 +48,9 @@ mod rest;
 /// Safe retries of messages: `client_msg_id` on both backends and across nodes, REST, and a
 /// client retrying through a Redis stall gets each message delivered once.
 mod retries;
+/// Scale: 100,000 (make test) or 1,000,000 (make scale) users in Redis through the backend, and
+/// commands per master of a Redis Cluster.
+mod scale;
 /// Token lifetime, refresh, and the app backend's disconnect and revoke across nodes.
 mod sessions;
 /// One shard worker on a paused clock: batch interval and size, flap suppression, retry backoff,

@@ -28,8 +28,8 @@ use std::{
 use async_trait::async_trait;
 use gateway::{
     backend::{
-        BackendError, BackendSettings, Changed, Counts, MemoryBackend, MessageSettings,
-        PresenceStore, PresenceWrite, Renewal,
+        BackendError, BackendSettings, Changed, Counts, IndexRepair, MemoryBackend,
+        MessageSettings, PresenceStore, PresenceWrite, Renewal,
     },
     clock::now_ms,
     conn_handle::ConnHandle,
@@ -167,6 +167,10 @@ impl PresenceStore for Recorder {
 
     async fn counts(&self) -> Result<Counts, BackendError> {
         self.inner.counts().await
+    }
+
+    async fn repair_index(&self) -> Result<IndexRepair, BackendError> {
+        self.inner.repair_index().await
     }
 }
 

@@ -44,6 +44,8 @@ struct State {
     users: HashMap<String, UserState>,
     /// Visibly online users, ordered for cursor pagination.
     online: BTreeSet<String>,
+    /// `online` counted, overall and per platform, as users enter, change and leave it.
+    counts: super::Counts,
     tokens: HashMap<String, TokenClaims>,
     nodes: HashMap<String, (NodeInfo, Instant)>,
     /// Topics someone on the node listens to, so events go only there, as with Redis; a user
@@ -75,6 +77,7 @@ impl State {
         State {
             users: HashMap::new(),
             online: BTreeSet::new(),
+            counts: super::Counts::default(),
             tokens: HashMap::new(),
             nodes: HashMap::new(),
             listening: HashSet::new(),
@@ -182,6 +185,8 @@ impl State {
             .as_ref()
             .is_some_and(|next| next.public_changed_from(&state.record));
         if let Some(next) = &next {
+            let counted = |r: &PresenceRecord| visibly_online(r.status).then_some(r.platforms);
+            self.counts.moved(counted(&state.record), counted(next));
             state.record = next.clone();
             if visibly_online(next.status) {
                 self.online.insert(user.to_string());

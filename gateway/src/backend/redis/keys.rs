@@ -1,8 +1,20 @@
 //! Every Redis key and channel name. Per-user keys carry the user id as hash tag, so a user's
-//! record and event channel share a slot; registry keys share the `{prefix}` tag, so the scripts
-//! over them stay in one slot of a Redis Cluster.
+//! record and event channel share a slot. The online index is split into [`BUCKETS`] buckets by
+//! the user's slot, each bucket's keys under a tag of its own chosen to land in its own part of
+//! the slot space, so a Redis Cluster spreads them over its masters. The few registry keys (node
+//! infos and heartbeats, O(nodes)) share the `{prefix}` tag.
 
-use shared::{Destination, Platform};
+use fred::util::redis_keyslot;
+use shared::Destination;
+
+/// Buckets of the online index. Each holds about 1/128 of the online users, so a bucket of 10
+/// million users has ~80,000 (its commands stay O(log n)), and a 3- to 16-master cluster gets
+/// 8 or more buckets per master. Reading every bucket (counts, a page of `GET /v1/online`) is 128
+/// small commands in one round trip. Changing it moves users between buckets: all nodes of a
+/// deployment must agree, so it is not a setting.
+pub const BUCKETS: usize = 128;
+/// Hash slots of a Redis Cluster.
+const SLOTS: usize = 16_384;
 
 /// The kinds of channel a node subscribes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,12 +28,32 @@ pub enum ChannelKind<'a> {
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// Each bucket's hash tag (see [`bucket_tag`]), computed once.
+    tags: Vec<String>,
+}
+
+/// The hash tag of bucket `b`: the first of `b.0`, `b.1`, ... whose slot falls in the bucket's
+/// share of the slot space (`b * SLOTS / BUCKETS` up to the next bucket's). Cluster slot ranges
+/// are contiguous, so the buckets spread over the masters as evenly as the slots do. Every node
+/// computes the same tags (about 128 CRC16s per bucket).
+fn bucket_tag(b: usize) -> String {
+    (0u32..)
+        .map(|i| format!("{b}.{i}"))
+        .find(|tag| usize::from(redis_keyslot(tag.as_bytes())) * BUCKETS / SLOTS == b)
+        .unwrap_or_default()
+}
+
+/// The index bucket of a user: their keys' slot scaled to [`BUCKETS`], so the bucket's keys sit
+/// in the same part of the slot space as the user's own.
+pub fn bucket_of(user: &str) -> usize {
+    usize::from(redis_keyslot(user.as_bytes())) * BUCKETS / SLOTS
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
         Keys {
             prefix: prefix.to_string(),
+            tags: (0..BUCKETS).map(bucket_tag).collect(),
         }
     }
 
@@ -147,19 +179,35 @@ impl Keys {
         self.registry("hb")
     }
 
-    /// ZSET (all scores 0, ordered by id) of users with an entry from `node`.
-    pub fn node_users(&self, node: &str) -> String {
-        self.registry(&format!("n:{node}:u"))
+    /// Bucket `b`'s keys all start with this: `P:ix:{tag}`, a ZSET (scores 0, so ordered by id)
+    /// of the bucket's visibly online users.
+    pub fn index(&self, b: usize) -> String {
+        format!("{}:ix:{{{}}}", self.prefix, self.tags[b % BUCKETS])
     }
 
-    /// ZSET of users with an entry from `node` on `platform`.
-    pub fn node_platform(&self, node: &str, platform: Platform) -> String {
-        self.registry(&format!("n:{node}:p{platform}"))
+    /// HASH of bucket `b`: user -> `version:counted mask` (0 for a user who just left: a
+    /// tombstone), the counters `#n` and `#1`..`#8`, and the repair cursor `#r` (index.lua).
+    pub fn index_state(&self, b: usize) -> String {
+        format!("{}:s", self.index(b))
     }
 
-    /// ZSET of users whose chosen status is invisible: left out of online lists and counts.
-    pub fn invisible(&self) -> String {
-        self.registry("invisible")
+    /// ZSET of bucket `b`'s tombstones, scored by when the user left (ms).
+    pub fn index_tombstones(&self, b: usize) -> String {
+        format!("{}:t", self.index(b))
+    }
+
+    /// ZSET (scores 0) of bucket `b`'s users with an entry from `node`: what reaping `node`
+    /// walks. The bucket's tag comes first, so a node id cannot change the slot.
+    pub fn node_users(&self, b: usize, node: &str) -> String {
+        format!("{}:n:{node}", self.index(b))
+    }
+
+    /// Before the index was bucketed (issue 11): ZSET of users with an entry from `node`, and one
+    /// per platform. Only reaping reads them, so a node of an older version is still reaped.
+    pub fn legacy_node_sets(&self, node: &str) -> Vec<String> {
+        let mut keys = vec![self.registry(&format!("n:{node}:u"))];
+        keys.extend(shared::ids::PLATFORMS.map(|p| self.registry(&format!("n:{node}:p{p}"))));
+        keys
     }
 
     /// STRING: who is reaping a dead node.
@@ -171,11 +219,6 @@ impl Keys {
     /// consumers are the nodes. One key, so on a cluster one slot: fine for webhook volume.
     pub fn webhooks(&self) -> String {
         self.registry("wh")
-    }
-
-    /// Scratch key of the counting script.
-    pub fn scratch(&self) -> String {
-        self.registry("tmp")
     }
 }
 
@@ -222,14 +265,38 @@ mod tests {
     #[test]
     fn registry_keys_share_the_prefix_tag() {
         let k = Keys::new("p");
-        for key in [
-            k.nodes(),
-            k.heartbeats(),
-            k.node_users("n1"),
-            k.node_platform("n1", 3),
-            k.invisible(),
-        ] {
+        for key in [k.nodes(), k.heartbeats(), k.reap_lock("n1")] {
             assert!(key.starts_with("{p}:"), "{key}");
         }
+    }
+
+    #[test]
+    fn each_bucket_lands_in_its_own_share_of_the_slots() {
+        let k = Keys::new("p");
+        let mut tags = std::collections::BTreeSet::new();
+        for b in 0..BUCKETS {
+            let slot = usize::from(redis_keyslot(k.index(b).as_bytes()));
+            assert_eq!(slot * BUCKETS / SLOTS, b, "{}", k.index(b));
+            for key in [
+                k.index_state(b),
+                k.index_tombstones(b),
+                k.node_users(b, "{x}"),
+            ] {
+                assert_eq!(usize::from(redis_keyslot(key.as_bytes())), slot, "{key}");
+            }
+            tags.insert(k.index(b));
+        }
+        assert_eq!(tags.len(), BUCKETS);
+    }
+
+    #[test]
+    fn users_spread_over_every_bucket() {
+        let mut per_bucket = vec![0u32; BUCKETS];
+        for i in 0..100_000 {
+            per_bucket[bucket_of(&format!("user{i}"))] += 1;
+        }
+        let (min, max) = (per_bucket.iter().min(), per_bucket.iter().max());
+        // 781 expected per bucket; CRC16 of such ids is close to uniform.
+        assert!(min > Some(&600) && max < Some(&1000), "{min:?}..{max:?}");
     }
 }

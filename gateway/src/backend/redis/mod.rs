@@ -5,6 +5,7 @@
 
 mod envelope;
 mod groups;
+mod index;
 mod keys;
 mod messages;
 mod presence;
@@ -52,10 +53,22 @@ pub struct RedisBackend {
     scripts: Scripts,
     subscriptions: mpsc::UnboundedSender<SubCmd>,
     health: Health,
+    /// This node's place in the walk of the online index's repair.
+    repair: index::RepairWalk,
 }
 
+/// A command whose key is its first string argument (fred routes it by that on a cluster).
 fn cmd(name: &'static str) -> CustomCommand {
     CustomCommand::new_static(name, ClusterHash::FirstKey, false)
+}
+
+/// A command routed by `key`'s slot, for commands whose first string argument is not the key:
+/// fred 10 routes a custom command by its first string argument whatever policy it names, but
+/// for `ClusterHash::Custom` (a misrouted command comes back MOVED and makes fred re-read the
+/// slot map over a fresh connection).
+fn cmd_for(name: &'static str, key: &str) -> CustomCommand {
+    let slot = fred::util::redis_keyslot(key.as_bytes());
+    CustomCommand::new_static(name, ClusterHash::Custom(slot), false)
 }
 
 impl RedisBackend {
@@ -157,6 +170,7 @@ impl RedisBackend {
             scripts: Scripts::new(),
             subscriptions: sub_tx,
             health,
+            repair: index::RepairWalk::new(),
         };
         backend.load_scripts().await?;
         Ok(backend)

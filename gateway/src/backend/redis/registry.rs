@@ -1,21 +1,25 @@
 //! The node registry on Redis: a hash of node infos, a sorted set of heartbeats, and the reaper's
 //! lock per dead node.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use async_trait::async_trait;
 use fred::prelude::*;
 
-use super::{PIPELINE_USERS, RedisBackend, cmd};
+use super::{RedisBackend, cmd, keys::BUCKETS, write::REAP_STEP};
 use crate::{
     backend::{BackendError, Changed, NodeInfo, Registry, handover_name},
     clock::now_ms,
 };
 
-/// A reaper holds a dead node for this long; if it dies mid-way another takes over after it.
-const REAP_LOCK_MS: u64 = 30_000;
-/// Users per `handover.lua` call on one Redis, as for `write.lua`.
-const HANDOVER_USERS_PER_CALL: usize = 50;
+/// A reaper holds a dead node for this long after its last step; if it dies mid-way another
+/// takes over after it.
+pub(super) const REAP_LOCK_MS: u64 = 30_000;
+/// Users per `handover.lua` call on one Redis: a user costs an HGET, an HSET and an HDEL (about
+/// 10 µs of Redis), so a call stays well under 1 ms.
+const HANDOVER_USERS_PER_CALL: usize = 32;
+/// Buckets per `handover_sets.lua` call on one Redis: a RENAME each, a few µs.
+const RENAMES_PER_CALL: usize = 32;
 
 #[async_trait]
 impl Registry for RedisBackend {
@@ -50,7 +54,7 @@ impl Registry for RedisBackend {
     async fn leave_node(&self, node: &str) -> Result<(), BackendError> {
         self.admit("leave_node")?;
         // The final flush removed this node's entries; reaping clears whatever a failed flush left.
-        let changed = self.reap_node(node).await?;
+        let changed = self.reap_node(node, None).await?;
         if !changed.is_empty() {
             tracing::warn!(
                 users = changed.len(),
@@ -65,50 +69,75 @@ impl Registry for RedisBackend {
         let now = now_ms();
         let name = handover_name(node, now);
         let latest = now + window.as_millis() as u64;
-        let users_key = self.keys.node_users(node);
         let per_call = if self.cluster {
             1
         } else {
             HANDOVER_USERS_PER_CALL
         };
         let args: Vec<Value> = vec![node.into(), name.clone().into(), latest.to_string().into()];
-        // The set is read page by page and left as it is: it is renamed below, in one step.
+        // Each bucket's set is read page by page and left as it is (it is renamed below), so the
+        // next page of a full one starts after what was read.
         let mut handed = 0;
-        loop {
-            let users = self
-                .node_users_page("hand_over", &users_key, handed)
-                .await?;
-            if users.is_empty() {
-                break;
+        let mut pages = self
+            .node_pages("hand_over", node, (0..BUCKETS).map(|b| (b, 0)))
+            .await?;
+        let mut read: BTreeMap<usize, usize> = BTreeMap::new();
+        while !pages.is_empty() {
+            let mut again = Vec::new();
+            for (bucket, users) in pages {
+                let calls: Vec<_> = users
+                    .chunks(per_call)
+                    .map(|chunk| {
+                        let keys = chunk.iter().map(|u| self.keys.user(u).into()).collect();
+                        (&self.scripts.handover, keys, args.clone())
+                    })
+                    .collect();
+                self.run_scripts("hand_over", &calls).await?;
+                handed += users.len();
+                let seen = read.entry(bucket).or_default();
+                *seen += users.len();
+                if users.len() == REAP_STEP {
+                    again.push((bucket, *seen));
+                }
             }
-            let calls: Vec<_> = users
-                .chunks(per_call)
-                .map(|chunk| {
-                    let keys = chunk.iter().map(|u| self.keys.user(u).into()).collect();
-                    (&self.scripts.handover, keys, args.clone())
-                })
-                .collect();
-            self.run_scripts("hand_over", &calls).await?;
-            handed += users.len();
-            if users.len() < PIPELINE_USERS {
-                break;
-            }
+            pages = self.node_pages("hand_over", node, again).await?;
         }
-        let mut keys: Vec<Value> = Vec::with_capacity(20);
-        for id in [node, name.as_str()] {
-            keys.push(self.keys.node_users(id).into());
-            keys.extend(
-                shared::ids::PLATFORMS.map(|p| Value::from(self.keys.node_platform(id, p))),
-            );
+        let held: Vec<usize> = read.into_keys().collect();
+        // Each bucket's set becomes the handover name's (RENAME, O(1): the name is new, so there
+        // is nothing to overwrite). The two share the bucket's hash tag, so one call may rename
+        // several buckets on one Redis; on a cluster each call holds one bucket.
+        let per_rename = if self.cluster { 1 } else { RENAMES_PER_CALL };
+        let renames: Vec<_> = held
+            .chunks(per_rename)
+            .map(|buckets| {
+                let keys = buckets
+                    .iter()
+                    .flat_map(|&b| {
+                        [
+                            self.keys.node_users(b, node),
+                            self.keys.node_users(b, &name),
+                        ]
+                    })
+                    .map(Value::from)
+                    .collect();
+                (&self.scripts.handover_sets, keys, Vec::new())
+            })
+            .collect();
+        if !renames.is_empty() {
+            self.run_scripts("hand_over", &renames).await?;
         }
-        keys.push(self.keys.heartbeats().into());
-        keys.push(self.keys.nodes().into());
         // Dead (older than the node TTL) once the window is over: reaped as a node that died then.
+        // A name that holds nobody gets no heartbeat (nothing to reap).
         let heartbeat = latest.saturating_sub(self.settings.node_ttl.as_millis() as u64);
         let call = (
             &self.scripts.handover_node,
-            keys,
-            vec![node.into(), name.into(), heartbeat.to_string().into()],
+            vec![self.keys.heartbeats().into(), self.keys.nodes().into()],
+            vec![
+                node.into(),
+                name.into(),
+                heartbeat.to_string().into(),
+                if held.is_empty() { "" } else { "1" }.into(),
+            ],
         );
         self.run_scripts("hand_over", &[call]).await?;
         Ok(handed)
@@ -139,7 +168,7 @@ impl Registry for RedisBackend {
 
     async fn reap_previous_run(&self, node: &str) -> Result<Vec<Changed>, BackendError> {
         self.admit("reap_previous_run")?;
-        self.reap_node(node).await
+        self.reap_node(node, None).await
     }
 
     async fn reap_dead_nodes(&self, me: &str) -> Result<Vec<Changed>, BackendError> {
@@ -175,7 +204,10 @@ impl Registry for RedisBackend {
             if got.is_none() {
                 continue;
             }
-            let reaped = self.reap_node(&node).await?;
+            // A large node takes many steps: the lock is kept between them, so nobody else
+            // starts over while this reaper is still at it.
+            let lock = self.keys.reap_lock(&node);
+            let reaped = self.reap_node(&node, Some(&lock)).await?;
             tracing::info!(dead = %node, users = reaped.len(), "reaped a node that stopped heartbeating");
             changed.extend(reaped);
         }

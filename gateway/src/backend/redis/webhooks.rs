@@ -7,12 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::{
-    prelude::*,
-    types::{ClusterHash, CustomCommand},
-};
+use fred::{prelude::*, types::CustomCommand};
 
-use super::{RedisBackend, cmd, scripts::ScriptCall};
+use super::{RedisBackend, cmd, cmd_for, scripts::ScriptCall};
 use crate::backend::{
     BackendError, ClaimedWebhook, Enqueued, QueuedWebhook, ReclaimCursor, WebhookQueue,
 };
@@ -80,9 +77,9 @@ impl WebhookQueue for RedisBackend {
             self.keys.webhooks().into(),
             ">".into(),
         ];
-        // XREADGROUP's key is not its first argument: route by argument 6.
+        // XREADGROUP's key is not its first argument (see `cmd_for`).
         let reply = self
-            .grouped("XREADGROUP", ClusterHash::Offset(6), args)
+            .grouped(cmd_for("XREADGROUP", &self.keys.webhooks()), args)
             .await?;
         // [[key, [entry, ...]]] (the clients speak RESP2); nil when nothing waits.
         let Value::Array(streams) = reply else {
@@ -127,10 +124,7 @@ impl WebhookQueue for RedisBackend {
         ];
         // [next cursor, [entry, ...], [deleted ids]]: entries deleted meanwhile leave the
         // pending list by themselves.
-        let Value::Array(mut parts) = self
-            .grouped("XAUTOCLAIM", ClusterHash::FirstKey, args)
-            .await?
-        else {
+        let Value::Array(mut parts) = self.grouped(cmd("XAUTOCLAIM"), args).await? else {
             return Ok((Vec::new(), ReclaimCursor::start()));
         };
         parts.truncate(2);
@@ -178,19 +172,12 @@ impl RedisBackend {
     /// know it: at the first start, and after Redis restarted empty.
     async fn grouped(
         &self,
-        command: &'static str,
-        hash: ClusterHash,
+        command: CustomCommand,
         args: Vec<Value>,
     ) -> Result<Value, BackendError> {
         for attempt in 0..2 {
             Self::count_round_trip("webhooks");
-            let sent: Result<Value, _> = self
-                .client
-                .custom(
-                    CustomCommand::new_static(command, hash.clone(), false),
-                    args.clone(),
-                )
-                .await;
+            let sent: Result<Value, _> = self.client.custom(command.clone(), args.clone()).await;
             match sent {
                 Ok(reply) => return Ok(reply),
                 Err(e) if attempt == 0 && e.details().starts_with("NOGROUP") => {
@@ -209,7 +196,7 @@ impl RedisBackend {
         let created: Result<Value, _> = self
             .client
             .custom(
-                cmd("XGROUP"),
+                cmd_for("XGROUP", &self.keys.webhooks()),
                 vec![
                     "CREATE".into(),
                     self.keys.webhooks(),
@@ -246,7 +233,7 @@ impl RedisBackend {
                 args.push(ms.to_string().into());
             }
             args.push("JUSTID".into());
-            self.grouped("XCLAIM", ClusterHash::FirstKey, args).await?;
+            self.grouped(cmd("XCLAIM"), args).await?;
         }
         Ok(())
     }

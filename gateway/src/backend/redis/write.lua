@@ -14,11 +14,14 @@
 -- (renewal: the status chosen through that node) replaces the stored choice only if there is none
 -- or it is older: after Redis lost the record, each node of the user restores the choice it
 -- holds, and the newest wins whatever order they come in; a renewal never undoes a newer choice.
--- Returns one reply per user: 0 when nothing visible changed, else {mask before, payload}, and a
--- third element when the change is a transition (no connection anywhere <-> some) whose webhook
--- event this call queued (1) or refused at the bound (0). Queued here, in the write that makes the
--- transition, the event cannot be lost to the node dying between the write and its own enqueue.
--- Its id is derived from the user, the record version and the event, unique per transition.
+-- Returns one reply per user: {mask before, payload or "" when nothing visible changed, the
+-- record's version (0: there is no record), the counted mask (the platform mask of a visibly
+-- online user, else 0), and when the change is a transition (no connection anywhere <-> some)
+-- whose webhook event this call queued 1, or 0 when it refused it at the bound}; the version and
+-- the counted mask are what the caller writes to the online index (index.lua). Queued here, in the
+-- write that makes the transition, the event cannot be lost to the node dying between the write
+-- and its own enqueue. Its id is derived from the user, the record version and the event, unique
+-- per transition.
 -- The payload is "user|status|mask|version|last_seen|text" (text last: it may hold '|'), where
 -- version is "v" when the public version is the same, else "v:pv:1" when others see the change,
 -- "v:pv:0" when only the user does (record.rs, parse_payload).
@@ -149,7 +152,8 @@ for u = 1, math.floor(#KEYS / 2) do
   if #fields == 0 and was_mask and was_mask > 0 then
     before_status, before_mask, touch = 'online', was_mask, true
   end
-  local payload, version
+  local payload
+  local version = v
   if status ~= before_status or mask ~= before_mask or text ~= (tx or '') then
     version = string.format('%d', math.max(tonumber(v or '0') + 1, now))
     local was, is = visible(before_status), visible(status)
@@ -183,17 +187,19 @@ for u = 1, math.floor(#KEYS / 2) do
 
   if #set > 0 then redis.call('HSET', key, unpack(set)) end
   if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
-  if touch then redis.call('PEXPIRE', key, record_ttl) end
+  if touch and (#fields > 0 or #set > 0) then redis.call('PEXPIRE', key, record_ttl) end
+  local counted = 0
+  if visible(status) then counted = mask end
+  local webhook
   if payload then
     redis.call(publish, channel, payload)
     if queue and (before_mask == 0) ~= (mask == 0) then
       local online = mask ~= 0
-      out[u] = {before_mask, payload, enqueue(user, online, online and mask or before_mask, version)}
-    else
-      out[u] = {before_mask, payload}
+      webhook = enqueue(user, online, online and mask or before_mask, version)
     end
-  else
-    out[u] = 0
   end
+  -- A record that does not exist (nothing was there, nothing written) has version 0.
+  if #fields == 0 and #set == 0 then version = '0' end
+  out[u] = {before_mask, payload or '', tonumber(version or '0'), counted, webhook}
 end
 return out

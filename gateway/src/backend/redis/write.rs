@@ -1,24 +1,37 @@
-//! The `write.lua` driver shared by flush, renewal and the reaper: builds the script calls for a
-//! batch of users, runs them with the index updates in one pipeline, and reads back the changes.
+//! The `write.lua` driver shared by flush, renewal and the reaper. A batch costs two round trips:
+//! the first runs `write.lua` for its users (and adds them to the node's sets), the second brings
+//! the online index and its counters in line with what the script found (`index.lua`). On a
+//! cluster the two sit in different slots, so no script can do both; a node that dies between
+//! them leaves its users in its sets, and whoever reaps it writes the index right (index.rs).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use fred::{clients::Client, prelude::*};
-use shared::Status;
 
 use super::{
-    PIPELINE_USERS, RECORD_TTL_MS, RedisBackend, cmd, keys::Keys, record, scripts::ScriptCall,
+    RECORD_TTL_MS, RedisBackend, cmd,
+    keys::{BUCKETS, bucket_of},
+    record,
+    scripts::ScriptCall,
 };
 use crate::{
     backend::{BackendError, Changed, WebhookWritten},
-    clock::now_ms,
-    metrics as m,
-    presence::{ChosenStatus, NodeEntry, platform_bit},
+    presence::{ChosenStatus, NodeEntry},
 };
 
 /// Users per `write.lua` call on one Redis: spreads the script's entry cost (≈ 20% of a
-/// one-user call, measured with callgrind) while one call still blocks Redis for well under 1 ms.
-const WRITE_USERS_PER_CALL: usize = 50;
+/// one-user call, measured with callgrind) while one call blocks Redis for well under 1 ms. A
+/// user costs 4-5 commands in the script, 20-35 µs of Redis on this 2-core machine, so 50 users a
+/// call came near 1 ms and over it under load (`make scale`'s SLOWLOG); 16 stay near 0.4 ms, for
+/// about 1% more Redis CPU per user.
+const WRITE_USERS_PER_CALL: usize = 16;
+/// Users per `index.lua` call: a user leaving or coming back costs 6-7 commands (state, index,
+/// tombstone, counters), up to ~50 µs of Redis here, so 10 a call stay near 0.5 ms.
+const INDEX_USERS_PER_CALL: usize = 10;
+/// How long index.lua keeps a tombstone: longer than any report can be late (the command timeout
+/// of 5 s, three attempts), short enough that at a churn of 5,000 users going offline per second
+/// they hold ~150,000 entries (~25 MB).
+pub(super) const TOMBSTONE_MS: u64 = 30_000;
 
 /// One user's part of a `write.lua` call: this node's entry (`None` removes it), a newly chosen
 /// status, or the status to restore if Redis lost it or holds an older choice (renewal).
@@ -31,6 +44,9 @@ pub(super) struct UserWrite<'a> {
     /// record meanwhile (restarted empty), the script still knows the user was online and
     /// publishes the offline transition instead of nothing.
     pub(super) was: Option<NodeEntry>,
+    /// Put the user in the node's set (in the first round trip, so a node that dies after its
+    /// entry was written is reaped with it).
+    pub(super) joins: bool,
 }
 
 impl<'a> UserWrite<'a> {
@@ -41,20 +57,34 @@ impl<'a> UserWrite<'a> {
             status: None,
             restore: None,
             was: None,
+            joins: false,
         }
     }
+}
+
+/// What the online index must show of one user, as a record read or write found it.
+pub(super) struct Found {
+    pub(super) user: String,
+    /// The record's version; 0 when there is no record.
+    pub(super) version: u64,
+    /// The platform mask of a visibly online user, else 0.
+    pub(super) counted: u16,
+    /// The write changed the record (a tombstone is kept when it took the user offline).
+    pub(super) changed: bool,
+    /// The node's entry is gone: the user leaves the node's set.
+    pub(super) leaves: bool,
 }
 
 impl RedisBackend {
     /// `write.lua` calls for `users`, in order: on one Redis many users per call (the script's
     /// own entry cost is spread over them), on a cluster one per call (a script's keys must
     /// share a slot). `touch` pushes every record's expiry out (renewal, reaper).
-    pub(super) fn write_calls<'a>(
+    fn write_calls<'a>(
         &'a self,
         node: &str,
         now: u64,
         touch: bool,
-        users: impl IntoIterator<Item = UserWrite<'a>>,
+        users: &[UserWrite<'a>],
     ) -> Vec<ScriptCall<'a>> {
         let per_call = if self.cluster {
             1
@@ -88,7 +118,7 @@ impl RedisBackend {
             None => [Value::from(""), Value::from(""), Value::from("")],
         };
         let mut calls: Vec<ScriptCall<'a>> = Vec::new();
-        for (i, w) in users.into_iter().enumerate() {
+        for (i, w) in users.iter().enumerate() {
             if i % per_call == 0 {
                 calls.push((&self.scripts.write, Vec::new(), common.to_vec()));
             }
@@ -114,197 +144,300 @@ impl RedisBackend {
         calls
     }
 
-    /// Runs `write.lua` calls plus index updates as one round trip; returns the changes the
-    /// script reported (one reply per user: 0, or the mask before, the published payload and,
-    /// when it queued the transition's webhook event, 1, or 0 when the queue was full).
-    pub(super) async fn write_pipeline(
+    /// Writes `users` as `node` (at most a pipeline's worth): `write.lua` and the node's sets in
+    /// one round trip, the online index in a second. Returns the changes the script published.
+    pub(super) async fn write_users(
         &self,
         op: &'static str,
-        calls: &[ScriptCall<'_>],
-        sets: &SetUpdates,
+        node: &str,
+        now: u64,
+        touch: bool,
+        users: &[UserWrite<'_>],
     ) -> Result<Vec<Changed>, BackendError> {
-        let results = self.run_scripts_with(op, calls, Some(sets)).await?;
-        let mut changed = Vec::new();
-        for reply in results.into_iter().filter_map(|r| match r {
-            Value::Array(users) => Some(users),
-            _ => None,
-        }) {
-            for user in reply {
-                let Value::Array(parts) = user else { continue };
-                let before = parts.first().and_then(|v| v.as_u64()).unwrap_or(0) as u16;
-                let payload = parts.get(1).and_then(|v| v.as_string());
-                if let Some((record, public_changed)) =
-                    payload.as_deref().and_then(record::parse_payload)
-                {
-                    metrics::counter!(m::PUBSUB_MESSAGES, "direction" => "out").increment(1);
-                    let webhook = match parts.get(2).and_then(|v| v.as_u64()) {
-                        Some(1) => WebhookWritten::Queued,
-                        Some(_) => WebhookWritten::Refused,
-                        None => WebhookWritten::NotQueued,
-                    };
-                    changed.push(Changed {
-                        before_platforms: before,
-                        record,
-                        public_changed,
-                        webhook,
-                    });
-                }
-            }
+        let mut joins = NodeSetAdds::default();
+        for w in users.iter().filter(|w| w.joins) {
+            joins.add(bucket_of(w.user), w.user);
         }
+        let calls = self.write_calls(node, now, touch, users);
+        let results = self
+            .run_scripts_with(op, &calls, Some((node, &joins)))
+            .await?;
+        let replies = results.into_iter().flat_map(|r| match r {
+            Value::Array(users) => users,
+            _ => Vec::new(),
+        });
+        let mut changed = Vec::new();
+        let mut found = Vec::with_capacity(users.len());
+        for (w, reply) in users.iter().zip(replies) {
+            let Value::Array(parts) = reply else {
+                return Err(BackendError::internal(op, "unexpected write.lua reply"));
+            };
+            let int = |i: usize| parts.get(i).and_then(Value::as_u64).unwrap_or(0);
+            let payload = parts.get(1).and_then(Value::as_string).unwrap_or_default();
+            let parsed = record::parse_payload(&payload);
+            if let Some((record, public_changed)) = parsed.clone() {
+                metrics::counter!(crate::metrics::PUBSUB_MESSAGES, "direction" => "out")
+                    .increment(1);
+                // The fifth element: the script queued the transition's webhook event (1) or
+                // refused it at the queue's bound (0); absent when it did not try.
+                let webhook = match parts.get(4).and_then(Value::as_u64) {
+                    Some(1) => WebhookWritten::Queued,
+                    Some(_) => WebhookWritten::Refused,
+                    None => WebhookWritten::NotQueued,
+                };
+                changed.push(Changed {
+                    before_platforms: int(0) as u16,
+                    record,
+                    public_changed,
+                    webhook,
+                });
+            }
+            found.push(Found {
+                user: w.user.to_string(),
+                version: int(2),
+                counted: int(3) as u16,
+                changed: parsed.is_some(),
+                leaves: w.entry.is_none(),
+            });
+        }
+        self.index_found(op, node, now, &found).await?;
         Ok(changed)
     }
 
-    /// Runs set updates alone, as one round trip.
-    pub(super) async fn update_sets(
+    /// Brings the online index in line with `found` (`index.lua`): on one Redis up to
+    /// [`INDEX_USERS_PER_CALL`] users of any buckets per call, on a cluster one bucket per call.
+    /// One round trip. Returns how many users' index entries changed.
+    pub(super) async fn index_found(
         &self,
         op: &'static str,
-        sets: &SetUpdates,
-    ) -> Result<(), BackendError> {
-        let pipeline = self.client.pipeline();
-        sets.queue(&pipeline)
-            .await
-            .map_err(|e| Self::error(op, e))?;
-        Self::count_round_trip(op);
-        let _: Vec<Value> = pipeline.all().await.map_err(|e| Self::error(op, e))?;
-        Ok(())
+        node: &str,
+        now: u64,
+        found: &[Found],
+    ) -> Result<u64, BackendError> {
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let mut by_bucket: BTreeMap<usize, Vec<&Found>> = BTreeMap::new();
+        for f in found {
+            by_bucket.entry(bucket_of(&f.user)).or_default().push(f);
+        }
+        let common = [
+            Value::from(now.to_string()),
+            Value::from(TOMBSTONE_MS.to_string()),
+        ];
+        let mut calls: Vec<ScriptCall<'_>> = Vec::new();
+        // (bucket, its group number in the current call), so each bucket's keys go in once.
+        let mut groups: Vec<usize> = Vec::new();
+        let mut in_call = 0;
+        for (bucket, users) in &by_bucket {
+            for f in users {
+                let new_call = calls.is_empty()
+                    || in_call == INDEX_USERS_PER_CALL
+                    || (self.cluster && groups.last() != Some(bucket));
+                if new_call {
+                    calls.push((&self.scripts.index, Vec::new(), common.to_vec()));
+                    groups.clear();
+                    in_call = 0;
+                }
+                let Some((_, keys, args)) = calls.last_mut() else {
+                    continue;
+                };
+                if groups.last() != Some(bucket) {
+                    groups.push(*bucket);
+                    keys.extend(
+                        [
+                            self.keys.index(*bucket),
+                            self.keys.index_state(*bucket),
+                            self.keys.index_tombstones(*bucket),
+                            self.keys.node_users(*bucket, node),
+                        ]
+                        .map(Value::from),
+                    );
+                }
+                let flags = match (f.changed, f.leaves) {
+                    (true, true) => "cr",
+                    (true, false) => "c",
+                    (false, true) => "r",
+                    (false, false) => "",
+                };
+                args.extend([
+                    Value::from(groups.len().to_string()),
+                    Value::from(f.user.as_str()),
+                    Value::from(f.version.to_string()),
+                    Value::from(f.counted.to_string()),
+                    Value::from(flags),
+                ]);
+                in_call += 1;
+            }
+        }
+        let replies = self.run_scripts(op, &calls).await?;
+        Ok(replies.iter().filter_map(Value::as_u64).sum())
     }
 
-    /// Up to [`PIPELINE_USERS`] users of a node's user set, from position `start`.
-    pub(super) async fn node_users_page(
+    /// Removes every entry `node` holds and publishes what that changes, a step of at most
+    /// [`REAP_STEP`] users at a time; then forgets the node. A reaper's `lock` is kept alive
+    /// after every step.
+    pub(super) async fn reap_node(
         &self,
-        op: &'static str,
-        users_key: &str,
-        start: usize,
-    ) -> Result<Vec<String>, BackendError> {
-        Self::count_round_trip(op);
-        self.client
-            .custom(
-                cmd("ZRANGE"),
-                vec![
-                    users_key.to_string(),
-                    start.to_string(),
-                    (start + PIPELINE_USERS - 1).to_string(),
-                ],
-            )
-            .await
-            .map_err(|e| Self::error(op, e))
-    }
-
-    /// Removes every entry `node` holds and publishes what that changes; then forgets the node.
-    pub(super) async fn reap_node(&self, node: &str) -> Result<Vec<Changed>, BackendError> {
-        let users_key = self.keys.node_users(node);
-        let now = now_ms();
+        node: &str,
+        lock: Option<&str>,
+    ) -> Result<Vec<Changed>, BackendError> {
         let mut changed = Vec::new();
+        // Nodes of a version before the bucketed index kept one set per node.
+        let legacy = self.keys.legacy_node_sets(node);
         loop {
-            // Each round removes what it read from the set, so the next starts at 0 again.
-            let users = self.node_users_page("reap", &users_key, 0).await?;
+            let users = self.node_page(&legacy[0]).await?;
             if users.is_empty() {
                 break;
             }
-            let calls =
-                self.write_calls(node, now, true, users.iter().map(|u| UserWrite::removal(u)));
-            let mut sets = SetUpdates::default();
-            sets.remove(&users_key, users.iter().cloned());
-            changed.extend(self.write_pipeline("reap", &calls, &sets).await?);
-        }
-        let pipeline = self.client.pipeline();
-        let mut del = vec![users_key];
-        del.extend(shared::ids::PLATFORMS.map(|p| self.keys.node_platform(node, p)));
-        for key in del {
-            let _: () = pipeline
-                .custom(cmd("DEL"), vec![key])
+            let now = crate::clock::now_ms();
+            let removals: Vec<UserWrite> = users.iter().map(|u| UserWrite::removal(u)).collect();
+            changed.extend(self.write_users("reap", node, now, true, &removals).await?);
+            let mut args = vec![legacy[0].clone()];
+            args.extend(users.iter().cloned());
+            Self::count_round_trip("reap");
+            let _: Value = self
+                .client
+                .custom(cmd("ZREM"), args)
                 .await
                 .map_err(|e| Self::error("reap", e))?;
+            self.keep_lock(lock).await?;
         }
-        let _: () = pipeline
-            .custom(cmd("ZREM"), vec![self.keys.heartbeats(), node.to_string()])
-            .await
-            .map_err(|e| Self::error("reap", e))?;
-        let _: () = pipeline
-            .custom(cmd("HDEL"), vec![self.keys.nodes(), node.to_string()])
-            .await
-            .map_err(|e| Self::error("reap", e))?;
+        // The first page of every bucket in one round trip; full buckets are read again.
+        let mut pages = self
+            .node_pages("reap", node, (0..BUCKETS).map(|b| (b, 0)))
+            .await?;
+        while !pages.is_empty() {
+            let mut again = Vec::new();
+            for (bucket, users) in pages {
+                let now = crate::clock::now_ms();
+                let removals: Vec<UserWrite> =
+                    users.iter().map(|u| UserWrite::removal(u)).collect();
+                // The index step takes each user out of the node's set.
+                changed.extend(self.write_users("reap", node, now, true, &removals).await?);
+                // Each step took its users out of the set, so the next page starts at rank 0.
+                if users.len() == REAP_STEP {
+                    again.push((bucket, 0));
+                }
+                self.keep_lock(lock).await?;
+            }
+            pages = self.node_pages("reap", node, again).await?;
+        }
+        let pipeline = self.client.pipeline();
+        let queued: Result<(), fred::error::Error> = async {
+            // UNLINK: a legacy platform set can still be large; Redis frees it in the background.
+            let _: () = pipeline.custom(cmd("UNLINK"), legacy).await?;
+            let _: () = pipeline
+                .custom(cmd("ZREM"), vec![self.keys.heartbeats(), node.to_string()])
+                .await?;
+            pipeline
+                .custom(cmd("HDEL"), vec![self.keys.nodes(), node.to_string()])
+                .await
+        }
+        .await;
+        queued.map_err(|e| Self::error("reap", e))?;
         Self::count_round_trip("reap");
         let _: Vec<Value> = pipeline.all().await.map_err(|e| Self::error("reap", e))?;
         Ok(changed)
     }
-}
 
-/// ZADD/ZREM work queued into a write pipeline, one command per set.
-#[derive(Default)]
-pub(super) struct SetUpdates {
-    add: BTreeMap<String, BTreeSet<String>>,
-    remove: BTreeMap<String, BTreeSet<String>>,
-}
-
-impl SetUpdates {
-    pub(super) fn add(&mut self, key: &str, users: impl IntoIterator<Item = String>) {
-        self.add.entry(key.to_string()).or_default().extend(users);
+    async fn keep_lock(&self, lock: Option<&str>) -> Result<(), BackendError> {
+        let Some(lock) = lock else { return Ok(()) };
+        Self::count_round_trip("reap");
+        let _: Value = self
+            .client
+            .custom(
+                cmd("PEXPIRE"),
+                vec![lock.to_string(), super::registry::REAP_LOCK_MS.to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("reap", e))?;
+        Ok(())
     }
 
-    pub(super) fn remove(&mut self, key: &str, users: impl IntoIterator<Item = String>) {
-        self.remove
-            .entry(key.to_string())
-            .or_default()
-            .extend(users);
+    /// The first [`REAP_STEP`] users of a node's set.
+    async fn node_page(&self, key: &str) -> Result<Vec<String>, BackendError> {
+        Self::count_round_trip("reap");
+        self.client
+            .custom(
+                cmd("ZRANGE"),
+                vec![key.to_string(), "0".into(), (REAP_STEP - 1).to_string()],
+            )
+            .await
+            .map_err(|e| Self::error("reap", e))
     }
 
-    /// The node and platform sets for one user moving from `before` to `after` on `node`.
-    pub(super) fn entry_change(
-        &mut self,
-        keys: &Keys,
+    /// [`REAP_STEP`] users of `node`'s set in each bucket of `from` (bucket, rank to start at),
+    /// in one round trip: each a ZRANGE by rank, O(log n + 200). Only buckets with users.
+    pub(super) async fn node_pages(
+        &self,
+        op: &'static str,
         node: &str,
-        user: &str,
-        before: Option<NodeEntry>,
-        after: Option<NodeEntry>,
-    ) {
-        let before_mask = before.map(|e| e.platforms).unwrap_or(0);
-        let after_mask = after.map(|e| e.platforms).unwrap_or(0);
-        match (before.is_some(), after.is_some()) {
-            (false, true) => self.add(&keys.node_users(node), [user.to_string()]),
-            (true, false) => self.remove(&keys.node_users(node), [user.to_string()]),
-            _ => {}
+        from: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Vec<(usize, Vec<String>)>, BackendError> {
+        let from: Vec<(usize, usize)> = from.into_iter().collect();
+        if from.is_empty() {
+            return Ok(Vec::new());
         }
-        for p in shared::ids::PLATFORMS {
-            let bit = platform_bit(p);
-            match (before_mask & bit != 0, after_mask & bit != 0) {
-                (false, true) => self.add(&keys.node_platform(node, p), [user.to_string()]),
-                (true, false) => self.remove(&keys.node_platform(node, p), [user.to_string()]),
-                _ => {}
-            }
+        let pipeline = self.client.pipeline();
+        for &(b, start) in &from {
+            let _: () = pipeline
+                .custom(
+                    cmd("ZRANGE"),
+                    vec![
+                        self.keys.node_users(b, node),
+                        start.to_string(),
+                        (start + REAP_STEP - 1).to_string(),
+                    ],
+                )
+                .await
+                .map_err(|e| Self::error(op, e))?;
         }
+        Self::count_round_trip(op);
+        let pages: Vec<Vec<String>> = pipeline.all().await.map_err(|e| Self::error(op, e))?;
+        Ok(from
+            .into_iter()
+            .zip(pages)
+            .filter(|(_, users)| !users.is_empty())
+            .map(|((b, _), users)| (b, users))
+            .collect())
+    }
+}
+
+/// Users a reaping step takes: two or more `write.lua` and `index.lua` calls, each well under
+/// 1 ms of Redis.
+pub(super) const REAP_STEP: usize = 200;
+
+/// Users joining the writing node's sets, per bucket: one ZADD each, queued into the write
+/// round trip.
+#[derive(Default)]
+pub(super) struct NodeSetAdds {
+    add: BTreeMap<usize, Vec<String>>,
+}
+
+impl NodeSetAdds {
+    /// ZADDs [`NodeSetAdds::queue`] queues: one per bucket.
+    pub(super) fn len(&self) -> usize {
+        self.add.len()
     }
 
-    /// The invisible set for a user whose chosen (or, when connected, effective) status is
-    /// `status`.
-    pub(super) fn status_change(&mut self, keys: &Keys, user: &str, status: Status) {
-        if status == Status::Invisible {
-            self.add(&keys.invisible(), [user.to_string()]);
-        } else {
-            self.remove(&keys.invisible(), [user.to_string()]);
-        }
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.remove.is_empty()
+    fn add(&mut self, bucket: usize, user: &str) {
+        self.add.entry(bucket).or_default().push(user.to_string());
     }
 
     pub(super) async fn queue(
         &self,
+        keys: &super::keys::Keys,
+        node: &str,
         pipeline: &fred::clients::Pipeline<Client>,
     ) -> Result<(), fred::error::Error> {
-        for (key, users) in &self.add {
-            let mut args = vec![key.clone()];
+        for (bucket, users) in &self.add {
+            let mut args = vec![keys.node_users(*bucket, node)];
             for user in users {
                 args.push("0".into());
                 args.push(user.clone());
             }
             let _: () = pipeline.custom(cmd("ZADD"), args).await?;
-        }
-        for (key, users) in &self.remove {
-            let mut args = vec![key.clone()];
-            args.extend(users.iter().cloned());
-            let _: () = pipeline.custom(cmd("ZREM"), args).await?;
         }
         Ok(())
     }

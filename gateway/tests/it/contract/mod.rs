@@ -19,9 +19,9 @@
 //! by a watchdog shell when the test process exits, however it exits.
 //!
 //! Preconditions the app keeps and the tests keep too:
-//! - On Redis, online lists and counts cover users of live (announced) nodes only, and a node's
-//!   liveness follows the `last_heartbeat` it announced: every backend announces its node `n1`
-//!   with the current time when it starts, and a test that writes as another node announces it.
+//! - A node's liveness follows the `last_heartbeat` it announced: every backend announces its
+//!   node `n1` with the current time when it starts, and a test that writes as another node
+//!   announces it.
 //! - The app runs `presence_ttl == node_ttl`. On the embedded backend (one process, so no other
 //!   node can reap) reaping means sweeping every entry past its expiry, which with equal TTLs is
 //!   exactly the dead node's entries; reaping tests use equal TTLs.
@@ -76,6 +76,9 @@ macro_rules! contract {
     };
 }
 
+/// `PresenceStore` counts and online index: exact through every change, retries, reaping, data
+/// loss and concurrent writers; the repair walk.
+mod counts;
 /// `Subscriptions`: watched topics, unwatch, ordering, membership and message events.
 mod events;
 /// `Groups`: membership both ways, paging, idempotence, `online_members`.
@@ -455,6 +458,58 @@ impl Under {
                     .expect("reap_dead_nodes");
             }
         }
+    }
+
+    /// Repair steps (`PresenceStore::repair_index`) until this backend's walk has covered the
+    /// whole index once; returns how many entries they corrected.
+    pub async fn repair_pass(&self) -> u64 {
+        let mut fixed = 0;
+        for _ in 0..100_000 {
+            let step = self.presence.repair_index().await.expect("repair_index");
+            fixed += step.fixed;
+            if step.pass_done {
+                return fixed;
+            }
+        }
+        panic!("the repair walk never finished a pass");
+    }
+
+    /// `pattern` with `{prefix}` replaced by this backend's key prefix (Redis only).
+    pub fn key(&self, pattern: &str) -> String {
+        let Data::Redis { prefix, .. } = &self.data else {
+            panic!("Redis only");
+        };
+        pattern.replace("{prefix}", prefix)
+    }
+
+    /// Runs a command on this backend's redis-server (Redis only); returns its output.
+    pub fn redis_cli(&self, args: &[String]) -> String {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        shared_redis().redis.cli(&args)
+    }
+
+    /// On Redis, runs a Lua snippet deleting every key of this backend's prefix that matches
+    /// `pattern` (`{prefix}` stands for the prefix); returns how many went.
+    pub fn delete_keys(&self, pattern: &str) -> u64 {
+        let Data::Redis { prefix, .. } = &self.data else {
+            panic!("Redis only");
+        };
+        let script = "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+                      redis.call('DEL', k) n = n + 1 end return n";
+        let pattern = pattern.replace("{prefix}", prefix);
+        let deleted = shared_redis().redis.cli(&["EVAL", script, "0", &pattern]);
+        deleted.trim().parse().unwrap_or(0)
+    }
+
+    /// Redis only: the users' records are lost and the online index kept, as when the Redis
+    /// Cluster master of their slots restarts empty and the index's masters do not.
+    pub fn lose_records(&self) -> u64 {
+        self.delete_keys("{prefix}:u:*")
+    }
+
+    /// Redis only: the online index is lost and the records kept (the other way round).
+    pub fn lose_index(&self) -> u64 {
+        self.delete_keys("{prefix}:ix:*")
     }
 
     // ---- events ----

@@ -24,7 +24,7 @@ contract!(
     batches_return_one_change_per_changed_user,
     unknown_users_are_offline_at_version_0,
     entries_expire_without_renewal,
-    crashed_nodes_users_stop_counting_by_themselves,
+    crashed_nodes_users_stop_counting_once_reaped,
     renewal_keeps_entries,
     renewal_recreates_lost_entries_and_restores_invisible,
     renewal_restores_the_chosen_status_only_when_lost,
@@ -426,14 +426,18 @@ async fn entries_expire_without_renewal(f: Factory) {
     assert!(record.version >= on.record.version);
 }
 
-async fn crashed_nodes_users_stop_counting_by_themselves(f: Factory) {
+/// A crashed node's users read offline once their entries expire; the online list and counts
+/// drop them when the node is reaped (or a repair step finds the entries expired: counts.rs).
+async fn crashed_nodes_users_stop_counting_once_reaped(f: Factory) {
     let ttl = Duration::from_millis(300);
     let mut b = f.backend_with(short_ttl(ttl)).await;
     b.connect("frank", &[1]).await.expect("online");
     assert_eq!(b.all_online(10, None).await, ["frank"]);
-    // N1 stops announcing and renewing (it crashed); nobody reaps it yet.
+    // N1 stops announcing and renewing (it crashed).
     sleep_past(ttl).await;
     assert_eq!(b.record("frank").await.status, Status::Offline);
+    let reaped = b.registry.reap_dead_nodes("n2").await.expect("reap");
+    assert_eq!(reaped.len(), 1, "{reaped:?}");
     assert_eq!(b.all_online(10, None).await, Vec::<String>::new());
     assert_eq!(
         b.presence.counts().await.expect("counts"),

@@ -245,5 +245,6 @@ async fn handed_over_entries_stay_until_the_window_ends(f: Factory) {
         "published once"
     );
     assert_eq!(b.all_online(10, None).await, ["back"]);
+    assert_eq!(b.presence.counts().await.expect("counts").online_users, 1);
     assert_eq!(b.registry.reap_dead_nodes(N1).await.expect("reap"), vec![]);
 }
