@@ -6,9 +6,10 @@
 --   6 "1" to push the record's expiry out for every user (renewal, reaper) or "",
 --   7 the webhook queue's bound, or "" when the caller queues webhook events itself (no webhooks,
 --   or a cluster, where the queue's slot is not this call's), 8 the reporting node (the event's
---   `node`: the caller, also when it reaps a dead node), then eight per user: user, entry "mask:idle" or, to remove it, "-mask" (the entry Redis last
---   acknowledged) or "", chosen status or "", its text, when it was chosen (ms), status to restore
---   or "", its text, when it was chosen (ms).
+--   `node`: the caller, also when it reaps a dead node), then eight per user: user, entry
+--   "mask:idle" or, to remove it, "-mask" (the entry Redis last acknowledged) or "", chosen status
+--   or "", its text, when it was chosen (ms), status to restore or "", its text, when it was
+--   chosen (ms).
 -- A chosen status is stored with when it was chosen (`ca`). A new choice always takes effect, at
 -- max(its time, stored + 1), so the stored time stays the newest of any choice written. A restore
 -- (renewal: the status chosen through that node) replaces the stored choice only if there is none
