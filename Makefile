@@ -217,10 +217,12 @@ haproxy:
 build:
 	$(CARGO) build --workspace --release
 
-## Reference benchmark suite (release build, own redis-server and gateway nodes, Socket.IO peer);
-## results in bench/results/, page in docs/benchmarks.md. About 7 minutes plus the build.
+## Reference benchmark suite (release build, own redis-server and gateway nodes, the Socket.IO and
+## Sockudo peers); results in bench/results/, page in docs/benchmarks.md. About 11 minutes plus the
+## build. Sockudo's figures need `make sockudo` once (about 20 minutes); without it the run says so
+## and goes on.
 bench:
-	bench/run.sh
+	SOCKUDO_ROOT="$(SOCKUDO_ROOT)" bench/run.sh
 
 ## The Sockudo peer's server (../shared/peers/sockudo/README.md), built once from crates.io into
 ## SOCKUDO_ROOT, outside the repo, where `make bench` looks for it: about 20 minutes on 2 cores,
