@@ -27,7 +27,9 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, 'target', 'release')
+# Where bench/run.sh's `cargo build --release` put them: cargo honours CARGO_TARGET_DIR (relative to
+# the repo root, where run.sh runs it).
+BIN = os.path.join(ROOT, os.environ.get('CARGO_TARGET_DIR') or 'target', 'release')
 GATEWAY = os.path.join(BIN, 'presence-gateway')
 LOADTEST = os.path.join(BIN, 'presence-loadtest')
 RESULTS = os.path.join(ROOT, 'bench', 'results')
@@ -333,7 +335,9 @@ def redact(argv):
 
 
 def display_cmd(argv):
-    return ' '.join(redact([os.path.relpath(a, ROOT) if a.startswith(BIN) else a for a in argv]))
+    # The same text whatever CARGO_TARGET_DIR is, so that runs compare line by line.
+    return ' '.join(redact([os.path.join('target', 'release', os.path.relpath(a, BIN)) if a.startswith(BIN) else a
+                            for a in argv]))
 
 
 def write_result(name, doc):
