@@ -218,7 +218,7 @@ build:
 	$(CARGO) build --workspace --release
 
 ## Reference benchmark suite (release build, own redis-server and gateway nodes, the Socket.IO and
-## Sockudo peers); results in bench/results/, page in docs/benchmarks.md. About 11 minutes plus the
+## Sockudo peers); results in bench/results/, page in docs/benchmarks.md. About 9 minutes plus the
 ## build. Sockudo's figures need `make sockudo` once (about 20 minutes); without it the run says so
 ## and goes on.
 bench:
