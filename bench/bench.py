@@ -27,7 +27,9 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, 'target', 'release')
+# Where bench/run.sh's `cargo build --release` put them: cargo honours CARGO_TARGET_DIR (relative to
+# the repo root, where run.sh runs it).
+BIN = os.path.join(ROOT, os.environ.get('CARGO_TARGET_DIR') or 'target', 'release')
 GATEWAY = os.path.join(BIN, 'presence-gateway')
 LOADTEST = os.path.join(BIN, 'presence-loadtest')
 RESULTS = os.path.join(ROOT, 'bench', 'results')
@@ -286,7 +288,10 @@ class Stack:
             argv = [GATEWAY, '--listen', f'127.0.0.1:{port}', '--jwt-secret', JWT_SECRET, '--api-key', API_KEY,
                     '--redis-url', f'redis://127.0.0.1:{self.redis_port}', '--log-format', 'json',
                     '--log', 'warn', '--node-id', f'bench-{i}', '--shutdown-grace-secs', '5',
-                    '--drain-delay-secs', '0', '--drain-spread-secs', '0', *extra]
+                    '--drain-delay-secs', '0', '--drain-spread-secs', '0',
+                    # idle-38k holds 19,000 per node, above the default cap of 16,384 sessions; the
+                    # cap plus the 512 sockets kept for probes stays under the 20,000 open files.
+                    '--max-connections', str(MAX_CONNECTIONS), *extra]
             logfile = os.path.join(self.workdir, f'gateway-{i}-{port}.log')
             p = PROCS.start(f'gateway{i}', argv, logfile)
             deadline = time.time() + 25
@@ -333,7 +338,9 @@ def redact(argv):
 
 
 def display_cmd(argv):
-    return ' '.join(redact([os.path.relpath(a, ROOT) if a.startswith(BIN) else a for a in argv]))
+    # The same text whatever CARGO_TARGET_DIR is, so that runs compare line by line.
+    return ' '.join(redact([os.path.join('target', 'release', os.path.relpath(a, BIN)) if a.startswith(BIN) else a
+                            for a in argv]))
 
 
 def write_result(name, doc):
@@ -440,6 +447,7 @@ STACK_FLAGS = {}
 FANOUT_RATES = [int(x) for x in os.environ.get('BENCH_FANOUT_RATES', '25,100,200,400,800').split(',')]
 IDLE_BIG = tuple(int(x) for x in os.environ.get('BENCH_IDLE_BIG', '102000,6').split(','))
 STARTUP_RETRIES = []
+MAX_CONNECTIONS = 19400
 
 
 def stack_flags(stack):
@@ -449,7 +457,8 @@ def stack_flags(stack):
 def nodes(stack, count, extra=()):
     stack.start_nodes(count, extra)
     STACK_FLAGS['flags'] = ['--log-format json', '--log warn', '--shutdown-grace-secs 5',
-                           '--drain-delay-secs 0', '--drain-spread-secs 0', *extra]
+                           '--drain-delay-secs 0', '--drain-spread-secs 0',
+                           f'--max-connections {MAX_CONNECTIONS}', *extra]
 
 
 def step_redis_benchmark(stack):

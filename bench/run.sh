@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # `make bench`: build release binaries, run the gateway's reference suite (bench/bench.py: its own
-# redis-server and gateway nodes on free loopback ports), the physical references, and the
-# Socket.IO peer (bench/peer.sh), then write bench/results/table.md. Bounded: every step stops by
-# itself; the whole run takes about 7 minutes plus the build on the 2-core benchmark machine.
+# redis-server and gateway nodes on free loopback ports), the physical references, and the two
+# peers (bench/peer.sh: Socket.IO, then Sockudo when `make sockudo` has built it), then write
+# bench/results/table.md. Bounded: every step stops by itself; the whole run takes about 9 minutes
+# plus the build on the 2-core benchmark machine (limit: 15).
 # Raw logs and full reports go to a fresh directory under /tmp (printed at the start).
 #
 #   bench/run.sh            everything
-#   BENCH_SKIP_PEER=1 bench/run.sh        without the Socket.IO peer
+#   BENCH_SKIP_PEER=1 bench/run.sh        without the peers
 #   BENCH_ONLY=idle,storm bench/run.sh    only some gateway step groups (see bench/bench.py --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +53,8 @@ if [ -z "${BENCH_ONLY:-}" ]; then
 fi
 step gateway-suite python3 bench/bench.py ${BENCH_ONLY:+--only "$BENCH_ONLY"}
 if [ -z "${BENCH_SKIP_PEER:-}" ]; then
-	step socketio-peer bench/peer.sh
+	step socketio-peer bench/peer.sh socketio
+	step sockudo-peer bench/peer.sh sockudo
 fi
 python3 bench/table.py >bench/results/table.md
 elapsed=$(($(date +%s) - start))
