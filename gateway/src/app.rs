@@ -121,13 +121,10 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             dedupe_window: Duration::from_secs(config.dedupe_secs),
             dedupe_max: config.dedupe_max,
         },
-        // The same condition as `ChangeHooks::with_webhooks` below: events are sent at all.
-        webhooks: (config.webhook_secret.is_some() && !config.webhook_urls().is_empty()).then(
-            || WebhookWrites {
-                node: node_id.clone(),
-                queue_max: config.webhook_queue_max,
-            },
-        ),
+        webhooks: config.sends_webhooks().then(|| WebhookWrites {
+            node: node_id.clone(),
+            queue_max: config.webhook_queue_max,
+        }),
     };
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let background = TaskTracker::new();

@@ -25,7 +25,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     metrics::gauge!(m::SHARD_QUEUE_CAPACITY).set(app.shards.mailbox_capacity() as f64);
     metrics::gauge!(m::CONNECTIONS_MAX).set(app.config.max_connections as f64);
     metrics::gauge!(m::WEBHOOK_QUEUE_MAX).set(app.config.webhook_queue_max as f64);
-    if app.config.webhook_secret.is_some() {
+    if app.config.sends_webhooks() {
         // One O(1) read; a stalled Redis keeps the last value rather than hold the scrape.
         let len = tokio::time::timeout(QUEUE_READ, app.backend.webhooks.queued()).await;
         if let Ok(Ok(len)) = len {

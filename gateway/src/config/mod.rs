@@ -452,6 +452,10 @@ impl Config {
     pub fn webhook_urls(&self) -> Vec<String> {
         split_list(self.webhook_urls.as_deref())
     }
+    /// Webhooks go out at all: a secret to sign them and somewhere to send them.
+    pub fn sends_webhooks(&self) -> bool {
+        self.webhook_secret.is_some() && !self.webhook_urls().is_empty()
+    }
     pub fn webhook_retry(&self) -> Duration {
         Duration::from_secs(self.webhook_retry_secs)
     }

@@ -65,12 +65,16 @@ impl Requests {
         Ok(())
     }
 
+    /// The connection's requests in flight (made at the first request).
+    fn in_flight(&self) -> Arc<Semaphore> {
+        self.in_flight
+            .get_or_init(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT)))
+            .clone()
+    }
+
     /// One of the connection's `MAX_IN_FLIGHT` slots for backend work.
     pub(super) fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, (ErrorCode, String)> {
-        let in_flight = self
-            .in_flight
-            .get_or_init(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT)));
-        in_flight.clone().try_acquire_owned().map_err(|_| {
+        self.in_flight().try_acquire_owned().map_err(|_| {
             (
                 ErrorCode::RateLimited,
                 "too many requests in flight".to_string(),
@@ -162,10 +166,7 @@ impl Requests {
     ) {
         let viewer = self.conn.user.clone();
         let conn = self.conn.clone();
-        let in_flight = self
-            .in_flight
-            .get_or_init(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT)))
-            .clone();
+        let in_flight = self.in_flight();
         self.run(
             permit,
             id,

@@ -133,16 +133,8 @@ impl Worker {
                 let Some(mark) = self.group_marks.get_mut(&group) else {
                     return;
                 };
-                let gaps = format!("{:?}", mark.gaps);
+                tracing::debug!(shard = self.index, %group, read, gaps = ?mark.gaps, "group gaps read");
                 let missed = mark.gaps.missed(messages, &mark.id, read);
-                tracing::debug!(
-                    shard = self.index,
-                    %group,
-                    read,
-                    %gaps,
-                    passed_on = ?missed.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>(),
-                    "group gaps read"
-                );
                 for message in missed {
                     metrics::counter!(m::RESYNC_MESSAGES).increment(1);
                     self.deliver_missed(&group, message);
