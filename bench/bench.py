@@ -445,6 +445,9 @@ STORM_RATES = [int(x) for x in os.environ.get('BENCH_STORM_RATES', '10000,25000,
 STORM_USERS = int(os.environ.get('BENCH_STORM_USERS', '10000'))
 STACK_FLAGS = {}
 FANOUT_RATES = [int(x) for x in os.environ.get('BENCH_FANOUT_RATES', '25,100,200,400,800').split(',')]
+# Private messages per second between 1,000 pairs on different nodes: a low rate, where every
+# message pays each hop's wake-up, and a high one, where they batch.
+PRIVATE_RATES = [int(x) for x in os.environ.get('BENCH_PRIVATE_RATES', '5000,50000').split(',')]
 IDLE_BIG = tuple(int(x) for x in os.environ.get('BENCH_IDLE_BIG', '102000,6').split(','))
 STARTUP_RETRIES = []
 MAX_CONNECTIONS = 19400
@@ -602,10 +605,13 @@ def main():
             guarded('fanout', fanout)
         if want('private'):
             def private():
-                nodes(stack, 2)
-                loadtest(stack, 'private', 'private',
-                         ['--users', '2000', '--rate', '5000', '--duration', '10', '--body-bytes', '64',
-                          '--connect-rate', '5000'], 2, timeout=120)
+                for rate in PRIVATE_RATES:
+                    # Fresh nodes per rate, so neither run's connects nor backlog lands in the other.
+                    nodes(stack, 2)
+                    name = 'private' if rate == 5000 else f'private-{rate}'
+                    loadtest(stack, name, 'private',
+                             ['--users', '2000', '--rate', str(rate), '--duration', '10', '--body-bytes', '64',
+                              '--connect-rate', '5000'], 2, timeout=120)
             guarded('private', private)
     finally:
         stack.stop_nodes()

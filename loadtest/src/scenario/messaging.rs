@@ -319,7 +319,10 @@ async fn run_member(
     let go = loop {
         tokio::select! {
             incoming = conn.recv() => {
-                if !handle(incoming, &m, &shared, &board, &mut local, false) {
+                // A partner in this process may see `go` and send before this task has taken
+                // its turn to see it: that message belongs to the run (it was counted lost).
+                let running = *phase.borrow() >= Phase::Go;
+                if !handle(incoming, &m, &shared, &board, &mut local, running) {
                     break false;
                 }
             }

@@ -54,6 +54,12 @@ impl MessageStore for RedisBackend {
                         int(RECORD_TTL_MS),
                         (if out.may_store { "1" } else { "0" }).into(),
                         int(limits.offline_ttl.as_millis() as u64),
+                        // The copy to the sender's other devices, from the script on one Redis:
+                        // no second round trip per batch.
+                        match self.copy_channel(out, user) {
+                            Some(channel) if !self.cluster => channel.into(),
+                            _ => "".into(),
+                        },
                     ],
                 ),
                 Destination::Group { group } => (
@@ -126,14 +132,14 @@ impl MessageStore for RedisBackend {
                 }
                 Destination::User { user } => {
                     let (nodes, stored, msg_id) = (int(0) as u64, int(1) as u64, id(2));
-                    // The sender's other devices get a copy through their own inbox channel.
-                    if out.from != *user && out.from != shared::ids::SYSTEM_USER {
+                    // On a cluster the sender's inbox is in another slot than the script's keys:
+                    // the copy to their other devices goes out here.
+                    if self.cluster
+                        && let Some(channel) = self.copy_channel(out, user)
+                    {
                         let mut payload = format!("M{msg_id}|").into_bytes();
                         payload.extend_from_slice(env);
-                        let args: Vec<Value> = vec![
-                            self.keys.inbox_channel(&out.from).into(),
-                            Value::Bytes(payload.into()),
-                        ];
+                        let args: Vec<Value> = vec![channel.into(), Value::Bytes(payload.into())];
                         let _: () = copies
                             .custom(cmd(self.publish_command()), args)
                             .await
@@ -356,6 +362,13 @@ fn count_repeat(out: &Outgoing) {
 impl RedisBackend {
     /// A send's dedupe key and how long it lives (ms), if it has an id. Client and router ids
     /// live in namespaces of their own (`c`, `r`), so neither can stand for the other.
+    /// The channel of the sender's inbox, where their other devices get a copy of a private
+    /// message; none for a message to oneself or from the app backend.
+    fn copy_channel(&self, out: &Outgoing, to: &str) -> Option<String> {
+        (out.from != to && out.from != shared::ids::SYSTEM_USER)
+            .then(|| self.keys.inbox_channel(&out.from))
+    }
+
     fn dedupe_of(&self, out: &Outgoing) -> (Option<String>, u64) {
         match &out.dedupe {
             Some(Dedupe::Client(id)) => (

@@ -4,7 +4,9 @@
 -- KEYS[4] (optional) the send's dedupe STRING (same slot).
 -- ARGV: 1 now (ms), 2 offline cap, 3 envelope, 4 "PUBLISH" or "SPUBLISH", 5 record ttl (ms),
 -- 6 "1" when the message may be stored (the sender's budget allows it), 7 offline ttl (ms),
--- 8 how long the dedupe key lives (ms).
+-- 8 the sender's inbox channel, where their other devices get a copy, or '' for none (on a
+-- cluster it lives in another slot, and the copy goes out in a pipeline of its own),
+-- 9 how long the dedupe key lives (ms).
 -- Returns {nodes reached, stored (1, 0, or -1 when it had to be stored and may not), msg_id},
 -- plus a 4th element 1 when KEYS[4] held an earlier send's outcome and nothing was sent. A
 -- refused send is not remembered: nothing went out.
@@ -31,7 +33,10 @@ if nodes == 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   stored = 1
 end
+if ARGV[8] ~= '' then
+  redis.call(ARGV[4], ARGV[8], 'M' .. id .. '|' .. ARGV[3])
+end
 if dedupe then
-  redis.call('SET', dedupe, string.format('%d:%d:%s', nodes, stored, id), 'PX', ARGV[8])
+  redis.call('SET', dedupe, string.format('%d:%d:%s', nodes, stored, id), 'PX', ARGV[9])
 end
 return {nodes, stored, id}
