@@ -343,7 +343,10 @@ P('## Group fan-out (1 group of 1,000 members, 500 per node) and private message
 P('')
 P('| step | msg/s target (achieved) | deliveries/s | delivery p50 / p99 / p999 ms | lost | beyond expected¹ | gateway CPU ms per 1k deliveries | CPU | command |')
 P('|---|---|---|---|---|---|---|---|---|')
-for d in fan + ([R['private']] if 'private' in R else []):
+# `private` is the 5,000 msg/s step; `private-<rate>` the others.
+PRIVATE = sorted((k for k in R if k == 'private' or k.startswith('private-')),
+                 key=lambda k: int(k.split('-')[1]) if '-' in k else 5000)
+for d in fan + [R[k] for k in PRIVATE]:
     f = d.get('figures') or {}
     c = g(d, 'cpu_measured_phase')
     recv = f.get('received')
