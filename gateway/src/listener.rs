@@ -63,17 +63,7 @@ pub async fn serve(
     let open = Arc::new(AtomicUsize::new(0));
     let mut rates = RateTable::new(limits.connect_rate_per_ip);
     let max_sockets = limits.max_connections + HEADROOM_SOCKETS;
-    let cap: usize = std::env::var("TEMP_HTTP_CAP")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 30);
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     loop {
-        let slot = tokio::select! {
-            s = slots.clone().acquire_owned() => s,
-            _ = stop.cancelled() => break,
-        };
-        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.cancelled() => break,
@@ -123,7 +113,6 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
             open.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
         });
     }
     drop(listener);
