@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod client;
+mod delivery;
 mod fleet;
 mod probe;
 mod report;
