@@ -11,7 +11,8 @@ Every process started here is a child of this process and is stopped by PID (SIG
 SIGKILL) and waited for, on success, on failure and on SIGINT/SIGTERM.
 
 Usage: bench/bench.py [--only GROUP[,GROUP...]]   (environment: BENCH_STORM_RATES, BENCH_STORM_USERS,
-       BENCH_FANOUT_RATES, BENCH_FANOUT_ARGS, BENCH_IDLE_BIG=N,NODES, BENCH_QUIET_BUDGET, BENCH_TMP,
+       BENCH_FANOUT_RATES, BENCH_FANOUT_ARGS, BENCH_IDLE_BIG=N,NODES, BENCH_QUIET_BUDGET,
+       BENCH_QUIET_MAX_S, BENCH_TMP,
        BENCH_RESULTS, BENCH_RESULT_PREFIX, BENCH_PIN_SERVERS, BENCH_PIN_LOADTEST)
 """
 import argparse
@@ -367,9 +368,10 @@ def write_result(name, doc):
 
 
 QUIET = {'budget_s': float(os.environ.get('BENCH_QUIET_BUDGET', '90')), 'used_s': 0.0}
+QUIET_MAX_S = float(os.environ.get('BENCH_QUIET_MAX_S', '16'))  # per step
 
 
-def wait_quiet(stack, max_s=16.0, threshold=0.3):
+def wait_quiet(stack, max_s=QUIET_MAX_S, threshold=0.3):
     """Waits (bounded per step and over the whole run) until processes that are not ours use less
     than `threshold` cores, measured over 2 s; returns what it saw."""
     ours = lambda: sum(proc_cpu(pid) or 0.0 for pid in [os.getpid(), stack.redis.pid] + stack.pids())
