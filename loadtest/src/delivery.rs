@@ -21,11 +21,44 @@ const MAX_DEPTH: usize = 8;
 /// The fields of a delivered message the scenarios count, borrowed from the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery<'a> {
-    pub msg_id: &'a str,
+    pub msg_id: MsgId<'a>,
     pub from: &'a str,
     pub to: To<'a>,
     /// The body's `ts` (send time, µs since the epoch), as `body_timestamp` reads it.
     pub ts: Option<u64>,
+}
+
+/// A message id: the two numbers of the form the gateway writes, `<ms, 13 digits>-<seq, 10
+/// digits>`, or any other text. The form is fixed-width, so two ids of that form have the same
+/// numbers only when they are the same text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgId<'a> {
+    Numeric(u64, u64),
+    Text(&'a str),
+}
+
+impl<'a> MsgId<'a> {
+    pub fn of(id: &'a str) -> Self {
+        match numeric_id(id.as_bytes()) {
+            Some((ms, seq)) => MsgId::Numeric(ms, seq),
+            None => MsgId::Text(id),
+        }
+    }
+}
+
+/// The (ms, seq) of a `<13 digits>-<10 digits>` message id; `None` for any other text.
+pub fn numeric_id(id: &[u8]) -> Option<(u64, u64)> {
+    if id.len() != 24 || id[13] != b'-' {
+        return None;
+    }
+    Some((digits(&id[..13])?, digits(&id[14..])?))
+}
+
+/// The value of a string of ASCII digits (at most 19, so it fits); `None` if any is not one.
+fn digits(text: &[u8]) -> Option<u64> {
+    text.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 /// A message's destination, borrowed.
@@ -51,7 +84,7 @@ impl<'a> Delivery<'a> {
     /// The same fields of a message decoded in full.
     pub fn of(msg: &'a Message) -> Self {
         Delivery {
-            msg_id: &msg.msg_id,
+            msg_id: MsgId::of(&msg.msg_id),
             from: &msg.from,
             to: match &msg.to {
                 Destination::User { user } => To::User(user),
@@ -85,7 +118,7 @@ pub fn read(frame: &[u8]) -> Option<Delivery<'_>> {
     for _ in 1..entries {
         let key = c.str()?;
         let fresh = match key {
-            b"msg_id" => msg_id.replace(c.text()?).is_none(),
+            b"msg_id" => msg_id.replace(c.msg_id()?).is_none(),
             b"from" => from.replace(c.text()?).is_none(),
             b"to" => to.replace(c.destination()?).is_none(),
             b"body" => ts.replace(c.body()?).is_none(),
@@ -163,6 +196,15 @@ impl<'a> Cursor<'a> {
     /// A str that is valid UTF-8, as a `String` field needs.
     fn text(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.str()?).ok()
+    }
+
+    /// A message id; its numbers without a UTF-8 check when it has the gateway's (ASCII) form.
+    fn msg_id(&mut self) -> Option<MsgId<'a>> {
+        let raw = self.str()?;
+        Some(match numeric_id(raw) {
+            Some((ms, seq)) => MsgId::Numeric(ms, seq),
+            None => MsgId::Text(std::str::from_utf8(raw).ok()?),
+        })
     }
 
     /// An integer: `Some(Some(n))` when it is non-negative, `Some(None)` when negative.
@@ -380,7 +422,7 @@ mod tests {
     }
 
     fn same(d: &Delivery<'_>, f: &(String, String, Destination, Option<u64>)) -> bool {
-        d.msg_id == f.0 && d.from == f.1 && d.to.is(&f.2) && d.ts == f.3
+        d.msg_id == MsgId::of(&f.0) && d.from == f.1 && d.to.is(&f.2) && d.ts == f.3
     }
 
     #[test]

@@ -26,7 +26,7 @@ use super::support::{
 use crate::{
     cli::MessagingArgs,
     client::{Conn, Incoming, Raw},
-    delivery::{self, Delivery},
+    delivery::{self, Delivery, MsgId},
     fleet::Phase,
     report::{Figures, LatencySummary, Stats, Summary, figures, round},
 };
@@ -215,9 +215,9 @@ impl Seen {
     }
 
     /// True the first time `id` is seen.
-    fn insert(&mut self, id: &str) -> bool {
-        match numeric_id(id) {
-            Some((ms, seq)) => {
+    fn insert(&mut self, id: MsgId<'_>) -> bool {
+        match id {
+            MsgId::Numeric(ms, seq) => {
                 if self.window.is_empty() && self.limit > 0 {
                     self.base = seq.saturating_sub(WINDOW_SLACK);
                 }
@@ -242,25 +242,9 @@ impl Seen {
                 }
                 self.numeric.insert((ms, seq))
             }
-            None => !self.other.contains(id) && self.other.insert(id.to_string()),
+            MsgId::Text(id) => !self.other.contains(id) && self.other.insert(id.to_string()),
         }
     }
-}
-
-/// The (ms, seq) of a `<13 digits>-<10 digits>` message id; `None` for any other text.
-fn numeric_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    if ms.len() != 13 || seq.len() != 10 {
-        return None;
-    }
-    Some((digits(ms)?, digits(seq)?))
-}
-
-/// The value of a string of ASCII digits (at most 19, so it fits); `None` if any is not one.
-fn digits(text: &str) -> Option<u64> {
-    text.bytes().try_fold(0u64, |n, b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
 }
 
 impl Local {
@@ -289,12 +273,8 @@ impl Local {
             return;
         }
         let mut rec = shared.rec.lock();
-        for v in self.delivery.drain(..) {
-            rec.record("delivery", v);
-        }
-        for v in self.ack.drain(..) {
-            rec.record("ack", v);
-        }
+        rec.record_all("delivery", self.delivery.drain(..));
+        rec.record_all("ack", self.ack.drain(..));
     }
 
     /// Adds the deliveries not yet reported to the progress counter.
@@ -777,7 +757,7 @@ pub fn summary(what: &str, figures: &impl Figures, messaging: &MessagingFigures)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::body_timestamp;
+    use crate::delivery::{body_timestamp, numeric_id};
     use shared::Encoding;
 
     #[test]
@@ -807,7 +787,7 @@ mod tests {
     #[test]
     fn duplicates_are_the_same_msg_id_text() {
         assert_eq!(
-            numeric_id("1700000000000-0000000042"),
+            numeric_id(b"1700000000000-0000000042"),
             Some((1_700_000_000_000, 42))
         );
         for other in [
@@ -819,7 +799,7 @@ mod tests {
             "+700000000000-0000000042",
             "",
         ] {
-            assert_eq!(numeric_id(other), None, "{other}");
+            assert_eq!(numeric_id(other.as_bytes()), None, "{other}");
         }
         for mut seen in [Seen::default(), Seen::with_capacity(16)] {
             for id in [
@@ -833,7 +813,7 @@ mod tests {
                 "5-1",
                 "x",
             ] {
-                assert!(seen.insert(id), "{id} counted as a duplicate");
+                assert!(seen.insert(MsgId::of(id)), "{id} counted as a duplicate");
             }
             for id in [
                 "1700000000000-0000000042",
@@ -842,7 +822,10 @@ mod tests {
                 "5-1",
                 "x",
             ] {
-                assert!(!seen.insert(id), "{id} not counted as a duplicate");
+                assert!(
+                    !seen.insert(MsgId::of(id)),
+                    "{id} not counted as a duplicate"
+                );
             }
         }
     }
@@ -866,7 +849,11 @@ mod tests {
             };
             let ms = 1_700_000_000_000 + (x >> 20) % 3;
             let id = format!("{ms:013}-{seq:010}");
-            assert_eq!(seen.insert(&id), reference.insert(id.clone()), "{id}");
+            assert_eq!(
+                seen.insert(MsgId::of(&id)),
+                reference.insert(id.clone()),
+                "{id}"
+            );
         }
         assert!(!seen.window.is_empty() && !seen.numeric.is_empty());
     }
