@@ -20,11 +20,10 @@ use tokio_rustls::{
         pki_types::{CertificateDer, ServerName, pem::PemObject},
     },
 };
-use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::{
     WebSocketStream, client_async_with_config,
     tungstenite::{
-        self, Message,
+        self, Bytes, Message,
         client::IntoClientRequest,
         http::{HeaderValue, header::SEC_WEBSOCKET_PROTOCOL},
         protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
