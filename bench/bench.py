@@ -11,12 +11,15 @@ Every process started here is a child of this process and is stopped by PID (SIG
 SIGKILL) and waited for, on success, on failure and on SIGINT/SIGTERM.
 
 Usage: bench/bench.py [--only GROUP[,GROUP...]]   (environment: BENCH_STORM_RATES, BENCH_STORM_USERS,
-       BENCH_FANOUT_RATES, BENCH_IDLE_BIG=N,NODES, BENCH_QUIET_BUDGET, BENCH_TMP)
+       BENCH_FANOUT_RATES, BENCH_FANOUT_ARGS, BENCH_IDLE_BIG=N,NODES, BENCH_QUIET_BUDGET,
+       BENCH_QUIET_MAX_S, BENCH_TMP,
+       BENCH_RESULTS, BENCH_RESULT_PREFIX, BENCH_PIN_SERVERS, BENCH_PIN_LOADTEST)
 """
 import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -32,7 +35,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, os.environ.get('CARGO_TARGET_DIR') or 'target', 'release')
 GATEWAY = os.path.join(BIN, 'presence-gateway')
 LOADTEST = os.path.join(BIN, 'presence-loadtest')
-RESULTS = os.path.join(ROOT, 'bench', 'results')
+# A run kept beside `make bench`'s files rather than over them: e.g. BENCH_RESULTS=bench/results/runs
+# BENCH_RESULT_PREFIX=2026-11-30-topic- .
+RESULTS = os.path.abspath(os.environ.get('BENCH_RESULTS') or os.path.join(ROOT, 'bench', 'results'))
+RESULT_PREFIX = os.environ.get('BENCH_RESULT_PREFIX', '')
+# `taskset -c` CPU lists (e.g. BENCH_PIN_SERVERS=0 BENCH_PIN_LOADTEST=1): the gateways and Redis on
+# some cores, the load tool (and its worker processes, which inherit the mask) on others, so that
+# on a small machine neither side's backlog is the other's scheduling delay. taskset execs the
+# program, so the PIDs sampled below are still the programs' own.
+PIN_SERVERS = os.environ.get('BENCH_PIN_SERVERS') or None
+PIN_LOADTEST = os.environ.get('BENCH_PIN_LOADTEST') or None
 # Throwaway credentials of the benchmark's own local nodes (loopback only, never deployed).
 JWT_SECRET = 'bench-jwt-secret-local-only'
 API_KEY = 'bench-api-key-local-only'
@@ -89,6 +101,10 @@ class Procs:
 
 
 PROCS = Procs()
+
+
+def pinned(argv, cpus):
+    return ['taskset', '-c', cpus, *argv] if cpus else argv
 
 
 def on_signal(signum, _frame):
@@ -255,9 +271,9 @@ class Stack:
         self.redis_port = free_port()
         d = os.path.join(self.workdir, 'redis')
         os.makedirs(d, exist_ok=True)
-        self.redis = PROCS.start('redis', ['redis-server', '--port', str(self.redis_port), '--bind', '127.0.0.1',
+        self.redis = PROCS.start('redis', pinned(['redis-server', '--port', str(self.redis_port), '--bind', '127.0.0.1',
                                            '--save', '', '--appendonly', 'no', '--dir', d,
-                                           '--maxclients', '10000'],
+                                           '--maxclients', '10000'], PIN_SERVERS),
                                  os.path.join(self.workdir, 'redis.log'))
         for _ in range(100):
             if self.redis.poll() is not None:
@@ -293,7 +309,7 @@ class Stack:
                     # cap plus the 512 sockets kept for probes stays under the 20,000 open files.
                     '--max-connections', str(MAX_CONNECTIONS), *extra]
             logfile = os.path.join(self.workdir, f'gateway-{i}-{port}.log')
-            p = PROCS.start(f'gateway{i}', argv, logfile)
+            p = PROCS.start(f'gateway{i}', pinned(argv, PIN_SERVERS), logfile)
             deadline = time.time() + 25
             while p.poll() is None and time.time() < deadline:
                 try:
@@ -344,7 +360,7 @@ def display_cmd(argv):
 
 
 def write_result(name, doc):
-    path = os.path.join(RESULTS, f'{name}.json')
+    path = os.path.join(RESULTS, f'{RESULT_PREFIX}{name}.json')
     with open(path, 'w') as f:
         json.dump(doc, f, indent=1)
         f.write('\n')
@@ -352,9 +368,10 @@ def write_result(name, doc):
 
 
 QUIET = {'budget_s': float(os.environ.get('BENCH_QUIET_BUDGET', '90')), 'used_s': 0.0}
+QUIET_MAX_S = float(os.environ.get('BENCH_QUIET_MAX_S', '16'))  # per step
 
 
-def wait_quiet(stack, max_s=16.0, threshold=0.3):
+def wait_quiet(stack, max_s=QUIET_MAX_S, threshold=0.3):
     """Waits (bounded per step and over the whole run) until processes that are not ours use less
     than `threshold` cores, measured over 2 s; returns what it saw."""
     ours = lambda: sum(proc_cpu(pid) or 0.0 for pid in [os.getpid(), stack.redis.pid] + stack.pids())
@@ -390,7 +407,7 @@ def loadtest(stack, name, scenario, args, nodes, gateway_pids=(), timeout=180, m
     m0 = [scrape(port) for port in ports]
     compiling = rustc_running()
     t0 = time.time()
-    p = PROCS.start(f'loadtest-{name}', argv, os.path.join(stack.workdir, f'{name}.out'))
+    p = PROCS.start(f'loadtest-{name}', pinned(argv, PIN_LOADTEST), os.path.join(stack.workdir, f'{name}.out'))
     sampler = CpuSampler(stack.pids(nodes), stack.redis.pid, p.pid)
     sampler.start()
     try:
@@ -414,6 +431,7 @@ def loadtest(stack, name, scenario, args, nodes, gateway_pids=(), timeout=180, m
     doc = {'step': name, 'scenario': scenario, 'nodes': nodes, 'exit_code': rc, 'wall_s': round(secs, 1),
            'command': display_cmd(argv).replace(full, f'/tmp/.../{name}.report.json'),
            'gateway_flags': stack_flags(stack), 'rustc_processes_at_start': int(compiling), 'quiet_wait': quiet,
+           'pinned_cpus': {'servers': PIN_SERVERS, 'loadtest': PIN_LOADTEST},
            **(meta or {})}
     if report:
         started = report['started_at_ms'] / 1000.0
@@ -427,6 +445,12 @@ def loadtest(stack, name, scenario, args, nodes, gateway_pids=(), timeout=180, m
         for k in ('ok', 'problems', 'warnings', 'setup_secs', 'run_secs', 'elapsed_secs', 'processes',
                   'figures', 'latency_ms', 'counters', 'error_samples'):
             doc[k] = report.get(k)
+        received = (report.get('figures') or {}).get('received')
+        cpu = doc.get('cpu_measured_phase')
+        if received and cpu:
+            # Every delivery of the run lands inside the measured phase (it ends after the drain).
+            doc['cpu_us_per_delivery'] = {k: round(cpu[f'{k}_cpu_s'] * 1e6 / received, 3)
+                                          for k in ('gateway', 'loadtest', 'redis')}
         if scenario == 'storm':
             # keep the storm's per-second series but not every /metrics snapshot
             doc['snapshots_kept'] = 'omitted (see figures.flush_series)'
@@ -448,6 +472,7 @@ FANOUT_RATES = [int(x) for x in os.environ.get('BENCH_FANOUT_RATES', '25,100,200
 # Private messages per second between 1,000 pairs on different nodes: a low rate, where every
 # message pays each hop's wake-up, and a high one, where they batch.
 PRIVATE_RATES = [int(x) for x in os.environ.get('BENCH_PRIVATE_RATES', '5000,50000').split(',')]
+FANOUT_ARGS = shlex.split(os.environ.get('BENCH_FANOUT_ARGS', ''))  # e.g. '--per-process 250'
 IDLE_BIG = tuple(int(x) for x in os.environ.get('BENCH_IDLE_BIG', '102000,6').split(','))
 STARTUP_RETRIES = []
 MAX_CONNECTIONS = 19400
@@ -601,7 +626,8 @@ def main():
                 for rate in FANOUT_RATES:
                     loadtest(stack, f'fanout-{rate}', 'fanout',
                              ['--groups', '1', '--members', '1000', '--senders-per-group', '8', '--rate', str(rate),
-                              '--duration', '10', '--body-bytes', '64', '--drain-ms', '3000'], 2, timeout=120)
+                              '--duration', '10', '--body-bytes', '64', '--drain-ms', '3000', *FANOUT_ARGS], 2,
+                             timeout=120)
             guarded('fanout', fanout)
         if want('private'):
             def private():

@@ -148,6 +148,14 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u64).range(10..=19_000))]
     pub per_process: u64,
 
+    /// Worker threads of each process's runtime; 1 runs tokio's single-threaded runtime (no
+    /// wake-ups across threads: cheaper per delivery, and the right choice for a process pinned
+    /// to one core, e.g. with `taskset -c`), 0 takes one per core.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=256))]
+    #[serde(default)]
+    pub threads: u16,
+
     /// Prefix of every user and group id of the run (default: unique per run, `lt` + time).
     #[arg(long)]
     pub prefix: Option<String>,

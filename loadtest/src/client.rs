@@ -23,7 +23,7 @@ use tokio_rustls::{
 use tokio_tungstenite::{
     WebSocketStream, client_async_with_config,
     tungstenite::{
-        self, Message,
+        self, Bytes, Message,
         client::IntoClientRequest,
         http::{HeaderValue, header::SEC_WEBSOCKET_PROTOCOL},
         protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
@@ -322,6 +322,14 @@ pub enum Incoming {
     Failed(String),
 }
 
+/// What [`Conn::recv_raw`] gave: a MessagePack message as it came, or anything else as
+/// [`Conn::recv`] gives it.
+#[derive(Debug)]
+pub enum Raw {
+    Bytes(Bytes),
+    Other(Incoming),
+}
+
 /// An open client connection.
 pub struct Conn {
     ws: WebSocketStream<Stream>,
@@ -332,36 +340,59 @@ impl Conn {
     /// The next frame, skipping control messages (pings are answered by the WebSocket layer).
     /// Cancel-safe: usable in `select!`.
     pub async fn recv(&mut self) -> Incoming {
+        match self.next_message().await {
+            Ok(message) => self.decode(message),
+            Err(incoming) => incoming,
+        }
+    }
+
+    /// Like [`Conn::recv`], but a MessagePack message comes back undecoded, for a caller that
+    /// reads the frames it counts itself and hands the rest to [`Conn::decode_bytes`].
+    pub async fn recv_raw(&mut self) -> Raw {
+        match self.next_message().await {
+            Ok(Message::Binary(bytes)) if self.encoding == Encoding::MsgPack => Raw::Bytes(bytes),
+            Ok(message) => Raw::Other(self.decode(message)),
+            Err(incoming) => Raw::Other(incoming),
+        }
+    }
+
+    /// A message as [`Conn::recv`] would have decoded it.
+    pub fn decode_bytes(&self, bytes: &[u8]) -> Incoming {
+        match self.encoding.decode_server(bytes) {
+            Ok(frame) => Incoming::Frame(frame),
+            Err(e) => Incoming::Undecodable(e.message),
+        }
+    }
+
+    /// The next data or close message; what ended the connection otherwise.
+    async fn next_message(&mut self) -> Result<Message, Incoming> {
         loop {
-            let message = match self.ws.next().await {
-                None => return Incoming::Closed(None),
+            return match self.ws.next().await {
+                None => Err(Incoming::Closed(None)),
                 Some(Err(tungstenite::Error::ConnectionClosed))
-                | Some(Err(tungstenite::Error::AlreadyClosed)) => return Incoming::Closed(None),
-                Some(Err(e)) => return Incoming::Failed(e.to_string()),
-                Some(Ok(m)) => m,
+                | Some(Err(tungstenite::Error::AlreadyClosed)) => Err(Incoming::Closed(None)),
+                Some(Err(e)) => Err(Incoming::Failed(e.to_string())),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(m)) => Ok(m),
             };
-            let decoded = match (message, self.encoding) {
-                (Message::Binary(bytes), Encoding::MsgPack) => self.encoding.decode_server(&bytes),
-                (Message::Text(text), Encoding::Json) => {
-                    self.encoding.decode_server(text.as_bytes())
-                }
-                (Message::Binary(_), Encoding::Json) => {
-                    return Incoming::Undecodable("binary message on a JSON connection".into());
-                }
-                (Message::Text(_), Encoding::MsgPack) => {
-                    return Incoming::Undecodable(
-                        "text message on a MessagePack connection".into(),
-                    );
-                }
-                (Message::Close(frame), _) => {
-                    return Incoming::Closed(frame.map(|f| u16::from(f.code)));
-                }
-                (Message::Ping(_) | Message::Pong(_) | Message::Frame(_), _) => continue,
-            };
-            return match decoded {
-                Ok(frame) => Incoming::Frame(frame),
-                Err(e) => Incoming::Undecodable(e.message),
-            };
+        }
+    }
+
+    fn decode(&self, message: Message) -> Incoming {
+        match (message, self.encoding) {
+            (Message::Binary(bytes), Encoding::MsgPack) => self.decode_bytes(&bytes),
+            (Message::Text(text), Encoding::Json) => self.decode_bytes(text.as_bytes()),
+            (Message::Binary(_), Encoding::Json) => {
+                Incoming::Undecodable("binary message on a JSON connection".into())
+            }
+            (Message::Text(_), Encoding::MsgPack) => {
+                Incoming::Undecodable("text message on a MessagePack connection".into())
+            }
+            (Message::Close(frame), _) => Incoming::Closed(frame.map(|f| u16::from(f.code))),
+            // `next_message` skips them.
+            (Message::Ping(_) | Message::Pong(_) | Message::Frame(_), _) => {
+                Incoming::Undecodable("control message".into())
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod client;
+mod delivery;
 mod fleet;
 mod probe;
 mod report;
@@ -16,10 +17,42 @@ use clap::Parser;
 
 use crate::{cli::Command, scenario::Scenario};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let cli = cli::Cli::parse();
+    // The runtime is chosen by the scenario's `--threads`; a worker process reads it from its
+    // assignment (a spec it cannot read fails later, with its message, on the default runtime).
+    let threads = match &cli.command {
+        Command::Worker(args) => serde_json::from_str::<fleet::RunSpec>(&args.spec)
+            .map(|spec| spec.scenario.common().threads)
+            .unwrap_or(0),
+        Command::Idle(a) => a.common.threads,
+        Command::Churn(a) => a.common.threads,
+        Command::Fanout(a) => a.common.threads,
+        Command::Private(a) => a.common.threads,
+        Command::Storm(a) => a.common.threads,
+    };
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = runtime.block_on(run(cli, argv));
+    // Connection tasks still open when a run gave up must not hold the exit.
+    runtime.shutdown_background();
+    std::process::exit(code);
+}
+
+async fn run(cli: cli::Cli, argv: Vec<String>) -> i32 {
     // Sockets are files: take the whole hard limit (it cannot be raised past it).
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         eprintln!("warning: cannot raise the open-file limit: {e}");
@@ -28,9 +61,9 @@ async fn main() {
         Command::Worker(args) => {
             if let Err(e) = fleet::worker_process(args).await {
                 eprintln!("worker error: {e:#}");
-                std::process::exit(run::EXIT_FAILED);
+                return run::EXIT_FAILED;
             }
-            return;
+            return 0;
         }
         Command::Idle(a) => Scenario::Idle(a),
         Command::Churn(a) => Scenario::Churn(a),
@@ -39,10 +72,10 @@ async fn main() {
         Command::Storm(a) => Scenario::Storm(a),
     };
     match run::run(scenario, argv).await {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            2
         }
     }
 }

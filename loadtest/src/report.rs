@@ -141,6 +141,21 @@ impl Stats {
         }
     }
 
+    /// Records every value in one histogram (one look-up of its name, not one per value).
+    pub fn record_all(&mut self, hist: &str, values: impl IntoIterator<Item = u64>) {
+        let mut values = values.into_iter().peekable();
+        if values.peek().is_none() {
+            return;
+        }
+        let h = match self.hists.get_mut(hist) {
+            Some(h) => h,
+            None => self.hists.entry(hist.to_string()).or_default(),
+        };
+        for v in values {
+            h.record(v);
+        }
+    }
+
     pub fn hist(&self, name: &str) -> Hist {
         self.hists.get(name).cloned().unwrap_or_default()
     }

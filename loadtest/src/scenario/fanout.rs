@@ -45,6 +45,7 @@ pub async fn worker(args: &FanoutArgs, ctx: WorkerCtx) -> anyhow::Result<Stats> 
     let rate = messaging::connect_rate(&args.messaging, n as u64, total);
     let prefix = ctx.shared.prefix.clone();
     let senders = args.groups * args.senders_per_group;
+    let expect_messages = messaging::expected_per_member(&args.messaging, args.groups);
     messaging::worker(&args.messaging, ctx, n, rate, move |k| {
         let i = range.start + k as u64;
         let (g, m) = (i / args.members, i % args.members);
@@ -68,6 +69,7 @@ pub async fn worker(args: &FanoutArgs, ctx: WorkerCtx) -> anyhow::Result<Stats> 
             send,
             slot: g as usize,
             partner_local: None,
+            expect_messages,
         }
     })
     .await

@@ -37,6 +37,7 @@ pub async fn worker(args: &PrivateArgs, ctx: WorkerCtx) -> anyhow::Result<Stats>
     let rate = messaging::connect_rate(&args.messaging, n as u64, total);
     let prefix = ctx.shared.prefix.clone();
     let send_rate = args.messaging.rate;
+    let expect_messages = messaging::expected_per_member(&args.messaging, total);
     messaging::worker(&args.messaging, ctx, n, rate, move |k| {
         let i = range.start + k as u64;
         let partner = i ^ 1;
@@ -57,6 +58,7 @@ pub async fn worker(args: &PrivateArgs, ctx: WorkerCtx) -> anyhow::Result<Stats>
             )),
             slot: 0,
             partner_local: Some((partner - range.start) as usize),
+            expect_messages,
         }
     })
     .await
