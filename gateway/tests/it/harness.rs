@@ -434,6 +434,11 @@ impl Redis {
         *self = fresh;
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the server process runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

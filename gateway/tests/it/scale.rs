@@ -29,6 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     client::Rest,
     harness::{Backend, NodeBuilder, Redis, RedisCluster},
+    machine::{self, Sampler},
 };
 
 /// Simulated gateway nodes.
@@ -401,11 +402,21 @@ fn figures(redis: &Redis) -> RedisFigures {
     }
 }
 
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// A phase of the run and when it went on (unix ms), to tell which one a SLOWLOG entry fell in.
+struct Phase {
+    name: String,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+/// A span of the run that is not a measured phase (waiting for the node TTL, the REST node's
+/// start), so that every SLOWLOG entry falls somewhere.
+fn mark(log: &mut Vec<Phase>, name: &str, start_ms: u64) {
+    log.push(Phase {
+        name: name.to_string(),
+        start_ms,
+        end_ms: machine::unix_ms(),
+    });
 }
 
 /// The machine's load average (1, 5, 15 minutes), to read SLOWLOG by.
@@ -460,14 +471,19 @@ fn command_calls(redis: &Redis) -> String {
 
 /// Figures of one phase: per unit of work (users or changes), Redis CPU (µs) and commands.
 fn phase(
-    log: &mut Vec<(String, u64)>,
+    log: &mut Vec<Phase>,
     name: &str,
     before: RedisFigures,
     after: RedisFigures,
     units: usize,
     took: Duration,
 ) {
-    log.push((name.to_string(), unix_secs()));
+    let end = machine::unix_ms();
+    log.push(Phase {
+        name: name.to_string(),
+        start_ms: end.saturating_sub(took.as_millis() as u64),
+        end_ms: end,
+    });
     let units = units.max(1) as f64;
     eprintln!(
         "scale: {name:<22} {units:>9} in {:>6.1} s | Redis CPU {:>6.1} s = {:>5.1} us each | commands {:>9} = {:.3} each",
@@ -504,6 +520,7 @@ async fn run(plan: Plan) {
     let beat = heartbeats(&sims, beating.clone());
     redis.cli(&["SLOWLOG", "RESET"]);
     redis.cli(&["LATENCY", "RESET"]);
+    let sampler = Sampler::start(redis.pid().expect("redis runs"), redis.port);
     eprintln!(
         "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}, own core: {pinned}); load average at the start: {}",
         plan.users,
@@ -512,8 +529,7 @@ async fn run(plan: Plan) {
         load_average()
     );
 
-    // Each phase and when it ended, to tell which one a SLOWLOG entry fell in.
-    let mut phases: Vec<(String, u64)> = Vec::new();
+    let mut phases: Vec<Phase> = Vec::new();
     let empty = figures(&redis);
     let started = Instant::now();
     fill(&mut sims, plan.fill_per_sec).await;
@@ -573,6 +589,7 @@ async fn run(plan: Plan) {
 
     // The last node dies: its heartbeat stops, and once it is older than the node TTL another
     // node reaps it, in steps of a few hundred users.
+    let idle = machine::unix_ms();
     beating.cancel();
     let _ = beat.await;
     let dead = sims.pop().expect("nodes");
@@ -581,6 +598,7 @@ async fn run(plan: Plan) {
     let _beat = heartbeats(&sims, beating.clone());
     let _stop_beating = StopOnDrop(beating);
     tokio::time::sleep(NODE_TTL + Duration::from_secs(1)).await;
+    mark(&mut phases, "waiting for the node TTL", idle);
     let before = figures(&redis);
     let started = Instant::now();
     let reaped = sims[0]
@@ -607,6 +625,7 @@ async fn run(plan: Plan) {
 
     let (counts, online) = expected(&sims);
     let started = Instant::now();
+    let stats_started = machine::unix_ms();
     assert_eq!(
         sims[0].roles.presence.counts().await.expect("counts"),
         counts,
@@ -628,6 +647,7 @@ async fn run(plan: Plan) {
         .map(|(p, n)| (p.to_string(), *n))
         .collect();
     assert_eq!(stats["by_platform"], serde_json::json!(by_platform));
+    mark(&mut phases, "counts, REST node start, GET /v1/stats", stats_started);
 
     let before = figures(&redis);
     let started = Instant::now();
@@ -654,6 +674,7 @@ async fn run(plan: Plan) {
         .cloned()
         .collect();
     let started = Instant::now();
+    let platform_started = machine::unix_ms();
     let (walked, pages) = walk(&rest, "&platform=3").await;
     eprintln!(
         "scale: online walk of platform 3: {} users in {pages} pages, {:.1} s",
@@ -666,46 +687,80 @@ async fn run(plan: Plan) {
         walked.len(),
         on_three.len()
     );
+    mark(&mut phases, "online walk of platform 3", platform_started);
 
-    // What Redis saw.
+    // What Redis saw, each SLOWLOG entry beside what the machine did in the same second.
+    let samples = sampler.stop();
     let slowlog: serde_json::Value =
         serde_json::from_str(&redis.cli(&["--json", "SLOWLOG", "GET", "10000"]))
             .unwrap_or_default();
-    let mut per_phase: BTreeMap<usize, usize> = BTreeMap::new();
-    for e in slowlog.as_array().into_iter().flatten() {
-        let at = e[1].as_u64().unwrap_or(0);
-        let i = phases
+    let entries = slowlog.as_array().cloned().unwrap_or_default();
+    let mut per_phase: BTreeMap<String, usize> = BTreeMap::new();
+    for e in entries.iter().rev() {
+        let (id, at, us) = (
+            e[0].as_u64().unwrap_or(0),
+            e[1].as_u64().unwrap_or(0),
+            e[2].as_u64().unwrap_or(0),
+        );
+        // SLOWLOG's time is in seconds (when the command ended): every phase that overlaps it.
+        let (from, to) = (at * 1000, at * 1000 + 999);
+        let during: Vec<&str> = phases
             .iter()
-            .position(|(_, end)| at <= *end)
-            .unwrap_or(phases.len());
-        *per_phase.entry(i).or_default() += 1;
+            .filter(|p| p.start_ms <= to && p.end_ms >= from)
+            .map(|p| p.name.as_str())
+            .collect();
+        let during = if during.is_empty() {
+            "setup or after the walk".to_string()
+        } else {
+            during.join(" / ")
+        };
+        *per_phase.entry(during.clone()).or_default() += 1;
+        let args: Vec<String> = e[3]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .take(12)
+                    .map(|x| {
+                        let x = x.as_str().map_or_else(|| x.to_string(), str::to_string);
+                        x.chars().take(40).collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "scale: SLOWLOG #{id} at {at} ({during}): {us} us: {}",
+            args.join(" ")
+        );
+        // The second before and the second of the entry, as /proc saw them.
+        eprintln!(
+            "scale:   that second: {}",
+            machine::window(&samples, from.saturating_sub(100), to + 100)
+        );
     }
     let per_phase: Vec<String> = per_phase
         .into_iter()
-        .map(|(i, n)| {
-            let name = phases
-                .get(i)
-                .map_or("after the walk", |(name, _)| name.as_str());
-            format!("{name}: {n}")
-        })
+        .map(|(name, n)| format!("{name}: {n}"))
         .collect();
     eprintln!("scale: SLOWLOG entries per phase: {}", per_phase.join(", "));
-    let slow: Vec<(u64, String)> = slowlog
-        .as_array()
-        .map(|entries| {
-            entries
-                .iter()
-                .map(|e| {
-                    let us = e[2].as_u64().unwrap_or(0);
-                    let cmd: Vec<String> = e[3]
-                        .as_array()
-                        .map(|a| a.iter().take(5).map(|x| x.to_string()).collect())
-                        .unwrap_or_default();
-                    (us, cmd.join(" "))
-                })
-                .collect()
+    for p in &phases {
+        eprintln!(
+            "scale: machine during {}: {}",
+            p.name,
+            machine::window(&samples, p.start_ms, p.end_ms)
+        );
+    }
+    eprintln!("scale: machine over the run: {}", machine::totals(&samples));
+    let slow: Vec<(u64, String)> = entries
+        .iter()
+        .map(|e| {
+            let us = e[2].as_u64().unwrap_or(0);
+            let cmd: Vec<String> = e[3]
+                .as_array()
+                .map(|a| a.iter().take(5).map(|x| x.to_string()).collect())
+                .unwrap_or_default();
+            (us, cmd.join(" "))
         })
-        .unwrap_or_default();
+        .collect();
     let mut worst: HashMap<String, u64> = HashMap::new();
     for (us, cmd) in &slow {
         let name: String = cmd.split(' ').take(1).collect();
@@ -744,17 +799,32 @@ async fn run(plan: Plan) {
         "scale: SLOWLOG by call: {:?}",
         &kinds[..kinds.len().min(12)]
     );
-    let mut slowest = slow.clone();
-    slowest.sort_by(|a, b| b.cmp(a));
-    for (us, cmd) in slowest.iter().take(5) {
-        eprintln!("scale: SLOWLOG {us} us: {cmd}");
-    }
     eprintln!("scale: load average at the end: {}", load_average());
     let latency = redis.cli(&["--json", "LATENCY", "LATEST"]);
     eprintln!(
         "scale: LATENCY LATEST (event, when, latest ms, max ms): {}",
         latency.trim()
     );
+    let latest: serde_json::Value = serde_json::from_str(&latency).unwrap_or_default();
+    for event in latest.as_array().into_iter().flatten() {
+        let name = event[0].as_str().unwrap_or("");
+        let history = redis.cli(&["--json", "LATENCY", "HISTORY", name]);
+        eprintln!(
+            "scale: LATENCY HISTORY {name} (when, ms): {}",
+            history.trim()
+        );
+    }
+    // Redis's own per-command percentiles (`latency-tracking`, on by default since 7.0).
+    let stats = redis.cli(&["INFO", "latencystats"]);
+    let stats: Vec<&str> = stats
+        .lines()
+        .filter(|l| {
+            ["evalsha", "hgetall", "zadd", "zrange", "hmget"]
+                .iter()
+                .any(|c| l.starts_with(&format!("latency_percentiles_usec_{c}:")))
+        })
+        .collect();
+    eprintln!("scale: latency percentiles (us): {}", stats.join(" "));
     // What each kind of call costs on average (wall time inside Redis, all calls, not only the
     // slow ones): a command that grows with the users shows here too.
     eprintln!("scale: mean µs per call: {}", mean_call_cost(&redis));
