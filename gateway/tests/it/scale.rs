@@ -150,6 +150,7 @@ async fn connect(target: &RedisTarget, id: &str) -> (Roles, StopOnDrop) {
             dedupe_window: Duration::from_secs(60),
             dedupe_max: 100,
         },
+        max_groups_per_user: 1000,
         // No webhooks: their events (one XADD per transition) are not part of these figures.
         webhooks: None,
     };
