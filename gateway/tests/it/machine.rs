@@ -31,8 +31,6 @@ pub struct Sample {
     pub at_ms: u64,
     /// Sum of `managed` over the zones of /proc/zoneinfo, in pages.
     pub managed_pages: u64,
-    /// Sum of `pages free` over the zones.
-    pub free_pages: u64,
     /// Steal time per CPU, in USER_HZ ticks (/proc/stat).
     pub steal: Vec<u64>,
     /// The redis-server process's minor and major page faults (all its threads).
@@ -42,8 +40,8 @@ pub struct Sample {
     /// running (the second field of schedstat).
     pub nvcsw: u64,
     pub run_delay_ns: u64,
-    /// From `INFO` (each second): keys and keys with an expiry in db0, RSS, keys expired so far,
-    /// objects waiting to be freed in the background.
+    /// From `INFO` (each second): keys and keys with an expiry in db0, objects waiting to be
+    /// freed in the background.
     pub info: Option<RedisInfo>,
 }
 
@@ -51,8 +49,6 @@ pub struct Sample {
 pub struct RedisInfo {
     pub keys: u64,
     pub expires: u64,
-    pub rss: u64,
-    pub expired_keys: u64,
     pub lazyfree_pending: u64,
 }
 
@@ -120,21 +116,18 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// (managed, free) pages over all zones.
-fn zone_pages() -> (u64, u64) {
-    let info = read("/proc/zoneinfo");
-    let sum = |key: &str| -> u64 {
-        info.lines()
-            .filter_map(|l| l.trim().strip_prefix(key))
-            .filter_map(|v| v.trim().parse::<u64>().ok())
-            .sum()
-    };
-    (sum("managed "), sum("pages free "))
+/// Managed pages over all zones.
+fn managed_pages() -> u64 {
+    read("/proc/zoneinfo")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("managed "))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
 }
 
 fn sample(pid: u32) -> Sample {
     let at_ms = unix_ms();
-    let (managed_pages, free_pages) = zone_pages();
+    let managed_pages = managed_pages();
     let steal = read("/proc/stat")
         .lines()
         .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
@@ -161,7 +154,6 @@ fn sample(pid: u32) -> Sample {
     Sample {
         at_ms,
         managed_pages,
-        free_pages,
         steal,
         minflt: field(10),
         majflt: field(12),
@@ -173,7 +165,7 @@ fn sample(pid: u32) -> Sample {
 
 fn redis_info(port: u16) -> Option<RedisInfo> {
     let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "INFO", "keyspace", "memory", "stats"])
+        .args(["-p", &port.to_string(), "INFO", "keyspace", "memory"])
         .output()
         .ok()?;
     let info = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -196,8 +188,6 @@ fn redis_info(port: u16) -> Option<RedisInfo> {
     Some(RedisInfo {
         keys: db0_field("keys"),
         expires: db0_field("expires"),
-        rss: field("used_memory_rss"),
-        expired_keys: field("expired_keys"),
         lazyfree_pending: field("lazyfree_pending_objects"),
     })
 }
@@ -223,11 +213,7 @@ pub fn window(samples: &[Sample], from_ms: u64, to_ms: u64) -> Window {
     let Some(first) = samples.iter().rev().find(|s| s.at_ms <= from_ms) else {
         return Window::default();
     };
-    let Some(last) = samples
-        .iter()
-        .find(|s| s.at_ms >= to_ms)
-        .or(samples.last())
-    else {
+    let Some(last) = samples.iter().find(|s| s.at_ms >= to_ms).or(samples.last()) else {
         return Window::default();
     };
     let before = samples
@@ -265,7 +251,9 @@ impl std::fmt::Display for Window {
         let crossed = |(a, b): (u64, u64)| {
             (a..=b)
                 .find(|n| n.is_power_of_two() && *n > 1 << 10)
-                .map_or(String::new(), |p| format!(" (crosses 2^{})", p.trailing_zeros()))
+                .map_or(String::new(), |p| {
+                    format!(" (crosses 2^{})", p.trailing_zeros())
+                })
         };
         write!(
             f,
@@ -305,4 +293,196 @@ pub fn lazy_memory_init() -> bool {
     read("/proc/cmdline")
         .split_whitespace()
         .any(|o| o == "deferred_init=lazy")
+}
+
+/// A thread pinned to Redis's core at a real-time priority above Redis's (FIFO 20; the strict run
+/// gives Redis FIFO 10), waking every [`PROBE_PERIOD`] and noting how late it woke. Nothing in
+/// the guest can keep a FIFO 20 thread off its core for long but interrupts-off kernel work
+/// (`deferred_grow_zone` above) or the hypervisor not running the vCPU at all, so a late wake-up
+/// is time in which Redis could not run either: a command in progress then is logged slower than
+/// it was by about that much. It costs Redis a few µs per wake-up (about 1% of its core).
+pub struct CoreProbe {
+    stalls: Arc<Mutex<Vec<Stall>>>,
+    wakeups: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Whether the thread got its core and priority (root only).
+    pub placed: bool,
+}
+
+/// A late wake-up of the probe: when it woke (unix µs) and how late (µs).
+#[derive(Clone, Copy, Debug)]
+pub struct Stall {
+    pub at_us: u64,
+    pub late_us: u64,
+}
+
+/// The probe's period: a stall shorter than this can fall between two wake-ups, and one that
+/// covers a wake-up is seen at most this much shorter than it was.
+pub const PROBE_PERIOD: Duration = Duration::from_micros(250);
+/// Late wake-ups below this are not noted (timer and wake-up costs of a VM).
+const PROBE_NOTE: Duration = Duration::from_micros(150);
+
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl CoreProbe {
+    pub fn start(core: usize) -> CoreProbe {
+        let stalls = Arc::new(Mutex::new(Vec::new()));
+        let wakeups = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (placed_tx, placed_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (stalls, wakeups, stop) = (stalls.clone(), wakeups.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let tid = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name()?.to_str()?.parse::<u32>().ok());
+                let run = |cmd: &str, args: &[&str]| {
+                    Command::new(cmd)
+                        .args(args)
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                };
+                let placed = tid.is_some_and(|tid| {
+                    let (tid, core) = (tid.to_string(), core.to_string());
+                    run("taskset", &["-c", "-p", &core, &tid])
+                        && run("chrt", &["-f", "-p", "20", &tid])
+                });
+                let _ = placed_tx.send(placed);
+                let started = std::time::Instant::now();
+                let mut next = started + PROBE_PERIOD;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = std::time::Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    let woke = std::time::Instant::now();
+                    let late = woke.saturating_duration_since(next);
+                    wakeups.fetch_add(1, Ordering::Relaxed);
+                    if late >= PROBE_NOTE {
+                        stalls.lock().expect("stalls").push(Stall {
+                            at_us: unix_us(),
+                            late_us: late.as_micros() as u64,
+                        });
+                    }
+                    // The next deadline from now: a long stall is one late wake-up, not many.
+                    next = woke + PROBE_PERIOD;
+                }
+            })
+        };
+        let placed = placed_rx.recv().unwrap_or(false);
+        CoreProbe {
+            stalls,
+            wakeups,
+            stop,
+            thread: Some(thread),
+            placed,
+        }
+    }
+
+    /// The late wake-ups noted, and how many wake-ups in all.
+    pub fn stop(mut self) -> (Vec<Stall>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let stalls = self.stalls.lock().expect("stalls").clone();
+        (stalls, self.wakeups.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for CoreProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Polls `SLOWLOG LEN` every 10 ms over a connection of its own, so that the n-th entry since the
+/// reset is known to have been logged between two polls (SLOWLOG itself keeps whole seconds).
+pub struct SlowlogWatch {
+    polls: Arc<Mutex<Vec<(u64, u64)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SlowlogWatch {
+    pub fn start(port: u16) -> SlowlogWatch {
+        let polls = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (polls, stop) = (polls.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::{BufRead, BufReader, Write};
+                let Ok(conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    return;
+                };
+                let _ = conn.set_nodelay(true);
+                let Ok(mut writer) = conn.try_clone() else {
+                    return;
+                };
+                let mut reader = BufReader::new(conn);
+                let mut line = String::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if writer
+                        .write_all(b"*2\r\n$7\r\nSLOWLOG\r\n$3\r\nLEN\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                    line.clear();
+                    if reader.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    if let Some(n) = line.trim().strip_prefix(':').and_then(|n| n.parse().ok()) {
+                        polls.lock().expect("polls").push((unix_us(), n));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        SlowlogWatch {
+            polls,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (unix µs of the poll, SLOWLOG LEN then), in order.
+    pub fn stop(mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.polls.lock().expect("polls").clone()
+    }
+}
+
+impl Drop for SlowlogWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// When the `n`-th SLOWLOG entry since the reset (0-based) was logged: after the last poll that
+/// saw at most `n` entries and at or before the first that saw more (unix µs).
+pub fn logged_between(polls: &[(u64, u64)], n: u64) -> Option<(u64, u64)> {
+    let first_after = polls.iter().position(|(_, len)| *len > n)?;
+    let before = first_after
+        .checked_sub(1)
+        .map_or(polls[first_after].0, |i| polls[i].0);
+    Some((before, polls[first_after].0))
+}
+
+/// The probe's late wake-ups within `[from_us, to_us]`, in µs of lateness.
+pub fn stalls_within(stalls: &[Stall], from_us: u64, to_us: u64) -> Vec<u64> {
+    stalls
+        .iter()
+        .filter(|s| s.at_us >= from_us && s.at_us <= to_us)
+        .map(|s| s.late_us)
+        .collect()
 }

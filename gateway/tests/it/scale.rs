@@ -29,7 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     client::Rest,
     harness::{Backend, NodeBuilder, Redis, RedisCluster},
-    machine::{self, Sampler},
+    machine::{self, CoreProbe, PROBE_PERIOD, Sampler, SlowlogWatch},
 };
 
 /// Simulated gateway nodes.
@@ -514,7 +514,8 @@ async fn run(plan: Plan) {
     // And a core of its own: the run's own process (the simulated nodes, whose socket writes the
     // kernel processes on the writer's core, in interrupts Redis would otherwise take mid-command)
     // keeps to the other cores.
-    let pinned = strict && redis.pin_apart();
+    let redis_core = if strict { redis.pin_apart() } else { None };
+    let pinned = redis_core.is_some();
     let target = RedisTarget::Single(redis.url());
     let mut sims = sim_nodes(&target, NODES, plan.users).await;
     let beating = CancellationToken::new();
@@ -522,11 +523,17 @@ async fn run(plan: Plan) {
     redis.cli(&["SLOWLOG", "RESET"]);
     redis.cli(&["LATENCY", "RESET"]);
     let sampler = Sampler::start(redis.pid().expect("redis runs"), redis.port);
+    let watch = SlowlogWatch::start(redis.port);
+    // Where Redis runs alone (the strict run), a probe shares its core to see when the core
+    // itself was unavailable (machine.rs, `CoreProbe`).
+    let probe = redis_core.map(CoreProbe::start);
     eprintln!(
-        "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}, own core: {pinned}); load average at the start: {}",
+        "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}, own core: {pinned}, core probe: {}, kernel memory initialized lazily: {}); load average at the start: {}",
         plan.users,
         redis.port,
         strict,
+        probe.as_ref().is_some_and(|p| p.placed),
+        machine::lazy_memory_init(),
         load_average()
     );
 
@@ -648,7 +655,11 @@ async fn run(plan: Plan) {
         .map(|(p, n)| (p.to_string(), *n))
         .collect();
     assert_eq!(stats["by_platform"], serde_json::json!(by_platform));
-    mark(&mut phases, "counts, REST node start, GET /v1/stats", stats_started);
+    mark(
+        &mut phases,
+        "counts, REST node start, GET /v1/stats",
+        stats_started,
+    );
 
     let before = figures(&redis);
     let started = Instant::now();
@@ -690,21 +701,35 @@ async fn run(plan: Plan) {
     );
     mark(&mut phases, "online walk of platform 3", platform_started);
 
-    // What Redis saw, each SLOWLOG entry beside what the machine did in the same second.
+    // What Redis saw, each SLOWLOG entry beside what the machine did while it ran.
     let samples = sampler.stop();
+    let polls = watch.stop();
+    let (stalls, wakeups) = probe.map(CoreProbe::stop).unzip();
     let slowlog: serde_json::Value =
         serde_json::from_str(&redis.cli(&["--json", "SLOWLOG", "GET", "10000"]))
             .unwrap_or_default();
-    let entries = slowlog.as_array().cloned().unwrap_or_default();
+    let mut entries = slowlog.as_array().cloned().unwrap_or_default();
+    entries.sort_by_key(|e| e[0].as_u64().unwrap_or(0));
     let mut per_phase: BTreeMap<String, usize> = BTreeMap::new();
-    for e in entries.iter().rev() {
+    // Entries a stall of Redis's core explains: the command's own time (its duration less the
+    // time its core was taken from it) is within the limit.
+    let mut machine_entries: Vec<u64> = Vec::new();
+    for (n, e) in entries.iter().enumerate() {
         let (id, at, us) = (
             e[0].as_u64().unwrap_or(0),
             e[1].as_u64().unwrap_or(0),
             e[2].as_u64().unwrap_or(0),
         );
-        // SLOWLOG's time is in seconds (when the command ended): every phase that overlaps it.
-        let (from, to) = (at * 1000, at * 1000 + 999);
+        // When it was logged: between two polls of SLOWLOG LEN, else (no poll saw it) within
+        // the second SLOWLOG gives.
+        let (logged_from, logged_to) = machine::logged_between(&polls, n as u64)
+            .unwrap_or((at * 1_000_000, at * 1_000_000 + 999_999));
+        // The command ran within this span.
+        let (from_us, to_us) = (
+            logged_from.saturating_sub(us + PROBE_PERIOD.as_micros() as u64),
+            logged_to,
+        );
+        let (from, to) = (from_us / 1000, to_us / 1000);
         let during: Vec<&str> = phases
             .iter()
             .filter(|p| p.start_ms <= to && p.end_ms >= from)
@@ -732,10 +757,45 @@ async fn run(plan: Plan) {
             "scale: SLOWLOG #{id} at {at} ({during}): {us} us: {}",
             args.join(" ")
         );
-        // The second before and the second of the entry, as /proc saw them.
+        let verdict = match &stalls {
+            Some(stalls) => {
+                let seen = machine::stalls_within(stalls, from_us, to_us);
+                let lost: u64 = seen.iter().sum();
+                let own = us.saturating_sub(lost);
+                // A wide span (the poller itself delayed) could hold stalls of other commands.
+                let narrow = to_us - from_us <= us + 100_000;
+                let explained = narrow && own <= plan.slow_us;
+                if explained {
+                    machine_entries.push(id);
+                }
+                format!(
+                    "ran within {:.1} ms before {to_us} us; Redis's core unavailable {seen:?} us then, so the command's own time was at most {own} us: {}",
+                    (to_us - from_us) as f64 / 1000.0,
+                    if explained {
+                        "the machine's"
+                    } else {
+                        "NOT explained by the machine"
+                    }
+                )
+            }
+            None => "no core probe (Redis has no core of its own)".to_string(),
+        };
+        eprintln!("scale:   {verdict}");
         eprintln!(
-            "scale:   that second: {}",
+            "scale:   /proc then: {}",
             machine::window(&samples, from.saturating_sub(100), to + 100)
+        );
+    }
+    if let (Some(stalls), Some(wakeups)) = (&stalls, wakeups) {
+        let over = |ms: u64| stalls.iter().filter(|s| s.late_us >= ms * 1000).count();
+        eprintln!(
+            "scale: core probe: {wakeups} wake-ups every {} us on Redis's core, {} late by 0.15 ms or more ({} by 1 ms, {} by 2 ms, {} by 5 ms), longest {} us",
+            PROBE_PERIOD.as_micros(),
+            stalls.len(),
+            over(1),
+            over(2),
+            over(5),
+            stalls.iter().map(|s| s.late_us).max().unwrap_or(0)
         );
     }
     let per_phase: Vec<String> = per_phase
@@ -829,14 +889,38 @@ async fn run(plan: Plan) {
     // What each kind of call costs on average (wall time inside Redis, all calls, not only the
     // slow ones): a command that grows with the users shows here too.
     eprintln!("scale: mean µs per call: {}", mean_call_cost(&redis));
-    // The run's own INFO calls (its measurements) are not the gateway's.
-    let over: Vec<&(u64, String)> = slow
+    // The run's own INFO calls (its measurements) are not the gateway's; entries the core probe
+    // explains are the machine's (each printed above with its evidence), unless
+    // SCALE_SLOWLOG=strict asks for a SLOWLOG with nothing over the limit at all.
+    let strict_slowlog = std::env::var("SCALE_SLOWLOG").is_ok_and(|v| v == "strict");
+    let over: Vec<(u64, u64, String)> = entries
         .iter()
-        .filter(|(us, cmd)| *us > plan.slow_us && !cmd.starts_with("\"INFO\""))
+        .filter_map(|e| {
+            let (id, us) = (e[0].as_u64()?, e[2].as_u64()?);
+            let cmd: Vec<String> = e[3]
+                .as_array()?
+                .iter()
+                .take(5)
+                .map(|x| x.to_string())
+                .collect();
+            Some((id, us, cmd.join(" ")))
+        })
+        .filter(|(id, us, cmd)| {
+            *us > plan.slow_us
+                && !cmd.starts_with("\"INFO\"")
+                && (strict_slowlog || !machine_entries.contains(id))
+        })
         .collect();
+    eprintln!(
+        "scale: SLOWLOG verdict: {} entries, {} of them explained by Redis's core being unavailable, {} over {} us otherwise",
+        entries.len(),
+        machine_entries.len(),
+        over.len(),
+        plan.slow_us
+    );
     assert!(
         over.is_empty(),
-        "commands slower than {} us: {over:?}",
+        "commands slower than {} us (id, us, command): {over:?}",
         plan.slow_us
     );
     eprintln!(
@@ -865,6 +949,209 @@ async fn walk(rest: &Rest, filter: &str) -> (Vec<String>, usize) {
             None => return (walked, pages),
         }
     }
+}
+
+/// `make scale SCALE_CLUSTER=1`: the same work on a local 3-master Redis Cluster (300,000 users
+/// by default, SCALE_USERS), as 10 nodes: fill, a renewal round, churn, reaping a dead node; then
+/// per master the commands, Redis CPU, memory and SLOWLOG (1 ms), and the counts and a full
+/// `GET /v1/online` walk checked exact. The three masters share this machine's two cores with the
+/// run itself, so their SLOWLOG shows preemption too: it is printed, not asserted (the single
+/// Redis run is where the 1 ms rule is checked). Asserted: exact counts and walk, and commands per
+/// master within 2x of each other in every phase.
+#[tokio::test]
+#[ignore = "make scale SCALE_CLUSTER=1: 300,000 users on a 3-master cluster, minutes"]
+async fn scale_cluster() {
+    let plan = Plan::from_env(300_000, 1, 10, 1_000);
+    let cluster = RedisCluster::start();
+    for n in &cluster.nodes {
+        for (k, v) in [
+            ("slowlog-log-slower-than", "1000"),
+            ("slowlog-max-len", "10000"),
+        ] {
+            assert_eq!(n.cli(&["CONFIG", "SET", k, v]).trim(), "OK");
+        }
+        n.cli(&["SLOWLOG", "RESET"]);
+    }
+    let target = RedisTarget::Cluster(cluster.seeds());
+    let mut sims = sim_nodes(&target, NODES, plan.users).await;
+    let beating = CancellationToken::new();
+    let beat = heartbeats(&sims, beating.clone());
+    eprintln!(
+        "cluster: {} users as {NODES} nodes on 3 masters (ports {:?}); load average at the start: {}",
+        plan.users,
+        cluster.nodes.iter().map(|n| n.port).collect::<Vec<_>>(),
+        load_average()
+    );
+    let per_master =
+        |c: &RedisCluster| -> Vec<RedisFigures> { c.nodes.iter().map(figures).collect() };
+    // One phase: per master the commands and CPU it took, and the spread of commands.
+    let report = |name: &str,
+                  before: &[RedisFigures],
+                  after: &[RedisFigures],
+                  units: usize,
+                  took: Duration| {
+        let calls: Vec<u64> = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| a.calls - b.calls)
+            .collect();
+        let cpu: Vec<String> = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| format!("{:.1}", a.cpu_secs - b.cpu_secs))
+            .collect();
+        let (most, fewest) = (
+            calls.iter().copied().max().unwrap_or(0),
+            calls.iter().copied().min().unwrap_or(0),
+        );
+        eprintln!(
+            "cluster: {name:<22} {units:>8} in {:>6.1} s | commands per master {calls:?} (most/fewest {:.2}) = {:.2} per unit | Redis CPU s per master [{}]",
+            took.as_secs_f64(),
+            most as f64 / fewest.max(1) as f64,
+            calls.iter().sum::<u64>() as f64 / units.max(1) as f64,
+            cpu.join(", ")
+        );
+        assert!(
+            most <= 2 * fewest,
+            "{name}: commands per master within 2x of each other: {calls:?}"
+        );
+    };
+
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    fill(&mut sims, plan.fill_per_sec).await;
+    let filled = per_master(&cluster);
+    report(
+        "connect every user",
+        &before,
+        &filled,
+        plan.users,
+        started.elapsed(),
+    );
+    let memory: Vec<String> = before
+        .iter()
+        .zip(&filled)
+        .map(|(b, a)| format!("{:.0}", (a.memory - b.memory) as f64 / 1048576.0))
+        .collect();
+    eprintln!(
+        "cluster: Redis memory per master after the fill, MiB: [{}]",
+        memory.join(", ")
+    );
+    for round in 1..=plan.renewal_rounds {
+        let before = per_master(&cluster);
+        let started = Instant::now();
+        let renewed = renew(&sims, plan.renew_per_sec).await;
+        report(
+            &format!("renewal round {round}"),
+            &before,
+            &per_master(&cluster),
+            renewed,
+            started.elapsed(),
+        );
+    }
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    let changes = churn(&mut sims, plan.churn_per_sec, plan.churn_secs, 7).await;
+    let took = started.elapsed();
+    report(
+        &format!("churn ({:.0}/s)", changes as f64 / took.as_secs_f64()),
+        &before,
+        &per_master(&cluster),
+        changes,
+        took,
+    );
+
+    // The last node dies and another reaps it, as in the single Redis run.
+    beating.cancel();
+    let _ = beat.await;
+    let dead = sims.pop().expect("nodes");
+    drop(dead.roles);
+    let beating = CancellationToken::new();
+    let _beat = heartbeats(&sims, beating.clone());
+    let _stop_beating = StopOnDrop(beating);
+    tokio::time::sleep(NODE_TTL + Duration::from_secs(1)).await;
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    let reaped = sims[0]
+        .roles
+        .registry
+        .reap_dead_nodes(&sims[0].id)
+        .await
+        .expect("reap");
+    let dead_online = dead.online.iter().filter(|o| **o).count();
+    report(
+        "reap a dead node",
+        &before,
+        &per_master(&cluster),
+        dead_online,
+        started.elapsed(),
+    );
+    assert_eq!(
+        reaped.len(),
+        dead_online,
+        "each of its users went offline once"
+    );
+
+    let (counts, online) = expected(&sims);
+    assert_eq!(
+        sims[0].roles.presence.counts().await.expect("counts"),
+        counts,
+        "counts after reaping"
+    );
+    let node = NodeBuilder::new(&Backend::Cluster(cluster.seeds())).start();
+    let rest = Rest::new(&node);
+    let (status, stats) = rest.get("/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["online_users"], counts.online_users);
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    let (walked, pages) = walk(&rest, "").await;
+    let took = started.elapsed();
+    eprintln!(
+        "cluster: online walk: {} users in {pages} pages, {:.1} s",
+        walked.len(),
+        took.as_secs_f64()
+    );
+    let after = per_master(&cluster);
+    let calls: Vec<u64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.calls - b.calls)
+        .collect();
+    eprintln!("cluster: online walk commands per master {calls:?}");
+    assert!(
+        walked == online,
+        "the walk gave {} users, {} expected",
+        walked.len(),
+        online.len()
+    );
+
+    for n in &cluster.nodes {
+        let slowlog: serde_json::Value =
+            serde_json::from_str(&n.cli(&["--json", "SLOWLOG", "GET", "10000"]))
+                .unwrap_or_default();
+        let entries = slowlog.as_array().cloned().unwrap_or_default();
+        let worst = entries
+            .iter()
+            .filter_map(|e| e[2].as_u64())
+            .max()
+            .unwrap_or(0);
+        let over = |ms: u64| {
+            entries
+                .iter()
+                .filter(|e| e[2].as_u64().unwrap_or(0) > ms * 1000)
+                .count()
+        };
+        eprintln!(
+            "cluster: master {}: SLOWLOG {} entries over 1 ms ({} over 2 ms, {} over 10 ms), slowest {worst} us; mean us per call: {}",
+            n.port,
+            entries.len(),
+            over(2),
+            over(10),
+            mean_call_cost(n)
+        );
+    }
+    eprintln!("cluster: load average at the end: {}", load_average());
 }
 
 /// Commands per master of a 3-master cluster while 3 nodes churn: the online index and the
