@@ -705,6 +705,17 @@ async fn run(plan: Plan) {
     let samples = sampler.stop();
     let polls = watch.stop();
     let (stalls, wakeups) = probe.map(CoreProbe::stop).unzip();
+    // The probe explains nothing unless it really shared Redis's core: then it preempted Redis
+    // (a FIFO thread above Redis's) thousands of times, which Redis's main thread counts as
+    // involuntary context switches.
+    let preempted = machine::totals(&samples).nvcsw;
+    let shared_core = wakeups.is_some_and(|w| w < 10_000 || preempted >= 1_000);
+    let stalls = stalls.filter(|_| shared_core);
+    if wakeups.is_some() && !shared_core {
+        eprintln!(
+            "scale: the core probe preempted Redis only {preempted} times: it did not share Redis's core, so it explains no entry"
+        );
+    }
     let slowlog: serde_json::Value =
         serde_json::from_str(&redis.cli(&["--json", "SLOWLOG", "GET", "10000"]))
             .unwrap_or_default();
