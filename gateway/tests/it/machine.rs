@@ -11,7 +11,9 @@
 //!   time;
 //! - page faults of the Redis process (first touches of memory), its main thread's involuntary
 //!   context switches and time spent runnable but waiting (schedstat), and the vCPUs' steal time;
-//! - Redis's own key count (DBSIZE at each second), for the hash tables' doubling at 2^n keys.
+//! - Redis's own key count (DBSIZE at each second), for the hash tables' doubling at 2^n keys;
+//! - [`CoreProbe`]: when Redis's core itself was unavailable, to the µs; [`SlowlogWatch`]: when
+//!   each SLOWLOG entry was logged, to 10 ms (SLOWLOG keeps whole seconds).
 
 use std::{
     process::Command,
@@ -76,7 +78,7 @@ impl Sampler {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let mut s = sample(pid);
-                    if n % 10 == 0 {
+                    if n.is_multiple_of(10) {
                         s.info = redis_info(port);
                     }
                     n += 1;

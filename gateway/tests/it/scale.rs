@@ -5,8 +5,12 @@
 //! and the walk must be exact. `scale_100k` runs in `make test`; `make scale` runs `scale_1m` on
 //! a release build (SCALE_USERS, SCALE_CHURN_PER_SEC, SCALE_CHURN_SECS, SCALE_FILL_PER_SEC and
 //! SCALE_RENEW_PER_SEC change it). The figures it prints are the sizing section of
-//! docs/benchmarks.md. `cluster_masters_share_the_churn` checks that a 3-master Redis Cluster
-//! spreads presence commands evenly.
+//! docs/benchmarks.md. Every SLOWLOG entry is printed with the phase it fell in and what the
+//! machine did while it ran (machine.rs); one is the machine's when a stall of Redis's own core
+//! explains it (its duration less the stall within the limit), and only the others fail the run
+//! (SCALE_SLOWLOG=strict: all of them). `cluster_masters_share_the_churn` checks that a 3-master
+//! Redis Cluster spreads presence commands evenly; `scale_cluster` (`make scale SCALE_CLUSTER=1`)
+//! runs the whole scale run on one.
 
 use std::{
     collections::{BTreeMap, HashMap},

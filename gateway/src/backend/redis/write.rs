@@ -24,9 +24,10 @@ use crate::{
 /// user costs 4-5 commands in the script, 20-35 µs of Redis on this 2-core machine, up to ~70 µs
 /// for a churn's random users (cold records, an offline transition's publish), so 50 users a call
 /// came near 1 ms and over it under load (`make scale`'s SLOWLOG), and 16 (0.4 ms typical) still
-/// reached 1.16 ms once in churn with no stall of Redis's core to explain it; 8 keep the worst
-/// case near half a millisecond, for about 1% more Redis CPU per user. Calls are pipelined, so
-/// the round trips stay the same.
+/// reached 1.16 ms once in churn with no stall of Redis's core to explain it; 8 (with 5 users an
+/// `index.lua` call) brought `EVALSHA`'s p99.9 from 340-530 µs to 270-300 µs, for up to 4% more
+/// Redis CPU per user (a connect 24.4-26.0 µs against 23.7-25.1). Calls are pipelined, so the
+/// round trips stay the same.
 const WRITE_USERS_PER_CALL: usize = 8;
 /// Users per `index.lua` call: a user leaving or coming back costs 6-7 commands (state, index,
 /// tombstone, counters), up to ~50 µs of Redis here, so 10 a call stayed near 0.5 ms; but when
