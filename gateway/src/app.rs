@@ -121,6 +121,7 @@ pub async fn build(config: Config, bound: SocketAddr) -> anyhow::Result<Running>
             dedupe_window: Duration::from_secs(config.dedupe_secs),
             dedupe_max: config.dedupe_max,
         },
+        max_groups_per_user: config.max_groups_per_user,
         webhooks: config.sends_webhooks().then(|| WebhookWrites {
             node: node_id.clone(),
             queue_max: config.webhook_queue_max,

@@ -46,6 +46,7 @@ pub const INDEX_REPAIRED: &str = "presence_index_repaired_total";
 pub const HEARTBEAT_RTT_SECONDS: &str = "presence_heartbeat_rtt_seconds";
 pub const MESSAGES_ROUTED: &str = "presence_messages_routed_total";
 pub const DELIVERIES: &str = "presence_deliveries_total";
+pub const GROUP_LIMIT_REFUSALS: &str = "presence_group_limit_refusals_total";
 pub const DELIVERY_SECONDS: &str = "presence_delivery_seconds";
 pub const AUTH_HOOK_CALLS: &str = "presence_auth_hook_calls_total";
 pub const AUTH_HOOK_SECONDS: &str = "presence_auth_hook_seconds";
@@ -109,6 +110,10 @@ fn describe() {
     describe_counter!(
         BACKEND_REFUSED,
         "Backend calls refused at once because the backend was known down, by operation."
+    );
+    describe_counter!(
+        GROUP_LIMIT_REFUSALS,
+        "Group member adds refused because the user is in PRESENCE_MAX_GROUPS_PER_USER groups already, by where they came from (join, rest)."
     );
     describe_counter!(
         RESYNC_EVENTS,

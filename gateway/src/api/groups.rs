@@ -12,12 +12,13 @@ use axum::{
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
-use shared::{Message, ids};
+use shared::{ErrorCode, Message, ids};
 
 use super::{ApiError, ApiJson, json_body, page_cursor, page_limit, query_params};
 use crate::{
     app::App,
-    backend::{JoinPolicy, online_members, parse_msg_id},
+    backend::{Added, JoinPolicy, online_members, parse_msg_id, too_many_groups},
+    metrics as m,
 };
 
 fn check(group: &str, user: Option<&str>) -> Result<(), ApiError> {
@@ -78,7 +79,14 @@ pub async fn add_member(
     Path((group, user)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     check(&group, Some(&user))?;
-    app.backend.groups.add_member(&group, &user).await?;
+    if app.backend.groups.add_member(&group, &user).await? == Added::TooManyGroups {
+        metrics::counter!(m::GROUP_LIMIT_REFUSALS, "via" => "rest").increment(1);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            too_many_groups(app.config.max_groups_per_user),
+        ));
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

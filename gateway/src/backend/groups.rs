@@ -15,9 +15,13 @@ use super::{BackendError, PresenceStore};
 ///   connections start or stop getting the group's messages.
 /// - Adding a member twice, or removing a non-member, changes nothing and announces nothing
 ///   (the embedded backend) or announces again harmlessly (Redis).
+/// - A user is a member of at most `max_groups_per_user` groups (`BackendSettings`): adding
+///   them to one more is refused with [`Added::TooManyGroups`] and changes nothing; adding them
+///   again to a group they are in is never refused. The check and the addition are one step, so
+///   racing adds cannot pass the limit together.
 #[async_trait]
 pub trait Groups: Send + Sync + 'static {
-    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError>;
+    async fn add_member(&self, group: &str, user: &str) -> Result<Added, BackendError>;
     async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError>;
     /// Members in id order after `after`, at most `limit`, and the next cursor.
     async fn members(
@@ -33,6 +37,20 @@ pub trait Groups: Send + Sync + 'static {
     async fn join_policy(&self, group: &str) -> Result<JoinPolicy, BackendError>;
     /// Policy, member count and last message time, in one read.
     async fn group_info(&self, group: &str) -> Result<GroupInfo, BackendError>;
+}
+
+/// What [`Groups::add_member`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// The user is a member now (or was already).
+    Member,
+    /// The user is already in as many groups as `max_groups_per_user` allows: nothing changed.
+    TooManyGroups,
+}
+
+/// The refusal's message, the same on the WebSocket and over REST.
+pub fn too_many_groups(max: usize) -> String {
+    format!("the user is a member of too many groups (at most {max})")
 }
 
 /// Who may add members to a group.

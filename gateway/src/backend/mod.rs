@@ -19,7 +19,9 @@ pub mod webhooks;
 use std::{sync::Arc, time::Duration};
 
 pub use events::{Audience, BackendEvent, Delivery, EventSink, Origin, Subscriptions, Topic};
-pub use groups::{GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members};
+pub use groups::{
+    Added, GroupInfo, Groups, JoinPolicy, MAX_GROUP_SCAN, online_members, too_many_groups,
+};
 pub use health::Health;
 pub use memory::MemoryBackend;
 pub use messages::{
@@ -183,6 +185,9 @@ pub struct BackendSettings {
     /// Expiry of a node's registry entry without heartbeats; after it, the node counts as dead.
     pub node_ttl: Duration,
     pub messages: MessageSettings,
+    /// `PRESENCE_MAX_GROUPS_PER_USER`: [`Groups::add_member`] refuses a user already in this
+    /// many groups.
+    pub max_groups_per_user: usize,
     /// Set when webhooks are on: a backend that can (one Redis) queues each transition's event
     /// in the same atomic write as the transition, so no crash falls between them.
     pub webhooks: Option<WebhookWrites>,

@@ -163,6 +163,12 @@ pub struct Config {
     )]
     pub store_quota_window_secs: u64,
 
+    /// Groups one user may be a member of. A `join` or a REST member add past it is refused
+    /// (`forbidden`), so that what a connect reads for the user (their groups, and for `unread`
+    /// each group's read position and count) stays bounded.
+    #[arg(long, env = "PRESENCE_MAX_GROUPS_PER_USER", default_value_t = 1000)]
+    pub max_groups_per_user: usize,
+
     /// Private messages kept per offline user until they connect and acknowledge them.
     #[arg(long, env = "PRESENCE_OFFLINE_CAP", default_value_t = 1000)]
     pub offline_cap: usize,

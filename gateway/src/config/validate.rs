@@ -119,6 +119,9 @@ impl Config {
         if self.max_conns_per_user == 0 {
             problems.push("PRESENCE_MAX_CONNS_PER_USER must be at least 1".into());
         }
+        if self.max_groups_per_user == 0 {
+            problems.push("PRESENCE_MAX_GROUPS_PER_USER must be at least 1".into());
+        }
         if self.rate_limit == 0 {
             problems.push("PRESENCE_RATE_LIMIT must be at least 1".into());
         }

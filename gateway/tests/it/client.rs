@@ -434,6 +434,19 @@ impl Rest {
         req.send().await.expect("PUT").status().as_u16()
     }
 
+    /// `PUT` without a body; the status and the answer's JSON (null when there is none).
+    pub async fn put_answer(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("PUT");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let resp = self
             .http

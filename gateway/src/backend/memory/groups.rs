@@ -3,13 +3,19 @@
 use async_trait::async_trait;
 
 use super::MemoryBackend;
-use crate::backend::{BackendError, BackendEvent, GroupInfo, Groups, JoinPolicy, Topic};
+use crate::backend::{Added, BackendError, BackendEvent, GroupInfo, Groups, JoinPolicy, Topic};
 
 #[async_trait]
 impl Groups for MemoryBackend {
-    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+    async fn add_member(&self, group: &str, user: &str) -> Result<Added, BackendError> {
         let added = {
             let mut state = self.lock();
+            let mine = state.user_groups.get(user);
+            if mine
+                .is_some_and(|g| !g.contains(group) && g.len() >= self.settings.max_groups_per_user)
+            {
+                return Ok(Added::TooManyGroups);
+            }
             let added = state
                 .groups
                 .entry(group.to_string())
@@ -26,7 +32,7 @@ impl Groups for MemoryBackend {
         if added {
             self.membership_event(user, group, true).await;
         }
-        Ok(())
+        Ok(Added::Member)
     }
 
     async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError> {

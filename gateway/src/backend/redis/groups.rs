@@ -4,14 +4,38 @@
 use async_trait::async_trait;
 use fred::prelude::*;
 
-use super::{RedisBackend, cmd};
-use crate::backend::{BackendError, GroupInfo, Groups, JoinPolicy};
+use super::{RedisBackend, cmd, scripts::ScriptCall};
+use crate::backend::{Added, BackendError, GroupInfo, Groups, JoinPolicy};
 
 #[async_trait]
 impl Groups for RedisBackend {
-    async fn add_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
+    async fn add_member(&self, group: &str, user: &str) -> Result<Added, BackendError> {
         self.admit("add_member")?;
-        self.change_member(group, user, true).await
+        // First the user's side, checked against the limit in one step (`group_add.lua`, the
+        // user's slot); then the group's side and the event. A pipeline cut between the two
+        // leaves the group in the user's set only: the caller got an error, and adding again
+        // (never refused once the user's set has the group) completes it.
+        let call: ScriptCall<'_> = (
+            &self.scripts.group_add,
+            vec![self.keys.user_groups(user).into()],
+            vec![
+                group.into(),
+                self.settings.max_groups_per_user.to_string().into(),
+            ],
+        );
+        let reply = self.run_scripts("groups", &[call]).await?;
+        match reply.first().and_then(Value::as_u64) {
+            Some(1) => {}
+            Some(0) => return Ok(Added::TooManyGroups),
+            _ => {
+                return Err(BackendError::internal(
+                    "groups",
+                    "group_add.lua answered neither 0 nor 1",
+                ));
+            }
+        }
+        self.change_member(group, user, true).await?;
+        Ok(Added::Member)
     }
 
     async fn remove_member(&self, group: &str, user: &str) -> Result<(), BackendError> {
@@ -143,11 +167,7 @@ impl RedisBackend {
         joined: bool,
     ) -> Result<(), BackendError> {
         let pipeline = self.client.pipeline();
-        let (zcmd, scmd, tag) = if joined {
-            ("ZADD", "SADD", "J")
-        } else {
-            ("ZREM", "SREM", "L")
-        };
+        let (zcmd, tag) = if joined { ("ZADD", "J") } else { ("ZREM", "L") };
         let mut zargs = vec![self.keys.members(group)];
         if joined {
             zargs.push("0".into());
@@ -157,13 +177,16 @@ impl RedisBackend {
             .custom(cmd(zcmd), zargs)
             .await
             .map_err(|e| Self::error("groups", e))?;
-        let _: () = pipeline
-            .custom(
-                cmd(scmd),
-                vec![self.keys.user_groups(user), group.to_string()],
-            )
-            .await
-            .map_err(|e| Self::error("groups", e))?;
+        // A join's user side is `group_add.lua`'s, done before this.
+        if !joined {
+            let _: () = pipeline
+                .custom(
+                    cmd("SREM"),
+                    vec![self.keys.user_groups(user), group.to_string()],
+                )
+                .await
+                .map_err(|e| Self::error("groups", e))?;
+        }
         let _: () = pipeline
             .custom(
                 cmd(self.publish_command()),

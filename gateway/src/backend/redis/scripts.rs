@@ -26,6 +26,7 @@ pub(super) struct Scripts {
     pub handover: Script,
     pub handover_sets: Script,
     pub handover_node: Script,
+    pub group_add: Script,
 }
 
 impl Scripts {
@@ -45,6 +46,7 @@ impl Scripts {
             handover: Script::from_lua(include_str!("handover.lua")),
             handover_sets: Script::from_lua(include_str!("handover_sets.lua")),
             handover_node: Script::from_lua(include_str!("handover_node.lua")),
+            group_add: Script::from_lua(include_str!("group_add.lua")),
         }
     }
 }
@@ -70,6 +72,7 @@ impl RedisBackend {
             &self.scripts.handover,
             &self.scripts.handover_sets,
             &self.scripts.handover_node,
+            &self.scripts.group_add,
         ] {
             script.load(&self.client).await?;
         }

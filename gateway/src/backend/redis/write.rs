@@ -21,13 +21,20 @@ use crate::{
 
 /// Users per `write.lua` call on one Redis: spreads the script's entry cost (≈ 20% of a
 /// one-user call, measured with callgrind) while one call blocks Redis for well under 1 ms. A
-/// user costs 4-5 commands in the script, 20-35 µs of Redis on this 2-core machine, so 50 users a
-/// call came near 1 ms and over it under load (`make scale`'s SLOWLOG); 16 stay near 0.4 ms, for
-/// about 1% more Redis CPU per user.
-const WRITE_USERS_PER_CALL: usize = 16;
+/// user costs 4-5 commands in the script, 20-35 µs of Redis on this 2-core machine, up to ~70 µs
+/// for a churn's random users (cold records, an offline transition's publish), so 50 users a call
+/// came near 1 ms and over it under load (`make scale`'s SLOWLOG), and 16 (0.4 ms typical) still
+/// reached 1.16 ms once in churn with no stall of Redis's core to explain it; 8 (with 5 users an
+/// `index.lua` call) brought `EVALSHA`'s p99.9 from 340-530 µs to 270-300 µs, for up to 4% more
+/// Redis CPU per user (a connect 24.4-26.0 µs against 23.7-25.1). Calls are pipelined, so the
+/// round trips stay the same.
+const WRITE_USERS_PER_CALL: usize = 8;
 /// Users per `index.lua` call: a user leaving or coming back costs 6-7 commands (state, index,
-/// tombstone, counters), up to ~50 µs of Redis here, so 10 a call stay near 0.5 ms.
-const INDEX_USERS_PER_CALL: usize = 10;
+/// tombstone, counters), up to ~50 µs of Redis here, so 10 a call stayed near 0.5 ms; but when
+/// the machine's neighbours slowed Redis down (its CPU per churned user 65 µs instead of 45)
+/// churn's calls of 10 users in 7-9 buckets took 1.03-1.2 ms with no stall of its core to
+/// explain them (`make scale`, 2026-11-30). 5 keep twice the margin.
+const INDEX_USERS_PER_CALL: usize = 5;
 /// How long index.lua keeps a tombstone: longer than any report can be late (the command timeout
 /// of 5 s, three attempts), short enough that at a churn of 5,000 users going offline per second
 /// they hold ~150,000 entries (~25 MB).

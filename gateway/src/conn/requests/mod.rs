@@ -28,7 +28,7 @@ use crate::frame::within_bytes;
 use crate::{
     app::App,
     authz::{Ask, Verdict},
-    backend::{Dedupe, JoinPolicy, Origin, Outgoing, online_members},
+    backend::{Added, Dedupe, JoinPolicy, Origin, Outgoing, online_members, too_many_groups},
     clock::now_ms,
     metrics::{self as m, RequestTimer},
     presence::ChosenStatus,
@@ -359,6 +359,7 @@ impl Requests {
         let conn = self.conn.clone();
         let shards = self.app.shards.clone();
         let hook = self.app.authz.clone();
+        let max_groups = self.app.config.max_groups_per_user;
         self.spawn(id, move |backend| async move {
             if joined {
                 // A member joining again is not refused, whatever the policy. A closed group
@@ -383,7 +384,10 @@ impl Requests {
                         Verdict::Only(_) => return Ok(forbidden(id, "not allowed by the app")),
                     }
                 }
-                backend.groups.add_member(&group, &user).await?;
+                if backend.groups.add_member(&group, &user).await? == Added::TooManyGroups {
+                    metrics::counter!(m::GROUP_LIMIT_REFUSALS, "via" => "join").increment(1);
+                    return Ok(forbidden(id, &too_many_groups(max_groups)));
+                }
             } else {
                 backend.groups.remove_member(&group, &user).await?;
             }

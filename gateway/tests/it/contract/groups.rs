@@ -1,8 +1,9 @@
 //! `Groups` (backend/groups.rs) and `online_members`: membership kept both ways and visible at
 //! once, members paged in id order, adding twice or removing a non-member changes nothing (the
-//! embedded backend announces nothing again; Redis may announce again, as the doc allows).
+//! embedded backend announces nothing again; Redis may announce again, as the doc allows), a user's
+//! groups bounded by `max_groups_per_user`.
 
-use gateway::backend::{BackendEvent, Topic, online_members};
+use gateway::backend::{Added, BackendEvent, BackendSettings, Topic, online_members};
 use shared::Status;
 
 use super::{Factory, Kind, N1, chosen, entry, idle, strings};
@@ -13,6 +14,7 @@ contract!(
     adding_twice_and_removing_non_members_change_nothing,
     unknown_groups_and_users_are_empty,
     online_members_are_the_visibly_online_members,
+    a_user_is_in_at_most_max_groups,
 );
 
 async fn user_groups(b: &super::Under, user: &str) -> Vec<String> {
@@ -195,4 +197,49 @@ async fn online_members_are_the_visibly_online_members(f: Factory) {
             .expect("online_members"),
         Vec::<String>::new()
     );
+}
+
+async fn a_user_is_in_at_most_max_groups(f: Factory) {
+    let b = f
+        .backend_with(BackendSettings {
+            max_groups_per_user: 3,
+            ..super::settings()
+        })
+        .await;
+    for g in ["g1", "g2", "g3"] {
+        assert_eq!(
+            b.groups.add_member(g, "u").await.expect("add"),
+            Added::Member
+        );
+    }
+    assert_eq!(
+        b.groups.add_member("g4", "u").await.expect("add"),
+        Added::TooManyGroups,
+        "a fourth group is refused"
+    );
+    assert_eq!(
+        user_groups(&b, "u").await,
+        ["g1", "g2", "g3"],
+        "nothing changed"
+    );
+    assert_eq!(all_members(&b, "g4").await, Vec::<String>::new());
+    assert!(!b.groups.is_member("g4", "u").await.expect("is_member"));
+    assert_eq!(
+        b.groups.add_member("g2", "u").await.expect("add"),
+        Added::Member,
+        "adding again to a group the user is in is never refused"
+    );
+    assert_eq!(
+        b.groups.add_member("g4", "v").await.expect("add"),
+        Added::Member,
+        "the limit is per user"
+    );
+    b.groups.remove_member("g1", "u").await.expect("remove");
+    assert_eq!(
+        b.groups.add_member("g4", "u").await.expect("add"),
+        Added::Member,
+        "leaving a group makes room"
+    );
+    assert_eq!(user_groups(&b, "u").await, ["g2", "g3", "g4"]);
+    assert_eq!(all_members(&b, "g4").await, ["u", "v"]);
 }

@@ -185,6 +185,7 @@ pub fn settings() -> BackendSettings {
             dedupe_window: Duration::from_secs(300),
             dedupe_max: 1000,
         },
+        max_groups_per_user: 1000,
         webhooks: None,
     }
 }
