@@ -93,10 +93,26 @@ mod tests {
         let on_time = Duration::from_millis(3);
         let starved = OWN_LAG + Duration::from_millis(1);
         assert_eq!(strikes_after(0, true, false, on_time), 1);
-        assert_eq!(strikes_after(1, true, false, on_time), STRIKES, "a stall opens it");
-        assert_eq!(strikes_after(1, true, false, starved), 1, "neither strike nor reset");
+        assert_eq!(
+            strikes_after(1, true, false, on_time),
+            STRIKES,
+            "a stall opens it"
+        );
+        assert_eq!(
+            strikes_after(1, true, false, starved),
+            1,
+            "neither strike nor reset"
+        );
         assert_eq!(strikes_after(0, true, false, starved), 0);
-        assert_eq!(strikes_after(1, true, true, starved), 0, "an answer always counts");
-        assert_eq!(strikes_after(0, false, false, starved), STRIKES, "a lost connection opens it");
+        assert_eq!(
+            strikes_after(1, true, true, starved),
+            0,
+            "an answer always counts"
+        );
+        assert_eq!(
+            strikes_after(0, false, false, starved),
+            STRIKES,
+            "a lost connection opens it"
+        );
     }
 }
