@@ -284,10 +284,14 @@ async fn flush_round_trips_grow_with_batches_not_changes() {
         .await
         - repair_trips_before;
     assert!(writes >= 300.0, "writes {writes}");
-    // On one Redis a script call carries up to 16 users of a batch (its entry cost is spread):
-    // each pipeline of n users makes ceil(n / 16) `write.lua` calls and ceil(n / 10) `index.lua`.
-    let fewest = (writes / 16.0).ceil() + (writes / 10.0).ceil();
-    let most = fewest + 2.0 * trips + 2.0 * (renewed / 10.0 + renew_trips) + 2.0 * repair_trips;
+    // On one Redis a script call carries up to 8 users of a batch (its entry cost is spread):
+    // each pipeline of n users makes ceil(n / 8) `write.lua` calls and ceil(n / 5) `index.lua`
+    // (`write.rs`: WRITE_USERS_PER_CALL, INDEX_USERS_PER_CALL).
+    let fewest = (writes / 8.0).ceil() + (writes / 5.0).ceil();
+    let most = fewest
+        + 2.0 * trips
+        + (renewed / 8.0 + renewed / 5.0 + 2.0 * renew_trips)
+        + 2.0 * repair_trips;
     assert!(
         evals as f64 >= fewest && evals as f64 <= most,
         "{evals} script calls for {writes} changes in {trips} round trips"
