@@ -56,9 +56,10 @@ impl MessageStore for RedisBackend {
                         int(limits.offline_ttl.as_millis() as u64),
                         // The copy to the sender's other devices, from the script on one Redis:
                         // no second round trip per batch.
-                        match self.copy_channel(out, user) {
-                            Some(channel) if !self.cluster => channel.into(),
-                            _ => "".into(),
+                        if self.cluster {
+                            "".into()
+                        } else {
+                            self.copy_channel(out, user).unwrap_or_default().into()
                         },
                     ],
                 ),
