@@ -1,92 +1,18 @@
--- Brings the online index of some buckets in line with what write.lua (or a read of the records)
--- found, and keeps each bucket's counters equal to what its index holds, in the same step.
--- KEYS: four per bucket: its index (ZSET, scores 0: the visibly online users), its state (HASH),
---   its tombstones (ZSET scored by ms) and the writing node's users in it (ZSET, scores 0). On a
---   cluster the caller sends one bucket per call (a script's keys must share a slot).
+-- Brings the online index of some buckets in line with what write.lua (on a cluster) or a read
+-- of the records (the repair walk) found, and keeps each bucket's counters equal to what its
+-- index holds, in the same step (index_step.lua, which scripts.rs puts before this).
+-- KEYS: four per bucket, as index_step.lua says. On a cluster the caller sends one bucket per
+--   call (a script's keys must share a slot).
 -- ARGV: 1 now (ms), 2 how long a tombstone is kept (ms), then five per user: the bucket's group
 --   number in KEYS (1-based), user, the record's version (0: there is no record), the counted
---   mask (the platform mask of a visibly online user, else 0), flags: "c" the write changed the
---   record, "r" the node's entry is gone (the user leaves the node's set).
--- State: user -> "version:mask" for users in the index and, with mask 0, for users who left it
---   lately (tombstones, so a late report of an older version cannot put them back); "#n" counts
---   the index, "#1".."#8" its users per platform (platform p is mask bit 1 << p). Reports of one
---   user can arrive out of order (two nodes write them, each reports after its own write), so an
---   older version never wins.
+--   mask, flags: "c" the write changed the record, "r" the node's entry is gone.
 -- Returns how many users' index entries changed.
 local now, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
-local deltas, trim, changed = {}, {}, 0
-
-local function count(g, mask, by)
-  local d = deltas[g]
-  if not d then
-    d = {0, 0, 0, 0, 0, 0, 0, 0, 0}
-    deltas[g] = d
-  end
-  d[1] = d[1] + by
-  for p = 1, 8 do
-    if bit.band(mask, bit.lshift(1, p)) ~= 0 then d[p + 1] = d[p + 1] + by end
-  end
-end
-
+local bases = {}
 for i = 3, #ARGV, 5 do
-  local g, user = tonumber(ARGV[i]), ARGV[i + 1]
-  local v, cm, flags = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 4]
-  local base = (g - 1) * 4
-  local index, state, tombs = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
-  local held = redis.call('HGET', state, user)
-  local hv, hm = 0, 0
-  if held then
-    local a, b = string.match(held, '^(%d+):(%d+)$')
-    hv, hm = tonumber(a or '0'), tonumber(b or '0')
-  end
-  local nv, nm
-  if v == 0 then
-    -- No record: offline, unless the index holds a version written since `now` (the user came
-    -- back after the caller looked). The held version stays, so older reports stay refused.
-    if hm ~= 0 and hv < now then nv, nm = hv, 0 end
-  elseif v >= hv then
-    -- A user who is not in the index and stays out needs no entry, unless this very write took
-    -- them offline: then the tombstone refuses a late report of their being online.
-    if held or cm ~= 0 or string.find(flags, 'c', 1, true) then nv, nm = v, cm end
-  end
-  if nv and (nv ~= hv or nm ~= hm or not held) then
-    if hm ~= 0 then count(g, hm, -1) end
-    if nm ~= 0 then
-      count(g, nm, 1)
-      if hm == 0 then
-        redis.call('ZADD', index, 0, user)
-        if held then redis.call('ZREM', tombs, user) end
-      end
-    else
-      if hm ~= 0 then redis.call('ZREM', index, user) end
-      redis.call('ZADD', tombs, now, user)
-      trim[g] = true
-    end
-    redis.call('HSET', state, user, string.format('%d:%d', nv, nm))
-    if nm ~= hm then changed = changed + 1 end
-  end
-  if string.find(flags, 'r', 1, true) then redis.call('ZREM', KEYS[base + 4], user) end
+  local g, flags = tonumber(ARGV[i]), ARGV[i + 4]
+  bases[g] = (g - 1) * 4
+  ix_report(bases[g], g, now, ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+    string.find(flags, 'c', 1, true) ~= nil, string.find(flags, 'r', 1, true) ~= nil)
 end
-
-for g, d in pairs(deltas) do
-  local state = KEYS[(g - 1) * 4 + 2]
-  if d[1] ~= 0 then redis.call('HINCRBY', state, '#n', d[1]) end
-  for p = 1, 8 do
-    if d[p + 1] ~= 0 then redis.call('HINCRBY', state, '#' .. p, d[p + 1]) end
-  end
-end
-
--- Old tombstones go from one bucket this call made some in (which one turns with the clock), up
--- to 64: more than a call makes, so they never pile up, and no call does more than a small step.
-local made = {}
-for g in pairs(trim) do made[#made + 1] = g end
-if #made > 0 then
-  table.sort(made)
-  local base = (made[now % #made + 1] - 1) * 4
-  local old = redis.call('ZRANGE', KEYS[base + 3], '-inf', now - keep, 'BYSCORE', 'LIMIT', 0, 64)
-  if #old > 0 then
-    redis.call('HDEL', KEYS[base + 2], unpack(old))
-    redis.call('ZREM', KEYS[base + 3], unpack(old))
-  end
-end
-return changed
+return ix_finish(bases, now, keep)

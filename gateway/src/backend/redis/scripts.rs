@@ -32,8 +32,16 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            write: Script::from_lua(include_str!("write.lua")),
-            index: Script::from_lua(include_str!("index.lua")),
+            // Both run the index's step: its functions go first in each (a script cannot call
+            // another, and `EVALSHA` scripts share no library).
+            write: Script::from_lua(concat!(
+                include_str!("index_step.lua"),
+                include_str!("write.lua")
+            )),
+            index: Script::from_lua(concat!(
+                include_str!("index_step.lua"),
+                include_str!("index.lua")
+            )),
             online_page: Script::from_lua(include_str!("online_page.lua")),
             index_page: Script::from_lua(include_str!("index_page.lua")),
             group_send: Script::from_lua(include_str!("group_send.lua")),

@@ -1,15 +1,20 @@
--- Writes one node's entry of each of several users and recomputes each user's record.
+-- Writes one node's entry of each of several users and recomputes each user's record; on one
+-- Redis also the online index of each (index_step.lua, which scripts.rs puts before this), so a
+-- flush is one round trip and the index moves in the same step as the record.
 -- KEYS: two per user, in order: the user's hash, the user's event channel (same slot). On a
---   cluster the caller sends one user per call (a script's keys must share a slot). Last, when
---   ARGV 7 is set, the webhook queue stream.
+--   cluster the caller sends one user per call (a script's keys must share a slot). Then, when
+--   ARGV 9 is set, four per index bucket of these users (index_step.lua). Last, when ARGV 7 is
+--   set, the webhook queue stream.
 -- ARGV: 1 node, 2 now (ms), 3 entry ttl (ms), 4 record ttl (ms), 5 "PUBLISH" or "SPUBLISH",
 --   6 "1" to push the record's expiry out for every user (renewal, reaper) or "",
 --   7 the webhook queue's bound, or "" when the caller queues webhook events itself (no webhooks,
 --   or a cluster, where the queue's slot is not this call's), 8 the reporting node (the event's
---   `node`: the caller, also when it reaps a dead node), then eight per user: user, entry
---   "mask:idle" or, to remove it, "-mask" (the entry Redis last acknowledged) or "", chosen status
---   or "", its text, when it was chosen (ms), status to restore or "", its text, when it was
---   chosen (ms).
+--   `node`: the caller, also when it reaps a dead node), 9 how long an index tombstone is kept
+--   (ms), or "" when the caller writes the index itself (a cluster: the buckets' slots are not
+--   this call's), then nine per user: user, entry "mask:idle" or, to remove it, "-mask" (the
+--   entry Redis last acknowledged) or "", chosen status or "", its text, when it was chosen (ms),
+--   status to restore or "", its text, when it was chosen (ms), the user's bucket group in KEYS
+--   (1-based) or "".
 -- A chosen status is stored with when it was chosen (`ca`). A new choice always takes effect, at
 -- max(its time, stored + 1), so the stored time stays the newest of any choice written. A restore
 -- (renewal: the status chosen through that node) replaces the stored choice only if there is none
@@ -19,7 +24,7 @@
 -- record's version (0: there is no record), the counted mask (the platform mask of a visibly
 -- online user, else 0), and when the change is a transition (no connection anywhere <-> some)
 -- whose webhook event this call queued 1, or 0 when it refused it at the bound}; the version and
--- the counted mask are what the caller writes to the online index (index.lua). Queued here, in the
+-- the counted mask are what a cluster's caller writes to the online index (index.lua). Queued here, in the
 -- write that makes the transition, the event cannot be lost to the node dying between the write
 -- and its own enqueue. Its id is derived from the user, the record version and the event, unique
 -- per transition.
@@ -34,8 +39,10 @@
 -- ahead), not on every status change. Many users per call spread the script's own entry cost.
 local node, now, entry_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local record_ttl, publish, touch_all = ARGV[4], ARGV[5], ARGV[6] == '1'
-local queue_max, reporter = tonumber(ARGV[7]), ARGV[8]
+local queue_max, reporter, index_keep = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
 local queue = queue_max and KEYS[#KEYS]
+local users = math.floor((#ARGV - 9) / 9)
+local bases = {}
 local mine = 'n:' .. node
 local function visible(s) return s == 'online' or s == 'away' or s == 'busy' end
 
@@ -61,9 +68,9 @@ local function enqueue(user, online, platforms, version)
 end
 
 local out = {}
-for u = 1, math.floor(#KEYS / 2) do
+for u = 1, users do
   local key, channel = KEYS[2 * u - 1], KEYS[2 * u]
-  local a = 8 + (u - 1) * 8
+  local a = 9 + (u - 1) * 9
   local user, entry = ARGV[a + 1], ARGV[a + 2]
   local was_mask
   if string.byte(entry, 1) == 45 then -- "-mask": a removal that knows what this node had
@@ -201,6 +208,22 @@ for u = 1, math.floor(#KEYS / 2) do
   end
   -- A record that does not exist (nothing was there, nothing written) has version 0.
   if #fields == 0 and #set == 0 then version = '0' end
-  out[u] = {before_mask, payload or '', tonumber(version or '0'), counted, webhook}
+  local v = tonumber(version or '0')
+  -- The index already holds what a flush leaves as it was (the write and its index step are one
+  -- script here, so no report of it can be lost or late), unless the record was missing: then
+  -- the report may correct an entry the record no longer backs. Renewals and the reaper restate
+  -- every user, which rewrites an index Redis lost while keeping the records.
+  if index_keep then
+    local before_counted = 0
+    if visible(before_status) then before_counted = before_mask end
+    local leaves = entry == ''
+    if touch_all or leaves or #fields == 0 or counted ~= before_counted then
+      local g = tonumber(ARGV[a + 9])
+      bases[g] = 2 * users + (g - 1) * 4
+      ix_report(bases[g], g, now, user, v, counted, payload ~= nil, leaves)
+    end
+  end
+  out[u] = {before_mask, payload or '', v, counted, webhook}
 end
+if index_keep then ix_finish(bases, now, index_keep) end
 return out

@@ -1,8 +1,9 @@
-//! The `write.lua` driver shared by flush, renewal and the reaper. A batch costs two round trips:
-//! the first runs `write.lua` for its users (and adds them to the node's sets), the second brings
-//! the online index and its counters in line with what the script found (`index.lua`). On a
-//! cluster the two sit in different slots, so no script can do both; a node that dies between
-//! them leaves its users in its sets, and whoever reaps it writes the index right (index.rs).
+//! The `write.lua` driver shared by flush, renewal and the reaper. On one Redis a batch costs one
+//! round trip: `write.lua` writes its users' records and, in the same script, the online index and
+//! its counters (`index_step.lua`), with the node's sets in the same pipeline. On a cluster the
+//! records and the index buckets sit in different slots, so no script can do both: a second round
+//! trip brings the index in line with what the writes found (`index.lua`); a node that dies
+//! between them leaves its users in its sets, and whoever reaps it writes the index right.
 
 use std::collections::BTreeMap;
 
@@ -19,21 +20,18 @@ use crate::{
     presence::{ChosenStatus, NodeEntry},
 };
 
-/// Users per `write.lua` call on one Redis: spreads the script's entry cost (≈ 20% of a
-/// one-user call, measured with callgrind) while one call blocks Redis for well under 1 ms. A
-/// user costs 4-5 commands in the script, 20-35 µs of Redis on this 2-core machine, up to ~70 µs
-/// for a churn's random users (cold records, an offline transition's publish), so 50 users a call
-/// came near 1 ms and over it under load (`make scale`'s SLOWLOG), and 16 (0.4 ms typical) still
-/// reached 1.16 ms once in churn with no stall of Redis's core to explain it; 8 (with 5 users an
-/// `index.lua` call) brought `EVALSHA`'s p99.9 from 340-530 µs to 270-300 µs, for up to 4% more
-/// Redis CPU per user (a connect 24.4-26.0 µs against 23.7-25.1). Calls are pipelined, so the
-/// round trips stay the same.
-const WRITE_USERS_PER_CALL: usize = 8;
-/// Users per `index.lua` call: a user leaving or coming back costs 6-7 commands (state, index,
-/// tombstone, counters), up to ~50 µs of Redis here, so 10 a call stayed near 0.5 ms; but when
-/// the machine's neighbours slowed Redis down (its CPU per churned user 65 µs instead of 45)
-/// churn's calls of 10 users in 7-9 buckets took 1.03-1.2 ms with no stall of its core to
-/// explain them (`make scale`, 2026-11-30). 5 keep twice the margin.
+/// Users per `write.lua` call on one Redis, which writes their index entries too: spreads the
+/// script's entry cost (≈ 20% of a one-user call, measured with callgrind) while one call blocks
+/// Redis for well under 1 ms. A user's record costs 4-5 commands, 20-35 µs of Redis on this
+/// 2-core machine, up to ~70 µs for a churn's random users (cold records, an offline transition's
+/// publish); a user leaving or coming back costs the index 6-7 commands more (state, index,
+/// tombstone, counters), up to ~50 µs. `make scale`'s SLOWLOG (2026-11-30) found calls of 16
+/// records or 10 index users over 1 ms when the machine's neighbours slowed Redis down with no
+/// stall of its core to explain them, and 8 records (with 5 index users a call, when the index had
+/// a script of its own) brought `EVALSHA`'s p99.9 to 270-300 µs. 5 users of both keep that margin.
+/// Calls are pipelined, so the round trips stay the same.
+const WRITE_INDEX_USERS_PER_CALL: usize = 5;
+/// Users per `index.lua` call (a cluster's second round trip, the repair walk): as above.
 const INDEX_USERS_PER_CALL: usize = 5;
 /// How long index.lua keeps a tombstone: longer than any report can be late (the command timeout
 /// of 5 s, three attempts), short enough that at a churn of 5,000 users going offline per second
@@ -84,8 +82,9 @@ pub(super) struct Found {
 
 impl RedisBackend {
     /// `write.lua` calls for `users`, in order: on one Redis many users per call (the script's
-    /// own entry cost is spread over them), on a cluster one per call (a script's keys must
-    /// share a slot). `touch` pushes every record's expiry out (renewal, reaper).
+    /// own entry cost is spread over them) and the online index written in the same call, on a
+    /// cluster one user per call (a script's keys must share a slot) and the index left to
+    /// [`RedisBackend::index_found`]. `touch` pushes every record's expiry out (renewal, reaper).
     fn write_calls<'a>(
         &'a self,
         node: &str,
@@ -96,13 +95,13 @@ impl RedisBackend {
         let per_call = if self.cluster {
             1
         } else {
-            WRITE_USERS_PER_CALL
+            WRITE_INDEX_USERS_PER_CALL
         };
         // On one Redis the script queues each transition's webhook event itself (see
         // `WebhookWritten`); on a cluster it cannot reach the queue's slot, so the node's outbox
         // queues it after the write.
         let webhooks = self.settings.webhooks.as_ref().filter(|_| !self.cluster);
-        let common: [Value; 8] = [
+        let common: [Value; 9] = [
             node.into(),
             now.to_string().into(),
             (self.settings.presence_ttl.as_millis() as u64)
@@ -115,6 +114,12 @@ impl RedisBackend {
                 .map_or(String::new(), |w| w.queue_max.to_string())
                 .into(),
             webhooks.map_or("", |w| &*w.node).into(),
+            if self.cluster {
+                String::new()
+            } else {
+                TOMBSTONE_MS.to_string()
+            }
+            .into(),
         ];
         let status_args = |s: Option<&ChosenStatus>| match s {
             Some(s) => [
@@ -124,35 +129,63 @@ impl RedisBackend {
             ],
             None => [Value::from(""), Value::from(""), Value::from("")],
         };
-        let mut calls: Vec<ScriptCall<'a>> = Vec::new();
-        for (i, w) in users.iter().enumerate() {
-            if i % per_call == 0 {
-                calls.push((&self.scripts.write, Vec::new(), common.to_vec()));
-            }
-            let Some((_, keys, args)) = calls.last_mut() else {
-                continue;
-            };
-            keys.push(self.keys.user(w.user).into());
-            keys.push(self.keys.user_channel(w.user).into());
-            let entry = match (w.entry, w.was) {
-                (Some(e), _) => format!("{}:{}", e.platforms, u8::from(e.idle)),
-                (None, Some(was)) => format!("-{}", was.platforms),
-                (None, None) => String::new(),
-            };
-            args.extend([Value::from(w.user), Value::from(entry)]);
-            args.extend(status_args(w.status));
-            args.extend(status_args(w.restore));
-        }
-        if webhooks.is_some() {
-            for (_, keys, _) in &mut calls {
-                keys.push(self.keys.webhooks().into());
-            }
-        }
-        calls
+        users
+            .chunks(per_call)
+            .map(|chunk| {
+                let mut keys: Vec<Value> = Vec::with_capacity(chunk.len() * 6 + 1);
+                let mut args = common.to_vec();
+                // The buckets of this call's users, each one group of four keys after theirs.
+                let mut buckets: Vec<usize> = Vec::new();
+                for w in chunk {
+                    keys.push(self.keys.user(w.user).into());
+                    keys.push(self.keys.user_channel(w.user).into());
+                    let entry = match (w.entry, w.was) {
+                        (Some(e), _) => format!("{}:{}", e.platforms, u8::from(e.idle)),
+                        (None, Some(was)) => format!("-{}", was.platforms),
+                        (None, None) => String::new(),
+                    };
+                    args.extend([Value::from(w.user), Value::from(entry)]);
+                    args.extend(status_args(w.status));
+                    args.extend(status_args(w.restore));
+                    let group = if self.cluster {
+                        String::new()
+                    } else {
+                        let bucket = bucket_of(w.user);
+                        let at = match buckets.iter().position(|b| *b == bucket) {
+                            Some(at) => at,
+                            None => {
+                                buckets.push(bucket);
+                                buckets.len() - 1
+                            }
+                        };
+                        (at + 1).to_string()
+                    };
+                    args.push(group.into());
+                }
+                for bucket in buckets {
+                    keys.extend(self.index_keys(bucket, node).map(Value::from));
+                }
+                if webhooks.is_some() {
+                    keys.push(self.keys.webhooks().into());
+                }
+                (&self.scripts.write, keys, args)
+            })
+            .collect()
     }
 
-    /// Writes `users` as `node` (at most a pipeline's worth): `write.lua` and the node's sets in
-    /// one round trip, the online index in a second. Returns the changes the script published.
+    /// A bucket's four keys as `index_step.lua` takes them.
+    fn index_keys(&self, bucket: usize, node: &str) -> [String; 4] {
+        [
+            self.keys.index(bucket),
+            self.keys.index_state(bucket),
+            self.keys.index_tombstones(bucket),
+            self.keys.node_users(bucket, node),
+        ]
+    }
+
+    /// Writes `users` as `node` (at most a pipeline's worth): `write.lua` (with the online index on
+    /// one Redis) and the node's sets in one round trip, on a cluster the online index in a
+    /// second. Returns the changes the script published.
     pub(super) async fn write_users(
         &self,
         op: &'static str,
@@ -207,7 +240,9 @@ impl RedisBackend {
                 leaves: w.entry.is_none(),
             });
         }
-        self.index_found(op, node, now, &found).await?;
+        if self.cluster {
+            self.index_found(op, node, now, &found).await?;
+        }
         Ok(changed)
     }
 
@@ -251,15 +286,7 @@ impl RedisBackend {
                 };
                 if groups.last() != Some(bucket) {
                     groups.push(*bucket);
-                    keys.extend(
-                        [
-                            self.keys.index(*bucket),
-                            self.keys.index_state(*bucket),
-                            self.keys.index_tombstones(*bucket),
-                            self.keys.node_users(*bucket, node),
-                        ]
-                        .map(Value::from),
-                    );
+                    keys.extend(self.index_keys(*bucket, node).map(Value::from));
                 }
                 let flags = match (f.changed, f.leaves) {
                     (true, true) => "cr",
