@@ -242,22 +242,49 @@ impl Worker {
     }
 }
 
-/// A token bucket of early flushes: `per_sec` a second, in bursts of at most as many. Written
-/// here rather than taken from a rate-limiting crate: it lives inside one worker's task, needs no
-/// synchronisation or clock of its own, and is a few lines.
+/// A token bucket of early flushes: `per_sec` a second, in bursts of at most as many; and held
+/// altogether while the shard's changes come at a storm's rate. Written here rather than taken
+/// from a rate-limiting crate: it lives inside one worker's task, needs no synchronisation or
+/// clock of its own, and is a few lines.
+///
+/// Why the hold: spent one by one, the budget makes every early flush carry the changes of one
+/// refill period, `rate / per_sec` users, so early flushes cost `per_sec / rate` round trips per
+/// change; at 10,000 changes a second on one node that alone was the storm's 0.02. From
+/// [`STORM_FILL`] of a batch per refill period on (2,500 changes a second per shard at the
+/// defaults), a batch fills within a few refill periods anyway, so the shard batches everything:
+/// a round trip per `batch_max` changes, each waiting for its batch to fill (40 ms at that rate).
 pub(super) struct EarlyFlushes {
     per_sec: f64,
     tokens: f64,
     at: Instant,
+    /// Changes a second from which a storm holds early flushes.
+    storm: f64,
+    changes: ChangeRate,
+    /// A storm held the last one: look again then, not at every refill.
+    held_until: Option<Instant>,
 }
 
+/// The share of a batch that one refill period's changes must fill for the shard to be in a
+/// storm.
+const STORM_FILL: f64 = 0.25;
+/// How often a held budget looks at the rate again.
+const STORM_RECHECK: Duration = Duration::from_millis(50);
+
 impl EarlyFlushes {
-    pub(super) fn new(per_sec: u32) -> Self {
+    pub(super) fn new(per_sec: u32, batch_max: usize) -> Self {
         EarlyFlushes {
             per_sec: f64::from(per_sec),
             tokens: f64::from(per_sec),
             at: Instant::now(),
+            storm: f64::from(per_sec) * batch_max as f64 * STORM_FILL,
+            changes: ChangeRate::new(Instant::now()),
+            held_until: None,
         }
+    }
+
+    /// A change was marked for the next flush.
+    pub(super) fn note_change(&mut self) {
+        self.changes.note();
     }
 
     fn refill(&mut self, now: Instant) {
@@ -266,15 +293,19 @@ impl EarlyFlushes {
         self.at = now;
     }
 
-    /// Spends one early flush if there is one.
+    /// Spends one early flush if there is one and no storm holds them.
     pub(super) fn take(&mut self, now: Instant) -> bool {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+        if self.tokens < 1.0 {
+            return false;
         }
+        if self.changes.per_sec(now) >= self.storm {
+            self.held_until = Some(now + STORM_RECHECK);
+            return false;
+        }
+        self.held_until = None;
+        self.tokens -= 1.0;
+        true
     }
 
     /// When the next early flush can be spent (far away with a budget of none).
@@ -283,7 +314,52 @@ impl EarlyFlushes {
             return self.at + Duration::from_secs(86_400);
         }
         let wait = ((1.0 - self.tokens).max(0.0) / self.per_sec).min(86_400.0);
-        self.at + Duration::from_secs_f64(wait)
+        let refilled = self.at + Duration::from_secs_f64(wait);
+        self.held_until.map_or(refilled, |held| held.max(refilled))
+    }
+}
+
+/// Changes a second over a sliding second: the last whole second's count, weighed by how much of
+/// it the sliding second still covers, plus the current one's. Counted without a clock; the
+/// windows move when the rate is asked for, which the worker does at every flush it considers.
+struct ChangeRate {
+    start: Instant,
+    current: u32,
+    previous: u32,
+}
+
+impl ChangeRate {
+    fn new(now: Instant) -> Self {
+        ChangeRate {
+            start: now,
+            current: 0,
+            previous: 0,
+        }
+    }
+
+    fn note(&mut self) {
+        self.current = self.current.saturating_add(1);
+    }
+
+    fn per_sec(&mut self, now: Instant) -> f64 {
+        let second = Duration::from_secs(1);
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= second {
+            let whole = elapsed.as_secs();
+            // More than a window went by unasked: its changes are spread over all of it.
+            self.previous = if whole == 1 {
+                self.current
+            } else {
+                (u64::from(self.current) / whole) as u32
+            };
+            self.current = 0;
+            self.start += Duration::from_secs(whole);
+        }
+        let into = now
+            .saturating_duration_since(self.start)
+            .as_secs_f64()
+            .min(1.0);
+        f64::from(self.previous) * (1.0 - into) + f64::from(self.current)
     }
 }
 
@@ -294,7 +370,7 @@ mod tests {
     #[test]
     fn the_budget_refills_at_its_rate_up_to_one_second_of_it() {
         let start = Instant::now();
-        let mut early = EarlyFlushes::new(4);
+        let mut early = EarlyFlushes::new(4, 100);
         early.at = start;
         assert!((0..4).all(|_| early.take(start)));
         assert!(!early.take(start));
@@ -308,8 +384,46 @@ mod tests {
     #[test]
     fn a_budget_of_none_never_flushes_early() {
         let now = Instant::now();
-        let mut early = EarlyFlushes::new(0);
+        let mut early = EarlyFlushes::new(0, 100);
         assert!(!early.take(now + Duration::from_secs(5)));
         assert!(early.next_at() > now + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_storm_holds_early_flushes_until_its_rate_falls() {
+        let start = Instant::now();
+        // 10 a second, batches of 100: a storm from 250 changes a second.
+        let mut early = EarlyFlushes::new(10, 100);
+        early.at = start;
+        early.changes = ChangeRate::new(start);
+        for _ in 0..200 {
+            early.note_change();
+        }
+        let t = start + Duration::from_millis(500);
+        assert!(early.take(t), "200 changes in half a second are no storm");
+        for _ in 0..100 {
+            early.note_change();
+        }
+        assert!(!early.take(t), "300 are");
+        // Held: the budget looks again a little later rather than at once.
+        assert_eq!(early.next_at(), t + STORM_RECHECK);
+        // A second later, the sliding second still holds most of the storm.
+        let t = start + Duration::from_millis(1_100);
+        assert!(!early.take(t));
+        // Quiet for another second: the storm has slid out, and the budget was kept.
+        let t = start + Duration::from_millis(2_100);
+        assert!((0..9).all(|_| early.take(t)));
+    }
+
+    #[test]
+    fn a_rate_asked_for_late_spreads_its_changes_over_the_wait() {
+        let start = Instant::now();
+        let mut rate = ChangeRate::new(start);
+        for _ in 0..1_000 {
+            rate.note();
+        }
+        // Asked for ten seconds later: 100 a second, not 1,000.
+        let r = rate.per_sec(start + Duration::from_secs(10));
+        assert!((r - 100.0).abs() < 1e-9, "{r}");
     }
 }

@@ -221,7 +221,7 @@ impl Worker {
             subscriptions,
             messages,
         } = backend;
-        let early = batch::EarlyFlushes::new(settings.early_flushes_per_sec);
+        let early = batch::EarlyFlushes::new(settings.early_flushes_per_sec, settings.batch_max);
         Worker {
             index,
             settings,
@@ -494,6 +494,7 @@ impl Worker {
         if !self.urgent && self.users.get(&user).is_some_and(UserSlot::is_urgent) {
             self.urgent = true;
         }
+        self.early.note_change();
         self.dirty.insert(user);
         self.first_dirty_at.get_or_insert_with(Instant::now);
     }
