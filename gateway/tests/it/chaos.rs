@@ -1,7 +1,7 @@
 //! Chaos: three nodes on one Redis, random client churn, status changes and group messages, while
 //! nodes are SIGKILLed and restarted and Redis is killed and restarted (with its data, or empty).
-//! At the end the test compares what everyone sees with the truth it kept, and reports every
-//! difference (user, expected, got, where). A seeded RNG picks every action: `CHAOS_SEED=<n>`
+//! At the end the test compares what everyone sees with the truth it kept, and the online index
+//! and counts with the records, and reports every difference (user, expected, got, where). A seeded RNG picks every action: `CHAOS_SEED=<n>`
 //! replays a run's choices (timing still differs); `CHAOS_SECS` sets how long faults go on.
 //! `make chaos` runs the long version.
 
@@ -453,6 +453,70 @@ impl World {
         wrong
     }
 
+    /// Every difference between the online index (`GET /v1/online`, `GET /v1/stats`) and the
+    /// users' records as a running node reads them: the index must hold exactly the visibly
+    /// online users (watchers included), and the counts must equal it, per platform too.
+    async fn index_differences(&self) -> Vec<String> {
+        let Some(node) = self.nodes.iter().flatten().next() else {
+            return vec!["no node runs".into()];
+        };
+        let mut names: Vec<String> = (0..USERS).map(user).collect();
+        for p in &self.peers {
+            if !names.contains(&p.user) {
+                names.push(p.user.clone());
+            }
+        }
+        let records = match presence_on(node, &names).await {
+            Ok(records) => records,
+            Err(e) => return vec![e],
+        };
+        let visible: BTreeMap<&String, &Vec<u8>> = records
+            .iter()
+            .filter(|(_, (status, _))| ["online", "away", "busy"].contains(&status.as_str()))
+            .map(|(name, (_, platforms))| (name, platforms))
+            .collect();
+        let rest = Rest::new(node);
+        let (status, page) = rest.get("/online?limit=1000").await;
+        let (stats_status, stats) = rest.get("/stats").await;
+        if status != 200 || stats_status != 200 {
+            return vec![format!(
+                "index reads: {status} {page}, {stats_status} {stats}"
+            )];
+        }
+        let listed: BTreeSet<String> = page["users"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut wrong = Vec::new();
+        let expected: BTreeSet<String> = visible.keys().map(|n| (*n).clone()).collect();
+        if listed != expected {
+            wrong.push(format!(
+                "index lists {:?} not in the records as online, misses {:?}",
+                listed.difference(&expected).collect::<Vec<_>>(),
+                expected.difference(&listed).collect::<Vec<_>>()
+            ));
+        }
+        if stats["online_users"].as_u64() != Some(expected.len() as u64) {
+            wrong.push(format!(
+                "online_users {} for {} visibly online",
+                stats["online_users"],
+                expected.len()
+            ));
+        }
+        for p in PLATFORMS.iter().chain([4, 5, 6, 7, 8].iter()) {
+            let want = visible.values().filter(|ps| ps.contains(p)).count() as u64;
+            let got = stats["by_platform"][p.to_string()].as_u64().unwrap_or(0);
+            if got != want {
+                wrong.push(format!("by_platform {p}: {got} for {want}"));
+            }
+        }
+        wrong
+    }
+
     /// Acknowledged `delivered` group messages missing at a member connection that was there
     /// before the send and stayed to the end. A connection made while Redis was back empty and
     /// memberships not yet written again joins its groups later, so it is not counted for that
@@ -618,13 +682,20 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
     let strict = webhooks_strict(!world.emptied.is_empty());
     let settling = Instant::now();
     let deadline = settling + Duration::from_secs(30);
-    let (mut presence, mut messages, mut webhooks);
+    let (mut presence, mut index, mut messages, mut webhooks);
     loop {
         presence = world.presence_differences().await;
+        index = if presence.is_empty() {
+            world.index_differences().await
+        } else {
+            vec!["not read: presence differs".into()]
+        };
         messages = world.missing_messages();
         webhooks = world.missing_webhooks(&hooks);
-        let settled =
-            presence.is_empty() && messages.is_empty() && (!strict || webhooks.is_empty());
+        let settled = presence.is_empty()
+            && index.is_empty()
+            && messages.is_empty()
+            && (!strict || webhooks.is_empty());
         if settled || Instant::now() >= deadline {
             break;
         }
@@ -633,7 +704,7 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
     let settled_after = settling.elapsed().as_secs_f64();
     eprintln!(
         "chaos: {} after the faults stopped",
-        if presence.is_empty() && messages.is_empty() {
+        if presence.is_empty() && index.is_empty() && messages.is_empty() {
             format!("settled {settled_after:.1} s")
         } else {
             "not settled within 30 s".to_string()
@@ -687,6 +758,12 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
             "presence differs ({}):\n  {}",
             presence.len(),
             presence.join("\n  ")
+        ));
+    }
+    if !index.is_empty() {
+        report.push(format!(
+            "online index differs from the records:\n  {}",
+            index.join("\n  ")
         ));
     }
     if !messages.is_empty() {
