@@ -683,6 +683,8 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
     let settling = Instant::now();
     let deadline = settling + Duration::from_secs(30);
     let (mut presence, mut index, mut messages, mut webhooks);
+    let mut last_differed = [0.0f64; 4];
+    let mut told_slow = false;
     loop {
         presence = world.presence_differences().await;
         index = if presence.is_empty() {
@@ -692,6 +694,32 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
         };
         messages = world.missing_messages();
         webhooks = world.missing_webhooks(&hooks);
+        // When each part last differed, to say what took long.
+        for (part, differs) in [
+            (0, !presence.is_empty()),
+            (1, !index.is_empty()),
+            (2, !messages.is_empty()),
+            (3, !webhooks.is_empty()),
+        ] {
+            if differs {
+                last_differed[part] = settling.elapsed().as_secs_f64();
+            }
+        }
+        if !(presence.is_empty() && index.is_empty())
+            && !told_slow
+            && settling.elapsed() > Duration::from_secs(5)
+        {
+            told_slow = true;
+            eprintln!(
+                "chaos: still differs 5 s after the faults stopped:\n  {}",
+                presence
+                    .iter()
+                    .chain(&index)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            );
+        }
         let settled = presence.is_empty()
             && index.is_empty()
             && messages.is_empty()
@@ -705,7 +733,11 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
     eprintln!(
         "chaos: {} after the faults stopped",
         if presence.is_empty() && index.is_empty() && messages.is_empty() {
-            format!("settled {settled_after:.1} s")
+            format!(
+                "settled {settled_after:.1} s (last differed: presence {:.1} s, index {:.1} s, \
+                 messages {:.1} s, webhooks {:.1} s)",
+                last_differed[0], last_differed[1], last_differed[2], last_differed[3]
+            )
         } else {
             "not settled within 30 s".to_string()
         }

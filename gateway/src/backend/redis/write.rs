@@ -20,17 +20,19 @@ use crate::{
     presence::{ChosenStatus, NodeEntry},
 };
 
-/// Users per `write.lua` call on one Redis, which writes their index entries too: spreads the
-/// script's entry cost (≈ 20% of a one-user call, measured with callgrind) while one call blocks
-/// Redis for well under 1 ms. A user's record costs 4-5 commands, 20-35 µs of Redis on this
-/// 2-core machine, up to ~70 µs for a churn's random users (cold records, an offline transition's
-/// publish); a user leaving or coming back costs the index 6-7 commands more (state, index,
-/// tombstone, counters), up to ~50 µs. `make scale`'s SLOWLOG (2026-11-30) found calls of 16
-/// records or 10 index users over 1 ms when the machine's neighbours slowed Redis down with no
-/// stall of its core to explain them, and 8 records (with 5 index users a call, when the index had
-/// a script of its own) brought `EVALSHA`'s p99.9 to 270-300 µs. 5 users of both keep that margin.
-/// Calls are pipelined, so the round trips stay the same.
-const WRITE_INDEX_USERS_PER_CALL: usize = 5;
+/// How much one `write.lua` call on one Redis may carry, in units: a user whose write leaves
+/// their platforms as they were is one, a user coming online, going offline or changing
+/// platforms (an index entry and counters to change too) two. Spreads the script's entry cost
+/// (≈ 20% of a one-user call, measured with callgrind) while one call blocks Redis for well under
+/// 1 ms. A user's record costs 4-5 commands, 20-35 µs of Redis on this 2-core machine, up to
+/// ~70 µs for a churn's random users (cold records, an offline transition's publish); a user
+/// leaving or coming back costs the index 6-7 commands more (state, index, tombstone, counters),
+/// up to ~50 µs. `make scale`'s SLOWLOG (2026-11-30) found calls of 16 records or 10 index users
+/// over 1 ms when the machine's neighbours slowed Redis down with no stall of its core to explain
+/// them, and calls of 8 records and of 5 index users (the index then had a script of its own)
+/// brought `EVALSHA`'s p99.9 to 270-300 µs. 8 units keep a call at 8 status changes or 4
+/// transitions, no longer than those. Calls are pipelined, so the round trips stay the same.
+const WRITE_CALL_UNITS: usize = 8;
 /// Users per `index.lua` call (a cluster's second round trip, the repair walk): as above.
 const INDEX_USERS_PER_CALL: usize = 5;
 /// How long index.lua keeps a tombstone: longer than any report can be late (the command timeout
@@ -45,9 +47,10 @@ pub(super) struct UserWrite<'a> {
     pub(super) entry: Option<NodeEntry>,
     pub(super) status: Option<&'a ChosenStatus>,
     pub(super) restore: Option<&'a ChosenStatus>,
-    /// This node's entry as Redis last acknowledged it, sent with a removal: if Redis lost the
+    /// This node's entry as Redis last acknowledged it. Sent with a removal: if Redis lost the
     /// record meanwhile (restarted empty), the script still knows the user was online and
-    /// publishes the offline transition instead of nothing.
+    /// publishes the offline transition instead of nothing. Compared with `entry`, it also says
+    /// whether the write will change the index (what a call's size counts).
     pub(super) was: Option<NodeEntry>,
     /// Put the user in the node's set (in the first round trip, so a node that dies after its
     /// entry was written is reaped with it).
@@ -92,10 +95,13 @@ impl RedisBackend {
         touch: bool,
         users: &[UserWrite<'a>],
     ) -> Vec<ScriptCall<'a>> {
-        let per_call = if self.cluster {
-            1
-        } else {
-            WRITE_INDEX_USERS_PER_CALL
+        let units = |w: &UserWrite| {
+            let platforms = |e: Option<NodeEntry>| e.map(|e| e.platforms);
+            if touch || platforms(w.entry) != platforms(w.was) {
+                2
+            } else {
+                1
+            }
         };
         // On one Redis the script queues each transition's webhook event itself (see
         // `WebhookWritten`); on a cluster it cannot reach the queue's slot, so the node's outbox
@@ -129,8 +135,23 @@ impl RedisBackend {
             ],
             None => [Value::from(""), Value::from(""), Value::from("")],
         };
-        users
-            .chunks(per_call)
+        // On a cluster one user per call (a script's keys must share a slot).
+        let budget = if self.cluster { 1 } else { WRITE_CALL_UNITS };
+        let mut chunks: Vec<&[UserWrite<'a>]> = Vec::new();
+        let (mut start, mut used) = (0, 0);
+        for (i, w) in users.iter().enumerate() {
+            let cost = units(w).min(budget);
+            if used + cost > budget {
+                chunks.push(&users[start..i]);
+                (start, used) = (i, 0);
+            }
+            used += cost;
+        }
+        if start < users.len() {
+            chunks.push(&users[start..]);
+        }
+        chunks
+            .into_iter()
             .map(|chunk| {
                 let mut keys: Vec<Value> = Vec::with_capacity(chunk.len() * 6 + 1);
                 let mut args = common.to_vec();
