@@ -705,7 +705,7 @@ async fn run_chaos(secs: u64, redis_may_lose_data: bool) {
                 last_differed[part] = settling.elapsed().as_secs_f64();
             }
         }
-        if !(presence.is_empty() && index.is_empty())
+        if (!presence.is_empty() || !index.is_empty())
             && !told_slow
             && settling.elapsed() > Duration::from_secs(5)
         {
