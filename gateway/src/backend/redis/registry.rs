@@ -202,7 +202,18 @@ impl Registry for RedisBackend {
                 .await
                 .map_err(|e| Self::error("reap", e))?;
             if got.is_none() {
-                continue;
+                // Held: by another survivor, or by this node itself when its reap of that node
+                // failed part-way (Redis went away): then it takes up where it stopped now,
+                // rather than leaving the dead node's users online until the lock expires.
+                Self::count_round_trip("reap");
+                let holder: Option<String> = self
+                    .client
+                    .custom(cmd("GET"), vec![self.keys.reap_lock(&node)])
+                    .await
+                    .map_err(|e| Self::error("reap", e))?;
+                if holder.as_deref() != Some(me) {
+                    continue;
+                }
             }
             // A large node takes many steps: the lock is kept between them, so nobody else
             // starts over while this reaper is still at it.

@@ -502,6 +502,17 @@ impl Under {
         deleted.trim().parse().unwrap_or(0)
     }
 
+    /// Redis only: sets the reap lock of `dead` as if `holder` had taken it (and not finished).
+    pub fn hold_reap_lock(&self, dead: &str, holder: &str) {
+        let Data::Redis { prefix, .. } = &self.data else {
+            panic!("Redis only");
+        };
+        let key = format!("{{{prefix}}}:reap:{dead}");
+        shared_redis()
+            .redis
+            .cli(&["SET", &key, holder, "PX", "30000"]);
+    }
+
     /// Redis only: the users' records are lost and the online index kept, as when the Redis
     /// Cluster master of their slots restarts empty and the index's masters do not.
     pub fn lose_records(&self) -> u64 {

@@ -24,6 +24,7 @@ contract!(
     leaving_removes_the_nodes_entries,
     silent_nodes_drop_out,
     dead_nodes_are_reaped_exactly_once,
+    a_reap_left_part_way_is_taken_up_by_its_reaper { memory: #[ignore = "Redis only: the embedded backend has no reap lock"] },
     me_is_never_reaped,
     handed_over_entries_stay_until_the_window_ends,
 );
@@ -160,6 +161,33 @@ async fn dead_nodes_are_reaped_exactly_once(f: Factory) {
         .expect("reap");
     assert_eq!(again, vec![], "nothing left to reap");
     assert_eq!(b.registry.reap_dead_nodes(N1).await.expect("reap"), vec![]);
+}
+
+/// A reaper whose reap of a dead node failed part-way (Redis went away) still holds that node's
+/// lock: the next round it takes up the reap itself, rather than leaving the dead node's users
+/// online until the lock expires. A lock another survivor holds is left to it.
+async fn a_reap_left_part_way_is_taken_up_by_its_reaper(f: Factory) {
+    let ttl = Duration::from_millis(300);
+    let mut b = f.backend_with(short_ttl(ttl)).await;
+    let peer = b.peer("n2").await;
+    b.announce("dead").await;
+    b.write("dead", &[("d1", Some(entry(&[1])), None)]).await;
+    sleep_past(ttl).await;
+    b.announce(N1).await;
+    b.announce(&peer.node).await;
+    b.hold_reap_lock("dead", N1);
+
+    let theirs = peer
+        .registry
+        .reap_dead_nodes(&peer.node)
+        .await
+        .expect("reap");
+    assert_eq!(theirs, vec![], "the lock is N1's");
+    let mine = b.registry.reap_dead_nodes(N1).await.expect("reap");
+    let users: Vec<&str> = mine.iter().map(|c| c.record.user.as_str()).collect();
+    assert_eq!(users, ["d1"], "N1 takes up its own reap");
+    assert_eq!(b.record("d1").await.status, Status::Offline);
+    assert_eq!(b.all_online(10, None).await, Vec::<String>::new());
 }
 
 async fn me_is_never_reaped(f: Factory) {
