@@ -78,7 +78,9 @@ pub struct Config {
 
     /// Flushes per second a node may start before their batch is due, so that a user coming
     /// online or choosing a status is seen at once (offline transitions always wait for the
-    /// batch). Spread over the shards; past it, changes batch. 0 batches everything.
+    /// batch). Spread over the shards; past it, changes batch, and from batch_max / 4 × this many
+    /// changes a second on the node (a storm: 5,000 at the defaults) all of them do. 0 batches
+    /// everything.
     #[arg(long, env = "PRESENCE_EARLY_FLUSHES_PER_SEC", default_value_t = 200)]
     pub early_flushes_per_sec: u32,
 

@@ -250,9 +250,10 @@ impl Worker {
 /// Why the hold: spent one by one, the budget makes every early flush carry the changes of one
 /// refill period, `rate / per_sec` users, so early flushes cost `per_sec / rate` round trips per
 /// change; at 10,000 changes a second on one node that alone was the storm's 0.02. From
-/// [`STORM_FILL`] of a batch per refill period on (2,500 changes a second per shard at the
-/// defaults), a batch fills within a few refill periods anyway, so the shard batches everything:
-/// a round trip per `batch_max` changes, each waiting for its batch to fill (40 ms at that rate).
+/// [`STORM_FILL`] of a batch per refill period on (at the defaults 5,000 changes a second on a
+/// node, whatever its shard count: each shard gets its share of both budget and changes), a batch
+/// fills within a few refill periods anyway, so the shard batches everything: a round trip per
+/// `batch_max` changes, each waiting for its batch to fill (80 ms at that rate on 4 shards).
 pub(super) struct EarlyFlushes {
     per_sec: f64,
     tokens: f64,
