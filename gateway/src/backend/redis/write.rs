@@ -137,20 +137,7 @@ impl RedisBackend {
         };
         // On a cluster one user per call (a script's keys must share a slot).
         let budget = if self.cluster { 1 } else { WRITE_CALL_UNITS };
-        let mut chunks: Vec<&[UserWrite<'a>]> = Vec::new();
-        let (mut start, mut used) = (0, 0);
-        for (i, w) in users.iter().enumerate() {
-            let cost = units(w).min(budget);
-            if used + cost > budget {
-                chunks.push(&users[start..i]);
-                (start, used) = (i, 0);
-            }
-            used += cost;
-        }
-        if start < users.len() {
-            chunks.push(&users[start..]);
-        }
-        chunks
+        chunks_by_units(users, budget, units)
             .into_iter()
             .map(|chunk| {
                 let mut keys: Vec<Value> = Vec::with_capacity(chunk.len() * 6 + 1);
@@ -459,6 +446,25 @@ impl RedisBackend {
     }
 }
 
+/// `items` cut in order into runs whose costs add up to at most `budget` each (an item costing
+/// more than the budget alone in its run).
+fn chunks_by_units<T>(items: &[T], budget: usize, cost: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let c = cost(item).min(budget);
+        if used + c > budget {
+            chunks.push(&items[start..i]);
+            (start, used) = (i, 0);
+        }
+        used += c;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
+
 /// Users a reaping step takes: two or more `write.lua` and `index.lua` calls, each well under
 /// 1 ms of Redis.
 pub(super) const REAP_STEP: usize = 200;
@@ -495,5 +501,20 @@ impl NodeSetAdds {
             let _: () = pipeline.custom(cmd("ZADD"), args).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks_by_units;
+
+    #[test]
+    fn calls_are_cut_by_what_their_users_cost() {
+        let costs = [1, 1, 2, 2, 2, 1, 2, 1, 1, 1];
+        let chunks = chunks_by_units(&costs, 4, |c| *c);
+        assert_eq!(chunks, [&[1, 1, 2][..], &[2, 2], &[1, 2, 1], &[1, 1]]);
+        // A budget of one: one item a call, whatever it costs.
+        assert_eq!(chunks_by_units(&costs, 1, |c| *c).len(), costs.len());
+        assert!(chunks_by_units(&[] as &[usize], 8, |c| *c).is_empty());
     }
 }
