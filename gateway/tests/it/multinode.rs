@@ -284,12 +284,12 @@ async fn flush_round_trips_grow_with_batches_not_changes() {
         .await
         - repair_trips_before;
     assert!(writes >= 300.0, "writes {writes}");
-    // On one Redis a script call carries up to 8 status changes or 4 users coming online (their
-    // index entries too, in the same call), so a pipeline of n users makes between ceil(n / 8)
-    // and ceil(n / 4) `write.lua` calls and no `index.lua` (`write.rs`: WRITE_CALL_UNITS);
+    // On one Redis a script call carries up to 6 status changes or 3 users coming online (their
+    // index entries too, in the same call), so a pipeline of n users makes between ceil(n / 6)
+    // and ceil(n / 3) `write.lua` calls and no `index.lua` (`write.rs`: WRITE_CALL_UNITS);
     // renewals count as users coming online.
-    let fewest = (writes / 8.0).ceil();
-    let most = (writes / 4.0).ceil() + trips + (renewed / 4.0 + renew_trips) + 2.0 * repair_trips;
+    let fewest = (writes / 6.0).ceil();
+    let most = (writes / 3.0).ceil() + trips + (renewed / 3.0 + renew_trips) + 2.0 * repair_trips;
     assert!(
         evals as f64 >= fewest && evals as f64 <= most,
         "{evals} script calls for {writes} changes in {trips} round trips"

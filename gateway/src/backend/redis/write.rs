@@ -26,13 +26,16 @@ use crate::{
 /// (≈ 20% of a one-user call, measured with callgrind) while one call blocks Redis for well under
 /// 1 ms. A user's record costs 4-5 commands, 20-35 µs of Redis on this 2-core machine, up to
 /// ~70 µs for a churn's random users (cold records, an offline transition's publish); a user
-/// leaving or coming back costs the index 6-7 commands more (state, index, tombstone, counters),
-/// up to ~50 µs. `make scale`'s SLOWLOG (2026-11-30) found calls of 16 records or 10 index users
-/// over 1 ms when the machine's neighbours slowed Redis down with no stall of its core to explain
-/// them, and calls of 8 records and of 5 index users (the index then had a script of its own)
-/// brought `EVALSHA`'s p99.9 to 270-300 µs. 8 units keep a call at 8 status changes or 4
-/// transitions, no longer than those. Calls are pipelined, so the round trips stay the same.
-const WRITE_CALL_UNITS: usize = 8;
+/// leaving or coming back costs the index 6-7 commands more (state, index, tombstone, counters).
+/// `make scale`'s SLOWLOG (2026-11-30) found calls of 16 records or 10 index users over 1 ms when
+/// the machine's neighbours slowed Redis down with no stall of its core to explain them; calls
+/// of 8 records and of 5 index users (the index then had a script of its own) kept `EVALSHA` at
+/// p99.9 270-300 µs there. With 8 units (4 transitions) a churn's calls took 35% longer than
+/// those (p50 92-96 µs against 68, p99.9 0.94-1.09 ms against 0.80-0.81 on the unpinned 2-core
+/// machine, 2,000 clients/s); 6 units (6 status changes or 3 transitions) bring them back near
+/// the old calls' length (p50 71-74 µs against 66-68, p99.9 0.86-0.95 ms against 0.72-1.01) for
+/// the same Redis CPU. Calls are pipelined, so the round trips stay the same.
+const WRITE_CALL_UNITS: usize = 6;
 /// Users per `index.lua` call (a cluster's second round trip, the repair walk): as above.
 const INDEX_USERS_PER_CALL: usize = 5;
 /// How long index.lua keeps a tombstone: longer than any report can be late (the command timeout
