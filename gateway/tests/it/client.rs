@@ -411,16 +411,15 @@ impl Rest {
         }
     }
 
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .expect("GET");
+    /// Sends `req` with the API key; the status and the answer's JSON (null when there is none).
+    async fn answer(req: reqwest::RequestBuilder, what: &str) -> (u16, Value) {
+        let resp = req.bearer_auth(API_KEY).send().await.expect(what);
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        Self::answer(self.http.get(format!("{}{path}", self.base)), "GET").await
     }
 
     pub async fn put(&self, path: &str, body: Option<Value>) -> u16 {
@@ -436,28 +435,12 @@ impl Rest {
 
     /// `PUT` without a body; the status and the answer's JSON (null when there is none).
     pub async fn put_answer(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .expect("PUT");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        Self::answer(self.http.put(format!("{}{path}", self.base)), "PUT").await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        let req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        Self::answer(req, "POST").await
     }
 
     pub async fn presence(&self, user: &str) -> Value {

@@ -36,6 +36,17 @@ async fn join(client: &mut Client, g: &str) {
     assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
 }
 
+/// Leaves `g`; the answer is `ok`.
+async fn leave(client: &mut Client, g: &str) {
+    let reply = client
+        .request(|id| ClientFrame::Leave {
+            id,
+            group: g.into(),
+        })
+        .await;
+    assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+}
+
 async fn open_group(client: &Client, g: &str) {
     let status = client
         .rest
@@ -137,14 +148,7 @@ async fn group_messages_reach_members_and_the_senders_other_devices(setup: Setup
     assert_eq!(users, vec!["alice", "bob"]);
 
     // After leaving, bob hears nothing more.
-    assert!(matches!(
-        bob.request(|id| ClientFrame::Leave {
-            id,
-            group: "team".into()
-        })
-        .await,
-        ServerFrame::Ok { .. }
-    ));
+    leave(&mut bob, "team").await;
     send(&mut alice_phone, group("team"), text("after")).await;
     assert_eq!(next_message(&mut alice_web).await.body, text("after"));
     bob.expect_silence(Duration::from_millis(300)).await;
@@ -861,13 +865,7 @@ async fn a_user_in_too_many_groups_is_refused_more(setup: Setup) {
     join(&mut alice, "g1").await;
     assert_eq!(rest.put("/groups/g2/members/alice", None).await, 204);
     assert_eq!(rest.put("/groups/g3/members/bob", None).await, 204);
-    let reply = alice
-        .request(|id| ClientFrame::Leave {
-            id,
-            group: "g1".into(),
-        })
-        .await;
-    assert!(matches!(reply, ServerFrame::Ok { .. }), "{reply:?}");
+    leave(&mut alice, "g1").await;
     join(&mut alice, "g3").await;
     let (_, info) = rest.get("/groups/g3").await;
     assert_eq!(info["members"], 2);

@@ -361,8 +361,6 @@ fn count_repeat(out: &Outgoing) {
 }
 
 impl RedisBackend {
-    /// A send's dedupe key and how long it lives (ms), if it has an id. Client and router ids
-    /// live in namespaces of their own (`c`, `r`), so neither can stand for the other.
     /// The channel of the sender's inbox, where their other devices get a copy of a private
     /// message; none for a message to oneself or from the app backend.
     fn copy_channel(&self, out: &Outgoing, to: &str) -> Option<String> {
@@ -370,6 +368,8 @@ impl RedisBackend {
             .then(|| self.keys.inbox_channel(&out.from))
     }
 
+    /// A send's dedupe key and how long it lives (ms), if it has an id. Client and router ids
+    /// live in namespaces of their own (`c`, `r`), so neither can stand for the other.
     fn dedupe_of(&self, out: &Outgoing) -> (Option<String>, u64) {
         match &out.dedupe {
             Some(Dedupe::Client(id)) => (

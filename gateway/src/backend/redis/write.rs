@@ -218,7 +218,8 @@ impl RedisBackend {
             _ => Vec::new(),
         });
         let mut changed = Vec::new();
-        let mut found = Vec::with_capacity(users.len());
+        // What a cluster's second round trip tells the index; one Redis wrote it already.
+        let mut found = Vec::with_capacity(if self.cluster { users.len() } else { 0 });
         for (w, reply) in users.iter().zip(replies) {
             let Value::Array(parts) = reply else {
                 return Err(BackendError::internal(op, "unexpected write.lua reply"));
@@ -226,7 +227,8 @@ impl RedisBackend {
             let int = |i: usize| parts.get(i).and_then(Value::as_u64).unwrap_or(0);
             let payload = parts.get(1).and_then(Value::as_string).unwrap_or_default();
             let parsed = record::parse_payload(&payload);
-            if let Some((record, public_changed)) = parsed.clone() {
+            let record_changed = parsed.is_some();
+            if let Some((record, public_changed)) = parsed {
                 metrics::counter!(crate::metrics::PUBSUB_MESSAGES, "direction" => "out")
                     .increment(1);
                 // The fifth element: the script queued the transition's webhook event (1) or
@@ -243,13 +245,15 @@ impl RedisBackend {
                     webhook,
                 });
             }
-            found.push(Found {
-                user: w.user.to_string(),
-                version: int(2),
-                counted: int(3) as u16,
-                changed: parsed.is_some(),
-                leaves: w.entry.is_none(),
-            });
+            if self.cluster {
+                found.push(Found {
+                    user: w.user.to_string(),
+                    version: int(2),
+                    counted: int(3) as u16,
+                    changed: record_changed,
+                    leaves: w.entry.is_none(),
+                });
+            }
         }
         if self.cluster {
             self.index_found(op, node, now, &found).await?;
@@ -257,9 +261,9 @@ impl RedisBackend {
         Ok(changed)
     }
 
-    /// Brings the online index in line with `found` (`index.lua`): on one Redis up to
-    /// [`INDEX_USERS_PER_CALL`] users of any buckets per call, on a cluster one bucket per call.
-    /// One round trip. Returns how many users' index entries changed.
+    /// Brings the online index in line with `found` (`index.lua`: a cluster's writes, and the
+    /// repair walk): on one Redis up to [`INDEX_USERS_PER_CALL`] users of any buckets per call,
+    /// on a cluster one bucket per call. One round trip. Returns how many users' index entries changed.
     pub(super) async fn index_found(
         &self,
         op: &'static str,
