@@ -237,8 +237,8 @@ build:
 	$(CARGO) build --workspace --release
 
 ## Reference benchmark suite (release build, own redis-server and gateway nodes, the Socket.IO and
-## Sockudo peers); results in bench/results/, page in docs/benchmarks.md. About 9 minutes plus the
-## build. Sockudo's figures need `make sockudo` once (about 20 minutes); without it the run says so
+## Sockudo peers); results in bench/results/, page in docs/benchmarks.md. About 9½ minutes plus the
+## build (about 4 from cold). Sockudo's figures need `make sockudo` once (11–20 minutes); without it the run says so
 ## and goes on.
 bench:
 	SOCKUDO_ROOT="$(SOCKUDO_ROOT)" bench/run.sh

@@ -2,8 +2,8 @@
 # `make bench`: build release binaries, run the gateway's reference suite (bench/bench.py: its own
 # redis-server and gateway nodes on free loopback ports), the physical references, and the two
 # peers (bench/peer.sh: Socket.IO, then Sockudo when `make sockudo` has built it), then write
-# bench/results/table.md. Bounded: every step stops by itself; the whole run takes about 9 minutes
-# plus the build on the 2-core benchmark machine (limit: 15).
+# bench/results/table.md. Bounded: every step stops by itself; the whole run takes about 9½ minutes
+# plus the build (about 4 minutes from cold) on the 2-core benchmark machine (limit: 15).
 # Raw logs and full reports go to a fresh directory under /tmp (printed at the start).
 #
 #   bench/run.sh            everything
